@@ -1,0 +1,165 @@
+"""The `pgtraj` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import PgtrajError
+
+
+def _db(args) -> int:
+    from .localdb import LocalCluster
+
+    cluster = LocalCluster(args.data_dir)
+    if args.action == "start":
+        url = cluster.start(port=args.port, log=_say)
+        _say(f"local database running: {url}")
+    elif args.action == "stop":
+        _say("stopped" if cluster.stop() else "not running")
+    elif args.action == "status":
+        status = cluster.status()
+        print(json.dumps(status, indent=2))
+        return 0 if status["running"] else 3  # pg_ctl's convention: 3 = not running
+    elif args.action == "url":
+        if not cluster.is_running():
+            _say(f"the local database in {cluster.home} is not running; run `pgtraj db start`")
+            return 3
+        print(cluster.url())
+    return 0
+
+
+def _install(args) -> int:
+    from .connection import resolve_dsn
+    from .install import install
+
+    python_path = args.python_path
+    if python_path is None and not args.dsn and not _env_dsn():
+        from .localdb import LocalCluster  # the local database knows its own runtime environment
+
+        python_path = LocalCluster(args.data_dir).python_path
+    install(resolve_dsn(args.dsn, args.data_dir), python_path=python_path, log=_say)
+    return 0
+
+
+def _runtime_env(args) -> int:
+    from .runtime_env import ensure_runtime_env
+
+    site = ensure_runtime_env(args.path, log=_say)
+    _say("runtime environment ready; install with:")
+    print(f"pgtraj install --dsn ... --python-path {site}")
+    return 0
+
+
+def _models(args) -> int:
+    from .connection import connect, resolve_dsn
+    from .registry import list_models
+
+    with connect(resolve_dsn(args.dsn, args.data_dir)) as conn:
+        rows = list_models(conn)
+    if not rows:
+        _say("no models registered")
+    for r in rows:
+        metric = f"{r['primary_metric']}={r['primary_metric_value']:.4g}" if r["primary_metric"] else ""
+        print(f"{r['name']:<24} v{r['version']:<4} {r['objective']:<14} {'*deployed*' if r['deployed'] else '':<10} "
+              f"{metric} {','.join(r['artifacts'] or [])}")
+    return 0
+
+
+def _deploy(args) -> int:
+    from .connection import connect, resolve_dsn
+    from .registry import deploy
+
+    with connect(resolve_dsn(args.dsn, args.data_dir)) as conn:
+        row = deploy(conn, args.name, args.version, args.note)
+    _say(f"deployed {row['name']} v{row['version']} ({row['strategy']})")
+    return 0
+
+
+def _quickstart(args) -> int:
+    """The README's main job: local database, install, and a first look at the SQL API."""
+    from .connection import connect
+    from .install import install
+    from .localdb import LocalCluster
+
+    cluster = LocalCluster(args.data_dir)
+    url = cluster.start(log=_say)
+    install(url, python_path=cluster.python_path, log=_say)
+    with connect(url) as conn:
+        version, info = conn.execute("SELECT pgtraj.version(), pgtraj.runtime_info()").fetchone()
+    _say(f"SELECT pgtraj.version()      -> {version}")
+    _say(f"SELECT pgtraj.runtime_info() -> {json.dumps(info)}")
+    _say(f"connect with: psql '{url}'")
+    return 0
+
+
+def _env_dsn() -> bool:
+    import os
+
+    from .connection import DSN_ENV
+
+    return bool(os.environ.get(DSN_ENV))
+
+
+def _say(msg: str) -> None:
+    print(f"pgtraj: {msg}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgtraj", description="Trajectory foundation models inside PostgreSQL.")
+    p.add_argument("--version", action="version", version=f"pgtraj {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def target(sp):  # where to connect: --dsn, $PGTRAJ_DSN, or the local database
+        sp.add_argument("--dsn", help="connection string of an existing database (default: $PGTRAJ_DSN, "
+                                      "else the local database from `pgtraj db start`)")
+        sp.add_argument("--data-dir", help="home of the local database (default: $PGTRAJ_HOME or the user data dir)")
+
+    sp = sub.add_parser("db", help="manage the local database (start|stop|status|url)")
+    sp.add_argument("action", choices=["start", "stop", "status", "url"])
+    sp.add_argument("--data-dir", help="where the cluster and its PL/Python environment live")
+    sp.add_argument("--port", type=int, help="TCP port on 127.0.0.1 (default: the last one used, else a free one)")
+    sp.set_defaults(func=_db)
+
+    sp = sub.add_parser("install", help="install or upgrade pgtraj in a database (validates it first)")
+    target(sp)
+    sp.add_argument("--python-path", help="site-packages of the PL/Python runtime environment on the server")
+    sp.set_defaults(func=_install)
+
+    sp = sub.add_parser("runtime-env", help="build the PL/Python environment for a server on this host")
+    sp.add_argument("path", help="where to create the venv, e.g. /var/lib/pgtraj/runtime-venv")
+    sp.set_defaults(func=_runtime_env)
+
+    sp = sub.add_parser("models", help="list registered models")
+    target(sp)
+    sp.set_defaults(func=_models)
+
+    sp = sub.add_parser("deploy", help="deploy a model version (number, latest, best, rollback)")
+    target(sp)
+    sp.add_argument("name")
+    sp.add_argument("version", nargs="?", default="latest")
+    sp.add_argument("--note")
+    sp.set_defaults(func=_deploy)
+
+    sp = sub.add_parser("quickstart", help="start the local database, install pgtraj, show the SQL API answering")
+    sp.add_argument("--data-dir", help="home of the local database")
+    sp.set_defaults(func=_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PgtrajError as exc:
+        print(f"pgtraj: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"pgtraj: hint: {exc.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pgtraj: interrupted", file=sys.stderr)
+        return 130
+
+
