@@ -37,7 +37,8 @@ CREATE TABLE pgtraj.training_runs (
 -- elsewhere by name); the ONNX graphs are in model_artifacts.
 CREATE TABLE pgtraj.model_registry (
     id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    name              text NOT NULL CHECK (name ~ '^[A-Za-z][A-Za-z0-9_.-]{0,62}$'),
+    name              text NOT NULL
+                      CONSTRAINT model_name_is_simple CHECK (name ~ '^[A-Za-z][A-Za-z0-9_.-]{0,62}$'),
     version           integer NOT NULL CHECK (version > 0),
     objective         text NOT NULL,
     config            jsonb NOT NULL DEFAULT '{}',
@@ -51,7 +52,7 @@ CREATE TABLE pgtraj.model_registry (
     created_by        name NOT NULL DEFAULT current_user,
     created_at        timestamptz NOT NULL DEFAULT now(),
     UNIQUE (name, version),
-    CHECK (primary_metric IS NULL OR metrics ? primary_metric)
+    CONSTRAINT primary_metric_in_metrics CHECK (primary_metric IS NULL OR metrics ? primary_metric)
 );
 
 -- ONNX graphs of a model version, one per kind ('encoder', 'next_cell', 'destination', ...).
@@ -61,7 +62,8 @@ CREATE TABLE pgtraj.model_artifacts (
     kind      text NOT NULL CHECK (kind ~ '^[a-z][a-z0-9_]*$'),
     format    text NOT NULL DEFAULT 'onnx' CHECK (format IN ('onnx')),
     bytes     bytea NOT NULL,
-    sha256    text NOT NULL CHECK (sha256 = encode(sha256(bytes), 'hex')),
+    sha256    text NOT NULL,
+    CONSTRAINT sha256_matches_bytes CHECK (sha256 = encode(sha256(bytes), 'hex')),
     PRIMARY KEY (model_id, kind)
 );
 -- ONNX weights are float arrays that do not compress: skip the pglz attempt, keep TOAST out-of-line

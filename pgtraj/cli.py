@@ -13,7 +13,7 @@ from .errors import PgtrajError
 def _db(args) -> int:
     from .localdb import LocalCluster
 
-    cluster = LocalCluster(args.data_dir)
+    cluster = LocalCluster(args.data_dir, listen=args.listen)
     if args.action == "start":
         url = cluster.start(port=args.port, log=_say)
         _say(f"local database running: {url}")
@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("db", help="manage the local database (start|stop|status|url)")
     sp.add_argument("action", choices=["start", "stop", "status", "url"])
     sp.add_argument("--data-dir", help="where the cluster and its PL/Python environment live")
-    sp.add_argument("--port", type=int, help="TCP port on 127.0.0.1 (default: the last one used, else a free one)")
+    sp.add_argument("--port", type=int, help="TCP port (default: the last one used, else a free one)")
+    sp.add_argument("--listen", default="127.0.0.1",
+                    help="listen_addresses (default 127.0.0.1; '*' accepts password logins from anywhere)")
     sp.set_defaults(func=_db)
 
     sp = sub.add_parser("install", help="install or upgrade pgtraj in a database (validates it first)")

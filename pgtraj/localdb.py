@@ -63,12 +63,14 @@ class LocalCluster:
     """
 
     def __init__(self, home: str | Path | None = None, *, runtime_venv: str | Path | None = None,
-                 dbname: str = DEFAULT_DBNAME, settings: dict[str, str] | None = None):
+                 dbname: str = DEFAULT_DBNAME, settings: dict[str, str] | None = None,
+                 listen: str = "127.0.0.1"):
         self.home = Path(home or default_home()).absolute()
         self.pgdata = self.home / "pgdata"
         self.runtime_venv = Path(runtime_venv).absolute() if runtime_venv else self.home / "runtime-venv"
         self.dbname = dbname
         self.settings = dict(settings or {})
+        self.listen = listen  # '*' in the Docker image, where clients come from outside the container
         self._state_file = self.home / "cluster.json"
         self._password_file = self.home / "password"
         self.server_user = SUPERUSER if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
@@ -126,6 +128,7 @@ class LocalCluster:
                 f"PostgreSQL did not start:\n{proc.stderr.strip()}\n{self._log_tail()}",
                 hint=f"the server log is {self.pgdata / 'server.log'}")
         self._save_state(port=port, python_path=str(site))
+        self._allow_remote_clients()
         self._create_database()
         return self.url()
 
@@ -202,7 +205,7 @@ class LocalCluster:
 
     def _write_settings(self, port: int) -> None:
         settings = {
-            "listen_addresses": "'127.0.0.1'",
+            "listen_addresses": f"'{self.listen}'",
             "port": str(port),
             "unix_socket_directories": "''",  # TCP only: no socket paths to share or outgrow
             "shared_preload_libraries": "'postgis-3,pg_cron'",
@@ -213,6 +216,17 @@ class LocalCluster:
         text = "".join(f"{k} = {v}\n" for k, v in settings.items())
         conf = self.pgdata / "pgtraj.conf"
         self._as_server(["tee", str(conf)], input=text)
+
+    def _allow_remote_clients(self) -> None:
+        """When listening beyond loopback, accept password (scram) logins from any address.
+        pg_hba.conf is read at connection time; a reload makes the new line effective."""
+        if self.listen in ("127.0.0.1", "localhost"):
+            return
+        hba = self.pgdata / "pg_hba.conf"
+        line = "host all all all scram-sha-256  # pgtraj: --listen"
+        if line not in self._as_server(["cat", str(hba)]).stdout:
+            self._as_server(["tee", "-a", str(hba)], input=line + "\n")
+            self._pg_ctl(["reload"])
 
     def _create_database(self) -> None:
         import psycopg  # deferred: the module is also imported by code that never connects

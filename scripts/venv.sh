@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The client environment: .venv made with the system python3 (Python >= 3.11), pgtraj installed in editable
+# mode with its test extras. Re-running is instant unless pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PGTRAJ_PYTHON:-/usr/bin/python3}
+stamp=.venv/.pgtraj-pyproject
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && cmp -s pyproject.toml "$stamp"; then exit 0; fi
+[ -x .venv/bin/python ] || { "$PYTHON" -m venv .venv && .venv/bin/pip install -q --disable-pip-version-check --upgrade pip; }
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+cp pyproject.toml "$stamp"
