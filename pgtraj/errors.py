@@ -54,3 +54,16 @@ class MigrationError(PgtrajError, RuntimeError):
 
 class RegistryError(PgtrajError, LookupError):
     """A model or deployment asked for does not exist, or a registration is invalid."""
+
+
+class TrajectoryError(PgtrajError, ValueError):
+    """A trajectory that cannot be used as it is: no time coordinate, NaN, out-of-range coordinates, ..."""
+
+    def __init__(self, message: str, *, traj_id=None, reason: str | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.traj_id = traj_id
+        self.reason = reason or message  # short, countable: what a read report groups rejections by
+
+
+class SourceError(PgtrajError, ValueError):
+    """A trajectory source (table, columns, query) that cannot be read as described."""

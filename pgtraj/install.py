@@ -25,6 +25,7 @@ from . import __version__
 from .connection import connect
 from .errors import (DatabaseSetupError, MigrationError, MissingExtensionError, NotSuperuserError,
                      RuntimeImportError)
+from .runtime import package_digest
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 INSTALL_LOCK = "pgtraj.install"
@@ -224,10 +225,12 @@ def probe_runtime(cur: psycopg.Cursor, python_path: str | None) -> dict:
     for pkg, minimum in RUNTIME_MINIMUMS.items():
         if version_tuple(info[pkg]) < version_tuple(minimum):
             raise RuntimeImportError(f"PL/Python has {pkg} {info[pkg]}; pgtraj needs {minimum} or newer", hint=fix)
-    if info["pgtraj"] != __version__:
+    if info["pgtraj"] != __version__ or info["digest"] != package_digest():
         raise RuntimeImportError(
-            f"PL/Python imports pgtraj runtime {info['pgtraj']} but this client is pgtraj {__version__}",
-            hint="refresh the runtime environment (`pgtraj runtime-env PATH`) so both run the same version")
+            f"PL/Python imports pgtraj runtime {info['pgtraj']} (source digest {info['digest'][:12]}) but this "
+            f"client is pgtraj {__version__} ({package_digest()[:12]})",
+            hint="refresh the runtime environment (`pgtraj runtime-env PATH`; the local database does it on "
+                 "`pgtraj db start`) so that both run the same code")
     if info["torch_loaded"]:
         raise DatabaseSetupError("the pgtraj runtime imported torch inside the server", hint="this is a bug")
     return info

@@ -9,13 +9,13 @@ pinned runtime requirements plus a copy of the ``pgtraj`` package, refreshed whe
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 from .errors import DatabaseSetupError
+from .runtime import package_digest
 
 SYSTEM_PYTHON = os.environ.get("PGTRAJ_SYSTEM_PYTHON", "/usr/bin/python3")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -52,16 +52,6 @@ def ensure_runtime_env(venv: Path, *, log=print) -> Path:
         _sync_package(site)
         _make_world_readable(venv)  # the server runs as another user (postgres)
         return site
-
-
-def package_digest() -> str:
-    """sha256 over the package's source files: what decides whether the server's copy is stale."""
-    h = hashlib.sha256()
-    for f in sorted(PACKAGE_DIR.rglob("*")):
-        rel = f.relative_to(PACKAGE_DIR)
-        if f.is_file() and "__pycache__" not in rel.parts and rel.parts[0] not in ("sql", "migrations"):
-            h.update(str(rel).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
 
 
 def _sync_package(site: Path) -> None:

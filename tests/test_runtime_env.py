@@ -6,7 +6,7 @@ import subprocess
 
 import psycopg
 
-from pgtraj.runtime_env import package_digest
+from pgtraj.runtime import package_digest
 
 from .conftest import CACHE
 

@@ -3,11 +3,28 @@ psycopg: the SQL functions in sql/ are thin wrappers that call into this package
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from pathlib import Path
 
 from .. import __version__
+from ..errors import PgtrajError  # noqa: F401  (the SQL wrappers catch it to raise SQL errors)
+from ..tokenizer import Tokenizer
+from ..trajectory import from_wkb
 
 REQUIRED = ("numpy", "onnxruntime", "h3")
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+def package_digest() -> str:
+    """sha256 over the pgtraj package's source files: `pgtraj install` compares the client's with the
+    server's, so the database never runs other code than the client it was installed from."""
+    h = hashlib.sha256()
+    for f in sorted(PACKAGE_DIR.rglob("*")):
+        rel = f.relative_to(PACKAGE_DIR)
+        if f.is_file() and "__pycache__" not in rel.parts and rel.parts[0] not in ("sql", "migrations"):
+            h.update(str(rel).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def info() -> dict:
@@ -24,4 +41,31 @@ def info() -> dict:
         "h3": h3.__version__,
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "torch_loaded": "torch" in sys.modules,
+        "digest": package_digest(),
     }
+
+
+# Tokenizers parsed in this backend, keyed by the sha256 of their JSON: parsing a large vocabulary per
+# call would dominate the cost of tokenizing one trajectory.
+_tokenizers: dict[str, Tokenizer] = {}
+
+
+def tokenizer_from_json(text: str) -> Tokenizer:
+    key = hashlib.sha256(text.encode()).hexdigest()
+    tok = _tokenizers.get(key)
+    if tok is None:
+        if len(_tokenizers) >= 16:
+            _tokenizers.clear()
+        tok = _tokenizers[key] = Tokenizer.from_json(text)
+    return tok
+
+
+def tokenize(wkb: bytes, tokenizer_json: str) -> list[tuple]:
+    """Rows of ``pgtraj.tokenize()``: one per token, the same values the client's Tokenizer.encode gives."""
+    import h3
+
+    x = tokenizer_from_json(tokenizer_json).encode(from_wkb(None, wkb))
+    return list(zip(range(1, len(x) + 1), x.tokens.tolist(), [h3.int_to_str(int(c)) for c in x.cells],
+                    x.t.tolist(), x.dwell.tolist(), x.dt.tolist(), x.dow.tolist(), x.minute.tolist(),
+                    x.offset[:, 0].tolist(), x.offset[:, 1].tolist(), x.speed.tolist(), x.heading.tolist(),
+                    x.interpolated.tolist()))

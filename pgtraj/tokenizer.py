@@ -1,0 +1,245 @@
+"""The spatial tokenizer: trajectories -> H3 cell tokens with time and continuous features.
+
+Runs unchanged in the client (training) and inside PostgreSQL (inference): numpy + h3 only.
+
+* Fixes map to H3 cells at ``resolution`` (7-10); consecutive fixes in one cell collapse into one token
+  that keeps its dwell time; optionally, cells skipped between two fixes are filled in along the H3 grid
+  path so every step goes to a neighbour.
+* The vocabulary is learnt from training data with a **hierarchical fallback**: a cell seen fewer than
+  ``min_count`` times is not a token itself; its visits count towards its parent cell, and so on up to
+  ``coarsest_resolution``. At encoding time a cell maps to its nearest ancestor in the vocabulary, so an
+  unseen fine cell becomes UNK only when no ancestor was ever seen.
+* Per token: entry time (float64 epoch s), dwell, delta-t, day of week and minute of day (local time of the
+  configured zone), the mean fix position's offset from the cell centre (in cell edge lengths), speed and
+  heading from the previous token.
+"""
+
+from __future__ import annotations
+
+import json
+import zoneinfo
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+import h3
+import h3.api.numpy_int as h3i
+import numpy as np
+
+from .errors import PgtrajError
+from .trajectory import EARTH_RADIUS_M, Trajectory, bearing_deg, haversine_m
+
+PAD, MASK, UNK, BOS, EOS = 0, 1, 2, 3, 4
+SPECIAL_TOKENS = ("[PAD]", "[MASK]", "[UNK]", "[BOS]", "[EOS]")
+FORMAT = "pgtraj.tokenizer/1"
+_M_PER_DEG = np.pi / 180.0 * EARTH_RADIUS_M
+# H3 index layout: resolution in bits 52-55, then one 3-bit digit per resolution, res 15 in bits 0-2
+_RES_SHIFT, _RES_MASK = np.uint64(52), np.uint64(0xF << 52)
+
+
+class TokenizerError(PgtrajError, ValueError):
+    """The tokenizer cannot be built or loaded as asked."""
+
+
+@dataclass
+class TokenizerConfig:
+    resolution: int = 9
+    min_count: int = 5
+    coarsest_resolution: int = 5
+    interpolate: bool = True
+    max_interpolation_cells: int = 32  # a longer jump stays a jump: inventing a path would be fiction
+    timezone: str = "UTC"              # for day-of-week and minute-of-day features
+
+    def __post_init__(self):
+        if not 7 <= self.resolution <= 10:
+            raise TokenizerError(f"resolution must be 7-10, not {self.resolution}")
+        if not 0 <= self.coarsest_resolution <= self.resolution:
+            raise TokenizerError(f"coarsest_resolution must be 0-{self.resolution}, not {self.coarsest_resolution}")
+        if self.min_count < 1:
+            raise TokenizerError(f"min_count must be >= 1, not {self.min_count}")
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise TokenizerError(f"unknown timezone {self.timezone!r}") from exc
+
+
+@dataclass
+class Tokens:
+    """One tokenized trajectory: aligned arrays, one entry per token."""
+
+    tokens: np.ndarray      # int32 vocabulary ids
+    cells: np.ndarray       # uint64 H3 cells at the tokenizer's resolution
+    t: np.ndarray           # float64 epoch seconds when the cell was entered
+    dwell: np.ndarray       # float32 s between the first and last fix in the cell
+    dt: np.ndarray          # float32 s since the previous token (0 for the first)
+    dow: np.ndarray         # int8, 0 = Monday
+    minute: np.ndarray      # int16 minute of the day
+    offset: np.ndarray      # float32 (n, 2): east/north offset of the fixes' mean from the cell centre / edge length
+    speed: np.ndarray       # float32 m/s from the previous token's position
+    heading: np.ndarray     # float32 degrees clockwise from north
+    interpolated: np.ndarray  # bool: inserted along the grid path, not observed
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    FIELDS = ("tokens", "cells", "t", "dwell", "dt", "dow", "minute", "offset", "speed", "heading", "interpolated")
+
+    def to_bytes(self) -> bytes:
+        """Canonical byte form (what the client/server parity test compares)."""
+        return b"".join(np.ascontiguousarray(getattr(self, f)).tobytes() for f in self.FIELDS)
+
+
+def cell_parents(cells: np.ndarray, res: int) -> np.ndarray:
+    """Vectorised h3.cell_to_parent for cells at resolution >= res."""
+    cells = np.asarray(cells, dtype=np.uint64)
+    below = np.uint64((1 << (3 * (15 - res))) - 1)  # digits res+1..15 set to 7 ("unused")
+    return ((cells | below) & ~_RES_MASK) | (np.uint64(res) << _RES_SHIFT)
+
+
+@dataclass
+class Tokenizer:
+    config: TokenizerConfig = field(default_factory=TokenizerConfig)
+    vocab: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sorted cells, mixed resolutions
+    coverage: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(SPECIAL_TOKENS) + len(self.vocab)
+
+    # ------------------------------------------------------------------ vocabulary
+    @classmethod
+    def fit(cls, trajectories, config: TokenizerConfig | None = None) -> "Tokenizer":
+        """Learn the vocabulary from training trajectories (an iterable; read once)."""
+        config = config or TokenizerConfig()
+        tok = cls(config)
+        visits = [tok._collapse(tok._cells(tr))[0] for tr in trajectories if len(tr)]
+        if not visits:
+            raise TokenizerError("no trajectories to build a vocabulary from")
+        cells, counts = np.unique(np.concatenate(visits), return_counts=True)
+        total = int(counts.sum())
+        vocab, per_level = [], {}
+        for res in range(config.resolution, config.coarsest_resolution - 1, -1):
+            keep = counts >= (config.min_count if res > config.coarsest_resolution else 1)
+            vocab.append(cells[keep])
+            per_level[res] = {"cells": int(keep.sum()), "visits": int(counts[keep].sum())}
+            if res > config.coarsest_resolution:  # the rest count towards their parents
+                cells, inverse = np.unique(cell_parents(cells[~keep], res - 1), return_inverse=True)
+                counts = np.bincount(inverse, weights=counts[~keep], minlength=len(cells)).astype(np.int64)
+        tok.vocab = np.sort(np.concatenate(vocab))
+        tok.coverage = {"training_visits": total,
+                        "by_resolution": {str(r): {**v, "share_of_visits": round(v["visits"] / total, 6)}
+                                          for r, v in per_level.items()}}
+        if len(tok.vocab) < 2:
+            raise TokenizerError(f"the training data covers {len(tok.vocab)} cell(s); a model needs at least 2",
+                                 hint="use more data, a finer resolution, or a smaller min_count")
+        return tok
+
+    def lookup(self, cells: np.ndarray) -> np.ndarray:
+        """Token ids for fine cells: the cell itself or its nearest ancestor in the vocabulary, else UNK."""
+        cells = np.asarray(cells, dtype=np.uint64)
+        ids = np.full(len(cells), UNK, dtype=np.int32)
+        todo = np.ones(len(cells), bool)
+        for res in range(self.config.resolution, self.config.coarsest_resolution - 1, -1):
+            if not todo.any() or not len(self.vocab):
+                break
+            cand = cell_parents(cells[todo], res) if res < self.config.resolution else cells[todo]
+            pos = np.minimum(np.searchsorted(self.vocab, cand), len(self.vocab) - 1)
+            hit = self.vocab[pos] == cand
+            idx = np.flatnonzero(todo)[hit]
+            ids[idx] = pos[hit] + len(SPECIAL_TOKENS)
+            todo[idx] = False
+        return ids
+
+    def token_cell(self, token: int) -> int:
+        """The H3 cell a (non-special) token stands for."""
+        if token < len(SPECIAL_TOKENS) or token >= self.vocab_size:
+            raise TokenizerError(f"token {token} is not a cell token")
+        return int(self.vocab[token - len(SPECIAL_TOKENS)])
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, traj: Trajectory) -> Tokens:
+        cells = self._cells(traj)
+        run_cells, starts = self._collapse(cells)
+        ends = np.concatenate([starts[1:], [len(cells)]]) - 1
+        n_fix = (ends - starts + 1).astype(np.float64)
+        t = traj.t[starts]
+        dwell = traj.t[ends] - traj.t[starts]
+        lat = np.add.reduceat(traj.lat, starts) / n_fix
+        lon = np.add.reduceat(traj.lon, starts) / n_fix
+        interp = np.zeros(len(run_cells), bool)
+        if self.config.interpolate and len(run_cells) > 1:
+            run_cells, t, dwell, lat, lon, interp = self._interpolate(run_cells, t, traj.t[ends], dwell, lat, lon)
+        centre = np.array([h3i.cell_to_latlng(c) for c in run_cells], dtype=np.float64).reshape(-1, 2)
+        edge = h3.average_hexagon_edge_length(self.config.resolution, unit="m")
+        offset = np.stack([(lon - centre[:, 1]) * np.cos(np.radians(centre[:, 0])) * _M_PER_DEG / edge,
+                           (lat - centre[:, 0]) * _M_PER_DEG / edge], axis=1)
+        dt = np.diff(t, prepend=t[:1])
+        dist = np.concatenate([[0.0], haversine_m(lat[:-1], lon[:-1], lat[1:], lon[1:])])
+        heading = np.concatenate([[0.0], bearing_deg(lat[:-1], lon[:-1], lat[1:], lon[1:])])
+        local = t + self._utc_offset_s(t[0])
+        days = np.floor(local / 86400.0)
+        return Tokens(
+            tokens=self.lookup(run_cells), cells=run_cells.astype(np.uint64), t=t.astype(np.float64),
+            dwell=dwell.astype(np.float32), dt=dt.astype(np.float32),
+            dow=((days + 3) % 7).astype(np.int8),  # 1970-01-01 was a Thursday
+            minute=np.floor((local - days * 86400.0) / 60.0).astype(np.int16),
+            offset=offset.astype(np.float32), speed=(dist / np.maximum(dt, 1e-3)).astype(np.float32),
+            heading=heading.astype(np.float32), interpolated=interp)
+
+    def _cells(self, traj: Trajectory) -> np.ndarray:
+        res = self.config.resolution
+        return np.fromiter((h3i.latlng_to_cell(a, o, res) for a, o in zip(traj.lat.tolist(), traj.lon.tolist())),
+                           dtype=np.uint64, count=len(traj))
+
+    @staticmethod
+    def _collapse(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cells of the runs of equal consecutive cells, and where each run starts."""
+        starts = np.flatnonzero(np.concatenate([[True], cells[1:] != cells[:-1]]))
+        return cells[starts], starts
+
+    def _interpolate(self, cells, t, t_last, dwell, lat, lon):
+        out = {k: [] for k in ("cells", "t", "dwell", "lat", "lon", "interp")}
+        for i in range(len(cells)):
+            if i:
+                path = self._grid_path(int(cells[i - 1]), int(cells[i]))
+                # entered at evenly spaced times between leaving the previous cell and entering this one
+                times = np.linspace(t_last[i - 1], t[i], len(path) + 2)[1:-1]
+                for c, ti in zip(path, times):
+                    clat, clon = h3i.cell_to_latlng(c)
+                    for k, v in (("cells", c), ("t", ti), ("dwell", 0.0), ("lat", clat), ("lon", clon), ("interp", True)):
+                        out[k].append(v)
+            for k, v in (("cells", cells[i]), ("t", t[i]), ("dwell", dwell[i]), ("lat", lat[i]), ("lon", lon[i]),
+                         ("interp", False)):
+                out[k].append(v)
+        return (np.array(out["cells"], np.uint64), np.array(out["t"], np.float64), np.array(out["dwell"]),
+                np.array(out["lat"], np.float64), np.array(out["lon"], np.float64), np.array(out["interp"], bool))
+
+    def _grid_path(self, a: int, b: int) -> list[int]:
+        """Cells strictly between a and b along the H3 grid, or [] for neighbours and for jumps too long
+        (or across pentagon distortion, where H3 has no path) to fill in."""
+        try:
+            d = h3i.grid_distance(a, b)
+            if d <= 1 or d > self.config.max_interpolation_cells:
+                return []
+            return [int(c) for c in h3i.grid_path_cells(a, b)[1:-1]]
+        except h3.H3BaseException:
+            return []
+
+    def _utc_offset_s(self, t0: float) -> float:
+        # one offset per trajectory (its start): a trip across a DST switch is off by an hour after it
+        tz = zoneinfo.ZoneInfo(self.config.timezone)
+        return datetime.fromtimestamp(float(t0), tz).utcoffset().total_seconds()
+
+    # ------------------------------------------------------------------ serialisation
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "config": asdict(self.config), "special_tokens": list(SPECIAL_TOKENS),
+                           "vocab": [h3.int_to_str(int(c)) for c in self.vocab], "coverage": self.coverage},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | dict) -> "Tokenizer":
+        d = json.loads(text) if isinstance(text, str) else text
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise TokenizerError(f"not a pgtraj tokenizer (format {d.get('format') if isinstance(d, dict) else None!r})",
+                                 hint=f"expected format {FORMAT!r}")
+        vocab = np.array([h3.str_to_int(c) for c in d["vocab"]], dtype=np.uint64)
+        return cls(TokenizerConfig(**d["config"]), np.sort(vocab), d.get("coverage", {}))

@@ -1,0 +1,131 @@
+"""The H3 tokenizer: vocabulary with hierarchical fallback, features, interpolation, serialisation."""
+
+from __future__ import annotations
+
+import h3
+import numpy as np
+import pytest
+
+from pgtraj.synthetic import grid_trips
+from pgtraj.tokenizer import (SPECIAL_TOKENS, UNK, Tokenizer, TokenizerConfig, TokenizerError, cell_parents)
+from pgtraj.trajectory import Trajectory
+
+TRIPS = grid_trips(60, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.fit(TRIPS[:50], TokenizerConfig(resolution=10, min_count=3, coarsest_resolution=6))
+
+
+def test_cell_parents_matches_h3():
+    rng = np.random.default_rng(0)
+    cells = np.array([h3.str_to_int(h3.latlng_to_cell(la, lo, 10))
+                      for la, lo in zip(rng.uniform(-80, 80, 200), rng.uniform(-180, 180, 200))], np.uint64)
+    for res in range(0, 11):
+        expected = [h3.str_to_int(h3.cell_to_parent(h3.int_to_str(int(c)), res)) for c in cells]
+        assert cell_parents(cells, res).tolist() == expected
+
+
+def test_vocabulary_levels_and_coverage(tok):
+    assert tok.vocab_size == len(SPECIAL_TOKENS) + len(tok.vocab)
+    resolutions = {h3.get_resolution(h3.int_to_str(int(c))) for c in tok.vocab}
+    assert 10 in resolutions and resolutions <= set(range(6, 11))
+    levels = tok.coverage["by_resolution"]
+    assert sum(v["visits"] for v in levels.values()) == tok.coverage["training_visits"]
+    assert abs(sum(v["share_of_visits"] for v in levels.values()) - 1.0) < 1e-5
+
+
+def test_rare_and_unseen_cells_fall_back_to_ancestors(tok):
+    res10 = {int(c) for c in tok.vocab if h3.get_resolution(h3.int_to_str(int(c))) == 10}
+    vocab_set = {int(c) for c in tok.vocab}
+    # a fine cell next to the training area that was never visited: must map to an ancestor, not UNK
+    unseen = next(int(n) for c in res10 for n in (h3.str_to_int(x) for x in h3.grid_ring(h3.int_to_str(c), 3))
+                  if int(n) not in vocab_set)
+    (tid,) = tok.lookup(np.array([unseen], np.uint64))
+    assert tid != UNK
+    ancestor = tok.token_cell(int(tid))
+    assert h3.cell_to_parent(h3.int_to_str(unseen), h3.get_resolution(h3.int_to_str(ancestor))) == h3.int_to_str(ancestor)
+    # far away (another continent): no ancestor known -> UNK
+    far = h3.str_to_int(h3.latlng_to_cell(-33.9, 18.4, 10))
+    assert tok.lookup(np.array([far], np.uint64)).tolist() == [UNK]
+
+
+def test_held_out_trips_are_covered_without_unk(tok):
+    for tr in TRIPS[50:]:
+        x = tok.encode(tr)
+        assert (x.tokens != UNK).all()
+        assert (x.tokens >= len(SPECIAL_TOKENS)).all() and (x.tokens < tok.vocab_size).all()
+
+
+def test_encode_features(tok):
+    tr = TRIPS[0]
+    x = tok.encode(tr)
+    n = len(x)
+    assert all(len(getattr(x, f)) == n for f in x.FIELDS)
+    assert x.t.dtype == np.float64 and x.t[0] == tr.t[0]
+    assert np.all(np.diff(x.t) >= 0) and x.dt[0] == 0 and np.allclose(x.dt[1:], np.diff(x.t), atol=1e-3)
+    assert np.all(x.dwell >= 0)
+    # consecutive duplicates are collapsed: no two neighbouring tokens share a fine cell
+    assert np.all(x.cells[1:] != x.cells[:-1])
+    # observed fixes lie inside their cell: offsets within about one edge length of the centre
+    assert np.all(np.abs(x.offset[~x.interpolated]) < 1.5)
+    assert np.all((x.heading >= 0) & (x.heading < 360))
+    assert np.median(x.speed[1:]) < 30
+
+
+def test_interpolation_makes_paths_contiguous():
+    tr = TRIPS[0]
+    sparse = tr.take(slice(0, None, 8))  # drop 7 of 8 fixes: cells get skipped
+    tok = Tokenizer.fit(TRIPS, TokenizerConfig(resolution=10, min_count=1, interpolate=True))
+    x = tok.encode(sparse)
+    assert x.interpolated.any()
+    cells = [h3.int_to_str(int(c)) for c in x.cells]
+    assert all(h3.are_neighbor_cells(a, b) for a, b in zip(cells, cells[1:]))
+    plain = Tokenizer(TokenizerConfig(resolution=10, min_count=1, interpolate=False), tok.vocab).encode(sparse)
+    assert not plain.interpolated.any() and len(plain) < len(x)
+    assert x.t[x.interpolated].min() > x.t[0]
+
+
+def test_time_features_in_the_configured_zone():
+    # 2008-10-23 02:53:04 UTC is a Thursday, 10:53 in Beijing
+    tr = Trajectory(1, np.array([1224730384.0, 1224730390.0]), np.array([39.9, 39.91]), np.array([116.3, 116.3]))
+    for zone, dow, minute in (("UTC", 3, 2 * 60 + 53), ("Asia/Shanghai", 3, 10 * 60 + 53)):
+        tok = Tokenizer.fit([tr], TokenizerConfig(resolution=10, min_count=1, timezone=zone, interpolate=False))
+        x = tok.encode(tr)
+        assert (int(x.dow[0]), int(x.minute[0])) == (dow, minute)
+
+
+def test_json_round_trip_is_exact(tok):
+    again = Tokenizer.from_json(tok.to_json())
+    assert again.config == tok.config and np.array_equal(again.vocab, tok.vocab)
+    for tr in TRIPS[50:55]:
+        assert again.encode(tr).to_bytes() == tok.encode(tr).to_bytes()
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"resolution": 6}, "resolution must be 7-10"),
+    ({"resolution": 11}, "resolution must be 7-10"),
+    ({"min_count": 0}, "min_count"),
+    ({"coarsest_resolution": 10, "resolution": 9}, "coarsest_resolution"),
+    ({"timezone": "Mars/Olympus"}, "unknown timezone"),
+])
+def test_bad_config(kwargs, text):
+    with pytest.raises(TokenizerError, match=text):
+        TokenizerConfig(**kwargs)
+
+
+def test_vocabulary_of_one_cell_is_refused():
+    still = Trajectory(1, 1224730384.0 + np.arange(10.0), np.full(10, 39.9), np.full(10, 116.3))
+    with pytest.raises(TokenizerError, match="covers 1 cell"):
+        Tokenizer.fit([still], TokenizerConfig(resolution=9, min_count=1, coarsest_resolution=9))
+
+
+def test_no_training_data_is_refused():
+    with pytest.raises(TokenizerError, match="no trajectories"):
+        Tokenizer.fit([])
+
+
+def test_not_a_tokenizer_json():
+    with pytest.raises(TokenizerError, match="not a pgtraj tokenizer"):
+        Tokenizer.from_json('{"format": "something else"}')
