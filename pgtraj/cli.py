@@ -44,6 +44,19 @@ def _install(args) -> int:
     return 0
 
 
+def _load(args) -> int:
+    from .connection import connect, resolve_dsn
+    from .datasets import default_data_dir, load_geolife, parse_ids
+
+    path = args.path or default_data_dir() / "geolife"
+    with connect(resolve_dsn(args.dsn, args.data_dir)) as conn:
+        r = load_geolife(conn, path, schema=args.schema, users=parse_ids(args.users), replace=args.replace, log=_say)
+    _say(f"loaded {r.points} fixes of {r.users} users: {r.schema}.points, {r.trajectories} LINESTRING M in "
+         f"{r.schema}.trajectories, {r.trips} tgeompoint in {r.schema}.trips, {r.labels} mode labels "
+         f"({sum(r.seconds.values()):.1f} s)")
+    return 0
+
+
 def _runtime_env(args) -> int:
     from .runtime_env import ensure_runtime_env
 
@@ -79,19 +92,16 @@ def _deploy(args) -> int:
 
 
 def _quickstart(args) -> int:
-    """The README's main job: local database, install, and a first look at the SQL API."""
-    from .connection import connect
-    from .install import install
+    """The README's main job (see pgtraj/quickstart.py)."""
+    from pathlib import Path
+
+    from .datasets import default_data_dir, parse_ids
     from .localdb import LocalCluster
+    from .quickstart import run
 
     cluster = LocalCluster(args.data_dir)
-    url = cluster.start(log=_say)
-    install(url, python_path=cluster.python_path, log=_say)
-    with connect(url) as conn:
-        version, info = conn.execute("SELECT pgtraj.version(), pgtraj.runtime_info()").fetchone()
-    _say(f"SELECT pgtraj.version()      -> {version}")
-    _say(f"SELECT pgtraj.runtime_info() -> {json.dumps(info)}")
-    _say(f"connect with: psql '{url}'")
+    run(cluster, data_dir=Path(args.path) if args.path else default_data_dir() / "geolife",
+        users=parse_ids(args.users), out_dir=Path(args.out), log=_say)
     return 0
 
 
@@ -130,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--python-path", help="site-packages of the PL/Python runtime environment on the server")
     sp.set_defaults(func=_install)
 
+    sp = sub.add_parser("load", help="load a real dataset into PostGIS/MobilityDB tables")
+    sp.add_argument("dataset", choices=["geolife"])
+    target(sp)
+    sp.add_argument("--path", help="folder with points.parquet and labels.parquet (default: $PGTRAJ_DATA/geolife, "
+                                   "else ../shared/data/geolife beside the checkout)")
+    sp.add_argument("--users", help="user ids to load, e.g. 0-9,17 (default: all)")
+    sp.add_argument("--schema", default="geolife")
+    sp.add_argument("--replace", action="store_true", help="drop and reload an existing schema")
+    sp.set_defaults(func=_load)
+
     sp = sub.add_parser("runtime-env", help="build the PL/Python environment for a server on this host")
     sp.add_argument("path", help="where to create the venv, e.g. /var/lib/pgtraj/runtime-venv")
     sp.set_defaults(func=_runtime_env)
@@ -145,8 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--note")
     sp.set_defaults(func=_deploy)
 
-    sp = sub.add_parser("quickstart", help="start the local database, install pgtraj, show the SQL API answering")
+    sp = sub.add_parser("quickstart", help="the main job: local database, install, load GeoLife, clean, tokenize")
     sp.add_argument("--data-dir", help="home of the local database")
+    sp.add_argument("--path", help="GeoLife folder (default: $PGTRAJ_DATA/geolife, else ../shared/data/geolife)")
+    sp.add_argument("--users", default="0-9", help="GeoLife users to load (default 0-9; 'all' for every user)")
+    sp.add_argument("--out", default="pgtraj-output", help="folder for the tokenizer and the run summary")
     sp.set_defaults(func=_quickstart)
     return p
 

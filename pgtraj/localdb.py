@@ -108,11 +108,13 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, port: int | None = None, *, log=print) -> str:
-        """Create (if needed) and start the cluster; return its URL. Idempotent."""
+        """Create (if needed) and start the cluster; return its URL. Idempotent, and always brings the
+        PL/Python environment's copy of pgtraj up to date (new connections import the new code)."""
         if self.is_running():
             if port is not None and port != self.port:
                 raise LocalDatabaseError(f"the local database is already running on port {self.port}",
                                          hint="run `pgtraj db stop` first to move it to another port")
+            ensure_runtime_env(self.runtime_venv, log=log)
             return self.url()
         self._check_bindir()
         self._prepare_home()

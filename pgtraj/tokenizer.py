@@ -149,6 +149,15 @@ class Tokenizer:
             todo[idx] = False
         return ids
 
+    def resolution_shares(self, tokens: np.ndarray) -> dict[str, float]:
+        """How the given tokens resolved: share at each H3 resolution, and UNK (coverage on held-out data)."""
+        tokens = np.asarray(tokens)
+        cells = tokens >= len(SPECIAL_TOKENS)
+        res = (self.vocab[tokens[cells] - len(SPECIAL_TOKENS)] >> _RES_SHIFT) & np.uint64(0xF)
+        out = {f"res{int(r)}": round(float(n) / max(len(tokens), 1), 6) for r, n in zip(*np.unique(res, return_counts=True))}
+        out["unk"] = round(float(np.sum(tokens == UNK)) / max(len(tokens), 1), 6)
+        return out
+
     def token_cell(self, token: int) -> int:
         """The H3 cell a (non-special) token stands for."""
         if token < len(SPECIAL_TOKENS) or token >= self.vocab_size:

@@ -1,0 +1,138 @@
+"""Loading real GeoLife data (a few small users, from ../shared/data) and the shared split definition."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import psycopg
+import pytest
+
+from pgtraj.clean import CleaningReport, clean
+from pgtraj.datasets import default_data_dir, load_geolife, parse_ids
+from pgtraj.errors import SourceError
+from pgtraj.io import LineStringSource, PointSource, TemporalSource, TrajectoryReader
+from pgtraj.splits import FRACTIONS, chronological_split, entity_split
+
+GEOLIFE = default_data_dir() / "geolife"
+SMALL_USERS = [53, 60, 90, 107, 117]  # the five smallest users: ~1,200 fixes, two of them with mode labels
+needs_data = pytest.mark.skipif(not (GEOLIFE / "points.parquet").exists(), reason=f"GeoLife not found at {GEOLIFE}")
+
+
+def test_chronological_split_is_per_entity_and_in_time_order():
+    rng = np.random.default_rng(0)
+    entity = rng.integers(0, 20, 2000)
+    start = rng.uniform(0, 1e6, 2000)
+    split = chronological_split(entity, start)
+    for e in range(20):
+        m = entity == e
+        by_split = {s: start[m & (split == s)] for s in FRACTIONS}
+        if all(len(v) for v in by_split.values()):
+            assert by_split["train"].max() < by_split["val"].min() <= by_split["val"].max() < by_split["test"].min()
+    shares = {s: np.mean(split == s) for s in FRACTIONS}
+    assert all(abs(shares[s] - f) < 0.05 for s, f in FRACTIONS.items())
+
+
+def test_entity_split_holds_out_whole_entities_stably():
+    entity = np.repeat(np.arange(300), 3)
+    a, b = entity_split(entity), entity_split(entity)
+    assert (a == b).all()
+    for e in range(300):
+        assert len(set(a[entity == e])) == 1
+    assert 0.6 < np.mean(a == "train") < 0.8
+
+
+def test_parse_ids():
+    assert parse_ids("0-3,7") == [0, 1, 2, 3, 7] and parse_ids(None) is None and parse_ids("all") is None
+    with pytest.raises(SourceError, match="bad id list"):
+        parse_ids("a-b")
+
+
+@needs_data
+def test_load_geolife_subset_into_all_three_shapes(db):
+    with psycopg.connect(db) as conn:
+        report = load_geolife(conn, GEOLIFE, users=SMALL_USERS, progress=False, log=lambda m: None)
+        assert report.users == len(SMALL_USERS) and report.points > 1000
+        n_points = conn.execute("SELECT count(*) FROM geolife.points").fetchone()[0]
+        assert n_points == report.points  # everything as recorded, duplicates included
+        assert conn.execute("SELECT sum(n_points) FROM geolife.trajectories").fetchone()[0] == n_points
+        assert conn.execute("SELECT count(*) FROM geolife.trajectories WHERE NOT ST_IsValidTrajectory(geom)"
+                            " AND n_points > 1").fetchone()[0] >= 0
+        assert conn.execute("SELECT count(*) FROM geolife.trajectories WHERE split IS NULL").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM geolife.labels").fetchone()[0] == report.labels > 0
+        # the three shapes read back to the same fixes (tgeompoint without duplicate timestamps)
+        lines = {t.id: t for t in TrajectoryReader(conn, LineStringSource("geolife.trajectories", id="traj_id"))}
+        points = {t.id: t for t in TrajectoryReader(conn, PointSource("geolife.points", id="traj_id", time="ts",
+                                                                        geom="geom"))}
+        trips = {t.id: t for t in TrajectoryReader(conn, TemporalSource("geolife.trips", id="traj_id"))}
+        assert lines.keys() == points.keys() == trips.keys()
+        for k, line in lines.items():
+            assert np.array_equal(line.t, points[k].t)
+            # MobilityDB normalises linear sequences: it keeps a subset of the (deduplicated) fixes, and the
+            # ones it drops lie exactly on the path it interpolates, so the movement is the same function of time
+            dedup = line.take(np.concatenate([[True], np.diff(line.t) > 0]))
+            trip = trips[k]
+            assert np.isin(trip.t, dedup.t).all() and trip.t[[0, -1]].tolist() == dedup.t[[0, -1]].tolist()
+            assert np.allclose(np.interp(dedup.t, trip.t, trip.lat), dedup.lat, atol=1e-9)
+            assert np.allclose(np.interp(dedup.t, trip.t, trip.lon), dedup.lon, atol=1e-9)
+        report_clean = CleaningReport()
+        kept = [p for tr in lines.values() for p in clean(tr, report=report_clean)]
+        c = report_clean.counts
+        assert c["points_in"] == n_points == c["points_out"] + c["duplicate_timestamps"] + c["out_of_order"] \
+            + c["speed_outliers"] + c["short_piece_points"]
+        assert kept
+
+
+@needs_data
+def test_loading_twice_needs_replace_and_keeps_data(db):
+    with psycopg.connect(db) as conn:
+        load_geolife(conn, GEOLIFE, users=SMALL_USERS[:2], progress=False, log=lambda m: None)
+        before = conn.execute("SELECT count(*) FROM geolife.points").fetchone()[0]
+        with pytest.raises(SourceError, match="already exists"):
+            load_geolife(conn, GEOLIFE, users=SMALL_USERS, progress=False, log=lambda m: None)
+        assert conn.execute("SELECT count(*) FROM geolife.points").fetchone()[0] == before
+        with pytest.raises(SourceError, match="no GeoLife points"):
+            load_geolife(conn, GEOLIFE, users=[9999], replace=True, progress=False, log=lambda m: None)
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM geolife.points").fetchone()[0] == before  # failed reload: intact
+
+
+def test_missing_files_are_named(db, tmp_path):
+    with psycopg.connect(db) as conn, pytest.raises(SourceError, match="points.parquet not found"):
+        load_geolife(conn, tmp_path, log=lambda m: None)
+
+
+@needs_data
+def test_cli_load(db):
+    env = {k: v for k, v in os.environ.items() if k != "PGTRAJ_DSN"}
+    out = subprocess.run([sys.executable, "-m", "pgtraj", "load", "geolife", "--dsn", db, "--users", "53,60",
+                          "--schema", "gl"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "loaded" in out.stderr and "gl.trajectories" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "pgtraj", "load", "geolife", "--dsn", db, "--users", "53",
+                          "--schema", "gl"], capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and "--replace" in out.stderr
+
+
+@needs_data
+def test_quickstart_end_to_end(tmp_path):
+    from .conftest import CACHE, new_home
+
+    home = new_home()
+    (home / "runtime-venv").symlink_to(CACHE / "runtime-venv")  # reuse the suite's built environment
+    env = {**{k: v for k, v in os.environ.items() if k != "PGTRAJ_DSN"}, "PGTRAJ_HOME": str(home)}
+    try:
+        out = subprocess.run([sys.executable, "-m", "pgtraj", "quickstart", "--users", ",".join(map(str, SMALL_USERS)),
+                              "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        assert "loaded GeoLife" in out.stderr and "in SQL: pgtraj.tokenize" in out.stderr
+        import json
+
+        summary = json.loads((tmp_path / "quickstart.json").read_text())
+        assert summary["vocab_size"] > 5 and 0.0 <= summary["test_token_resolution_shares"]["unk"] <= 1.0
+        assert (tmp_path / "tokenizer.json").exists()
+    finally:
+        subprocess.run([sys.executable, "-m", "pgtraj", "db", "stop"], env=env, capture_output=True)
+        subprocess.run(["rm", "-rf", str(home)])
