@@ -16,6 +16,7 @@ Runs unchanged in the client (training) and inside PostgreSQL (inference): numpy
 
 from __future__ import annotations
 
+import itertools
 import json
 import zoneinfo
 from dataclasses import asdict, dataclass, field
@@ -195,8 +196,9 @@ class Tokenizer:
             heading=heading.astype(np.float32), interpolated=interp)
 
     def _cells(self, traj: Trajectory) -> np.ndarray:
-        res = self.config.resolution
-        return np.fromiter((h3i.latlng_to_cell(a, o, res) for a, o in zip(traj.lat.tolist(), traj.lon.tolist())),
+        # h3 has no vectorised latlng_to_cell; map() over plain floats is the cheapest exact way to call it
+        res = itertools.repeat(self.config.resolution, len(traj))
+        return np.fromiter(map(h3i.latlng_to_cell, traj.lat.tolist(), traj.lon.tolist(), res),
                            dtype=np.uint64, count=len(traj))
 
     @staticmethod
@@ -206,21 +208,21 @@ class Tokenizer:
         return cells[starts], starts
 
     def _interpolate(self, cells, t, t_last, dwell, lat, lon):
-        out = {k: [] for k in ("cells", "t", "dwell", "lat", "lon", "interp")}
-        for i in range(len(cells)):
-            if i:
-                path = self._grid_path(int(cells[i - 1]), int(cells[i]))
-                # entered at evenly spaced times between leaving the previous cell and entering this one
-                times = np.linspace(t_last[i - 1], t[i], len(path) + 2)[1:-1]
-                for c, ti in zip(path, times):
-                    clat, clon = h3i.cell_to_latlng(c)
-                    for k, v in (("cells", c), ("t", ti), ("dwell", 0.0), ("lat", clat), ("lon", clon), ("interp", True)):
-                        out[k].append(v)
-            for k, v in (("cells", cells[i]), ("t", t[i]), ("dwell", dwell[i]), ("lat", lat[i]), ("lon", lon[i]),
-                         ("interp", False)):
-                out[k].append(v)
-        return (np.array(out["cells"], np.uint64), np.array(out["t"], np.float64), np.array(out["dwell"]),
-                np.array(out["lat"], np.float64), np.array(out["lon"], np.float64), np.array(out["interp"], bool))
+        """Insert the cells skipped between consecutive tokens, entered at evenly spaced times between
+        leaving the previous cell and entering the next; positioned at their centres, dwell 0."""
+        at, new_cells, new_t = [], [], []
+        for i in range(1, len(cells)):
+            path = self._grid_path(int(cells[i - 1]), int(cells[i]))
+            if path:
+                at += [i] * len(path)
+                new_cells += path
+                new_t += np.linspace(t_last[i - 1], t[i], len(path) + 2)[1:-1].tolist()
+        if not at:
+            return cells, t, dwell, lat, lon, np.zeros(len(cells), bool)
+        centres = np.array([h3i.cell_to_latlng(c) for c in new_cells], dtype=np.float64)
+        return (np.insert(cells, at, np.array(new_cells, np.uint64)), np.insert(t, at, new_t),
+                np.insert(dwell, at, 0.0), np.insert(lat, at, centres[:, 0]), np.insert(lon, at, centres[:, 1]),
+                np.insert(np.zeros(len(cells), bool), at, True))
 
     def _grid_path(self, a: int, b: int) -> list[int]:
         """Cells strictly between a and b along the H3 grid, or [] for neighbours and for jumps too long
