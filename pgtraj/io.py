@@ -106,9 +106,11 @@ class TemporalSource:
 
 @dataclass(frozen=True)
 class QuerySource:
-    """Any query returning two columns: an id and a LINESTRING M geometry (M = epoch seconds)."""
+    """Any query returning two columns: an id and a LINESTRING M (geometry, EWKB or EWKT; M = epoch seconds).
+    Values go in ``params`` (psycopg placeholders: %s or %(name)s), never into the text."""
 
     sql_text: str
+    params: tuple | dict | None = None
 
     def query(self, conn) -> sql.Composable:
         return sql.SQL(self.sql_text.strip().rstrip(";"))
@@ -170,8 +172,10 @@ class TrajectoryReader:
 
     def _rows_query(self) -> sql.Composable:
         # checks that must not abort the whole query (ST_Transform raises on SRID 0) happen per row here
-        g = sql.SQL("q.g") if self.srid is None else sql.SQL(
-            "CASE WHEN ST_SRID(q.g) = 0 THEN ST_SetSRID(q.g, {}) ELSE q.g END").format(sql.Literal(int(self.srid)))
+        # ::geometry also accepts EWKB bytea (what GeoAlchemy2 selects) and EWKT text from a QuerySource
+        g = sql.SQL("q.g::geometry") if self.srid is None else sql.SQL(
+            "CASE WHEN ST_SRID(q.g::geometry) = 0 THEN ST_SetSRID(q.g::geometry, {}) ELSE q.g::geometry END"
+        ).format(sql.Literal(int(self.srid)))
         return sql.SQL(
             "SELECT r.id, r.g IS NULL, ST_IsEmpty(r.g), ST_SRID(r.g), ST_GeometryType(r.g), ST_Zmflag(r.g),"
             " CASE WHEN NOT ST_IsEmpty(r.g) AND ST_SRID(r.g) <> 0 AND ST_GeometryType(r.g) = 'ST_LineString'"
@@ -191,7 +195,7 @@ class TrajectoryReader:
         with self.conn.transaction(), self.conn.cursor(name="pgtraj_reader", binary=True) as cur:
             try:
                 cur.itersize = self.batch_size
-                cur.execute(query)
+                cur.execute(query, getattr(self.source, "params", None))
                 rows = iter(cur)
                 for row in rows:
                     traj = self._convert(*row)
