@@ -136,13 +136,17 @@ class Tokenizer:
 
     def lookup(self, cells: np.ndarray) -> np.ndarray:
         """Token ids for fine cells: the cell itself or its nearest ancestor in the vocabulary, else UNK."""
+        return self._lookup_from(cells, self.config.resolution)
+
+    def _lookup_from(self, cells: np.ndarray, start_res: int) -> np.ndarray:
+        """lookup() for cells at resolution ``start_res``."""
         cells = np.asarray(cells, dtype=np.uint64)
         ids = np.full(len(cells), UNK, dtype=np.int32)
         todo = np.ones(len(cells), bool)
-        for res in range(self.config.resolution, self.config.coarsest_resolution - 1, -1):
+        for res in range(start_res, self.config.coarsest_resolution - 1, -1):
             if not todo.any() or not len(self.vocab):
                 break
-            cand = cell_parents(cells[todo], res) if res < self.config.resolution else cells[todo]
+            cand = cell_parents(cells[todo], res) if res < start_res else cells[todo]
             pos = np.minimum(np.searchsorted(self.vocab, cand), len(self.vocab) - 1)
             hit = self.vocab[pos] == cand
             idx = np.flatnonzero(todo)[hit]
@@ -158,6 +162,37 @@ class Tokenizer:
         out = {f"res{int(r)}": round(float(n) / max(len(tokens), 1), 6) for r, n in zip(*np.unique(res, return_counts=True))}
         out["unk"] = round(float(np.sum(tokens == UNK)) / max(len(tokens), 1), 6)
         return out
+
+    def ancestor_table(self) -> np.ndarray:
+        """(vocab_size, levels) int64: for each token, its ancestors' rows in an ancestor embedding table, one
+        column per resolution from ``coarsest_resolution`` up to the tokenizer's (0 = none, e.g. for special
+        tokens or levels at or below the token's own resolution). The model embeds a cell as its own
+        embedding plus its ancestors', so rare and fallback cells share what their region learnt."""
+        cfg = self.config
+        levels = list(range(cfg.coarsest_resolution, cfg.resolution))
+        res = ((self.vocab >> _RES_SHIFT) & np.uint64(0xF)).astype(np.int64)
+        table = np.zeros((self.vocab_size, max(len(levels), 1)), np.int64)
+        parents = {lv: cell_parents(self.vocab, lv) for lv in levels}
+        known = np.unique(np.concatenate([p[res > lv] for lv, p in parents.items()] or [np.zeros(0, np.uint64)]))
+        for j, lv in enumerate(levels):
+            ok = res > lv
+            table[len(SPECIAL_TOKENS) + np.flatnonzero(ok), j] = np.searchsorted(known, parents[lv][ok]) + 1
+        return table
+
+    def ancestor_vocab_size(self) -> int:
+        return int(self.ancestor_table().max()) + 1
+
+    def neighbour_table(self, k: int = 1) -> np.ndarray:
+        """(vocab_size, width) int64: the tokens of the cells within ``k`` grid steps of each token's cell
+        (itself included, at the token's own resolution), padded with PAD. Constrained decoding allows only
+        these as the next token after a token."""
+        rows: list[list[int]] = [[] for _ in range(len(SPECIAL_TOKENS))]
+        res = ((self.vocab >> _RES_SHIFT) & np.uint64(0xF)).astype(np.int64)
+        for c, r in zip(self.vocab.tolist(), res.tolist()):
+            disk = np.array(h3i.grid_disk(int(c), k), dtype=np.uint64)
+            rows.append(sorted(set(self._lookup_from(disk, r).tolist()) - {UNK}))
+        width = max(len(r) for r in rows)
+        return np.array([r + [PAD] * (width - len(r)) for r in rows], np.int64)
 
     def token_cell(self, token: int) -> int:
         """The H3 cell a (non-special) token stands for."""

@@ -1,0 +1,74 @@
+"""ONNX export of a TrajectoryModel: the graphs the database runs through onnxruntime (no torch there).
+
+* ``encoder``: (tokens, dow, minute, cont) -> embedding (B, d), L2-normalised;
+* ``next_cell``: the same inputs -> probabilities of the next token after each sequence's last real position
+  (B, V) and the predicted log1p(seconds) until it (B,).
+Inputs are right-padded with PAD; batch and length are dynamic.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .model import TrajectoryModel
+from .tokenizer import PAD
+
+INPUT_NAMES = ["tokens", "dow", "minute", "cont"]
+_DYNAMIC = {name: {0: "batch", 1: "length"} for name in INPUT_NAMES}
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model: TrajectoryModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, dow, minute, cont):
+        return self.model.embed(tokens, dow, minute, cont)
+
+
+class _NextCell(nn.Module):
+    def __init__(self, model: TrajectoryModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, dow, minute, cont):
+        logits, dt = self.model.next_logits(tokens, dow, minute, cont)
+        last = ((tokens != PAD).sum(1) - 1).clamp_min(0)                     # (B,)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return torch.softmax(logits[rows, last], dim=-1), dt[rows, last]
+
+
+GRAPHS = {"encoder": (_Encoder, ["embedding"]), "next_cell": (_NextCell, ["probs", "log1p_dt"])}
+
+
+def export(model: TrajectoryModel, kind: str, example: dict[str, torch.Tensor]) -> bytes:
+    """ONNX bytes of one graph of ``model`` (opset 17, dynamic batch and length)."""
+    wrapper_cls, outputs = GRAPHS[kind]
+    wrapper = wrapper_cls(model).eval()
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(wrapper, tuple(example[n] for n in INPUT_NAMES), buf, input_names=INPUT_NAMES,
+                          output_names=outputs, dynamic_axes={**_DYNAMIC, **{o: {0: "batch"} for o in outputs}},
+                          opset_version=17, dynamo=False)
+    return buf.getvalue()
+
+
+def torch_outputs(model: TrajectoryModel, kind: str, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    wrapper = GRAPHS[kind][0](model).eval()
+    with torch.no_grad():
+        out = wrapper(*(batch[n] for n in INPUT_NAMES))
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def max_abs_diff(model: TrajectoryModel, kind: str, onnx_bytes: bytes, batch: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference between torch and onnxruntime on ``batch`` (the parity figure)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: batch[n].numpy() for n in INPUT_NAMES})
+    want = torch_outputs(model, kind, batch)
+    return max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))

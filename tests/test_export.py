@@ -1,0 +1,67 @@
+"""ONNX export: parity with torch on batches of other sizes and lengths than the export example, and the
+graphs run where inference runs, in the PL/Python environment that has no torch."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from pgtraj.export import INPUT_NAMES, export, max_abs_diff, torch_outputs
+
+from .conftest import CACHE
+from .test_model import TRIPS, batch, make_model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    # a few optimiser steps so that parity is checked on non-initial weights
+    from pgtraj.data import Batches
+    from pgtraj.objectives import NextCell
+    from .test_model import TOK
+
+    model = make_model(seed=1)
+    obj, data = NextCell(model), Batches(TRIPS, TOK, batch_size=8, max_len=48, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(5):
+        loss, _ = obj.loss(data.next())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["encoder", "next_cell"])
+def test_parity_with_torch(trained, kind):
+    onnx_bytes = export(trained, kind, batch(TRIPS[:2]))
+    for trips in (TRIPS[10:11], TRIPS[20:37]):  # batch 1 and 17, other lengths than the example
+        diff = max_abs_diff(trained, kind, onnx_bytes, batch(trips))
+        assert diff < 1e-4, f"{kind}: max abs diff {diff}"
+
+
+def test_next_cell_reads_each_sequence_at_its_last_real_token(trained):
+    b = batch([TRIPS[1], max(TRIPS, key=len)])
+    probs, _ = torch_outputs(trained, "next_cell", b)
+    alone, _ = torch_outputs(trained, "next_cell", batch([TRIPS[1]]))
+    assert np.allclose(probs[0], alone[0], atol=1e-5)  # padding of the short one changes nothing
+    assert np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+def test_onnx_runs_without_torch(trained, tmp_path):
+    path = tmp_path / "encoder.onnx"
+    path.write_bytes(export(trained, "encoder", batch(TRIPS[:2])))
+    b = batch(TRIPS[3:6])
+    np.savez(tmp_path / "in.npz", **{n: b[n].numpy() for n in INPUT_NAMES})
+    want = torch_outputs(trained, "encoder", b)[0]
+    np.save(tmp_path / "want.npy", want)
+    code = f"""
+import sys, numpy as np, onnxruntime as ort
+x = dict(np.load({str(tmp_path / 'in.npz')!r}))
+out = ort.InferenceSession({str(path)!r}, providers=['CPUExecutionProvider']).run(None, x)[0]
+assert 'torch' not in sys.modules
+assert np.max(np.abs(out - np.load({str(tmp_path / 'want.npy')!r}))) < 1e-4
+"""
+    proc = subprocess.run([str(CACHE / "runtime-venv" / "bin" / "python"), "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

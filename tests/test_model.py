@@ -1,0 +1,115 @@
+"""The backbone and its objectives on small synthetic data (CPU, seconds). No expected model outputs are
+hard-coded: the tests check invariances the architecture must have and that each objective learns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pgtraj.data import Batches, augment, to_tensors
+from pgtraj.features import collate, to_inputs
+from pgtraj.model import ModelConfig, TrajectoryModel
+from pgtraj.objectives import OBJECTIVES, MaskedSpans, batch_for
+from pgtraj.synthetic import grid_trips
+from pgtraj.tokenizer import MASK, PAD, SPECIAL_TOKENS, Tokenizer, TokenizerConfig
+
+TRIPS = grid_trips(80, seed=2)
+TOK = Tokenizer.fit(TRIPS, TokenizerConfig(resolution=9, min_count=2, coarsest_resolution=6))
+
+
+def make_model(seed=0, **over) -> TrajectoryModel:
+    torch.manual_seed(seed)
+    anc = torch.from_numpy(TOK.ancestor_table())
+    cfg = ModelConfig(vocab_size=TOK.vocab_size, ancestor_vocab_size=int(anc.max()) + 1,
+                      ancestor_levels=anc.shape[1], **{**ModelConfig.preset("tiny"), "dropout": 0.0, **over})
+    return TrajectoryModel(cfg, anc)
+
+
+def batch(trips, **kw):
+    return to_tensors(collate([to_inputs(TOK.encode(t)) for t in trips], **kw))
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="n_layer"):
+        ModelConfig.from_dict({"vocab_size": 10, "n_layer": 3})
+    assert ModelConfig.from_dict(ModelConfig(vocab_size=10).to_dict()) == ModelConfig(vocab_size=10)
+
+
+def test_padding_does_not_change_the_embedding():
+    m = make_model().eval()
+    short, long_ = TRIPS[0], max(TRIPS, key=len)
+    with torch.no_grad():
+        alone = m.embed(**batch([short]))
+        padded = m.embed(**batch([short, long_]))[:1]
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
+def test_causal_prefix_is_independent_of_the_future():
+    m = make_model().eval()
+    b = batch([TRIPS[3]])
+    k = 10
+    prefix = {key: v[:, :k] for key, v in b.items()}
+    with torch.no_grad():
+        full, _ = m.next_logits(**b)
+        part, _ = m.next_logits(**prefix)
+    assert torch.allclose(full[:, :k], part, atol=1e-5)
+
+
+def test_ancestors_feed_the_embedding():
+    m = make_model()
+    A = m.backbone.ancestors
+    tok = int(next(t for t in range(len(SPECIAL_TOKENS), TOK.vocab_size) if A[t].any()))
+    b = batch([TRIPS[0]])
+    b["tokens"][0, 1] = tok
+    with torch.no_grad():
+        before = m.backbone(**b)
+        m.backbone.anc.weight[A[tok][A[tok] > 0]] += 1.0
+        after = m.backbone(**b)
+    assert not torch.allclose(before[0, 1], after[0, 1])
+
+
+def test_span_masks():
+    tokens = batch(TRIPS[:16])["tokens"]
+    masked = MaskedSpans(make_model()).mask(tokens, torch.Generator().manual_seed(0))
+    assert not masked[tokens < len(SPECIAL_TOKENS)].any()  # never PAD/BOS/...
+    ratio = masked.sum().item() / (tokens >= len(SPECIAL_TOKENS)).sum().item()
+    assert 0.12 <= ratio <= 0.35
+    runs = [len(r) for row in masked.int().tolist() for r in "".join(map(str, row)).split("0") if r]
+    assert np.mean(runs) > 1.5  # spans, not isolated cells
+
+
+def test_augmented_views_stay_the_same_trip():
+    rng = np.random.default_rng(0)
+    tr = TRIPS[5]
+    v = augment(tr, rng)
+    assert 2 <= len(v) < len(tr) and v.t[0] >= tr.t[0] and v.t[-1] <= tr.t[-1]
+    assert np.all(np.diff(v.t) > 0)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_objective_learns(name):
+    torch.manual_seed(0)
+    model = make_model()
+    objective = OBJECTIVES[name](model)
+    data = Batches(TRIPS, TOK, batch_size=16, max_len=64, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    fixed = batch_for(objective, data)  # one batch, evaluated before and after training on others
+
+    def evaluate():
+        model.eval()
+        torch.manual_seed(123)  # same masks / dropout draws for both evaluations
+        with torch.no_grad():
+            loss, _ = objective.loss(fixed)
+        model.train()
+        return loss.item()
+
+    before = evaluate()
+    for _ in range(120):
+        loss, metrics = objective.loss(batch_for(objective, data))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert np.isfinite(loss.item())
+    after = evaluate()
+    assert after < 0.85 * before, (name, before, after, metrics)
