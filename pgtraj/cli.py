@@ -57,6 +57,25 @@ def _load(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from .connection import resolve_dsn
+    from .train import TrainConfig
+    from .workflow import train_and_register
+
+    cfg = _json.loads(Path(args.config).read_text()) if args.config else {}
+    for key in ("objective", "steps", "device"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    out = Path(args.out or f"pgtraj-output/runs/{args.name}")
+    train_and_register(resolve_dsn(args.dsn, args.data_dir), args.name, args.table, TrainConfig.from_dict(cfg), out,
+                       id_col=args.id, geom_col=args.geom, split_col=args.split_column, deploy=args.deploy, log=_say)
+    _say(f"training curve: {out / 'training_curve.png'}")
+    return 0
+
+
 def _runtime_env(args) -> int:
     from .runtime_env import ensure_runtime_env
 
@@ -149,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--schema", default="geolife")
     sp.add_argument("--replace", action="store_true", help="drop and reload an existing schema")
     sp.set_defaults(func=_load)
+
+    sp = sub.add_parser("train", help="train a model on a LINESTRING M table with a split column, register it")
+    target(sp)
+    sp.add_argument("name", help="model name in the registry")
+    sp.add_argument("--table", default="geolife.trajectories")
+    sp.add_argument("--id", default="traj_id")
+    sp.add_argument("--geom", default="geom")
+    sp.add_argument("--split-column", default="split", help="column with train/val/test (pgtraj load writes it)")
+    sp.add_argument("--config", help="training config JSON (see training/); its keys are TrainConfig fields")
+    sp.add_argument("--objective", choices=["next_cell", "masked_spans", "contrastive", "hybrid"])
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--out", help="checkpoint/metrics folder (default pgtraj-output/runs/NAME); re-run to resume")
+    sp.add_argument("--deploy", action="store_true", help="deploy the new version when done")
+    sp.set_defaults(func=_train)
 
     sp = sub.add_parser("runtime-env", help="build the PL/Python environment for a server on this host")
     sp.add_argument("path", help="where to create the venv, e.g. /var/lib/pgtraj/runtime-venv")

@@ -1,0 +1,230 @@
+"""Training: one loop for every objective. Deterministic for a seed, resumable from its checkpoint, CPU by
+default and CUDA + bf16 when present; metrics per step in metrics.jsonl and a training-curve PNG.
+
+Checkpoints are written atomically (temporary file, then rename), so the last good one survives a crash,
+a kill or a NaN loss; ``train`` resumes from it when called again with the same output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import Batches
+from .errors import PgtrajError
+from .model import ModelConfig, TrajectoryModel, count_parameters, cosine_lr
+from .objectives import OBJECTIVES, batch_for
+from .tokenizer import Tokenizer, TokenizerConfig
+from .trajectory import Trajectory
+
+
+class TrainingError(PgtrajError, RuntimeError):
+    """Training cannot go on: no data, a NaN loss, memory exhausted at batch size 1."""
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "hybrid"
+    preset: str = "small"
+    model: dict = field(default_factory=dict)        # overrides of the preset (ModelConfig fields)
+    tokenizer: dict = field(default_factory=dict)    # TokenizerConfig fields
+    steps: int = 1000
+    batch_size: int = 32
+    max_len: int = 128
+    lr: float = 3e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "auto"                             # auto | cpu | cuda
+    min_trajectories: int = 8
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TrainingError(f"unknown training config keys: {sorted(unknown)}",
+                                hint=f"known: {sorted(f.name for f in fields(cls))}")
+        cfg = cls(**d)
+        if cfg.objective not in OBJECTIVES:
+            raise TrainingError(f"unknown objective {cfg.objective!r}", hint=f"one of {sorted(OBJECTIVES)}")
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class TrainResult:
+    model: TrajectoryModel
+    tokenizer: Tokenizer
+    config: TrainConfig
+    model_config: ModelConfig
+    metrics: dict
+    out_dir: Path
+    device: str
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' asked for but torch sees no GPU", hint="use --device cpu or auto")
+    return name
+
+
+def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConfig, out_dir: str | Path, *,
+          progress: bool = True, log=print, on_step=None) -> TrainResult:
+    """Train (or resume training) in ``out_dir``. ``on_step(step, model, record)`` is called after every
+    optimiser step (callbacks: custom logging, early stop by raising)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if len(train_set) < cfg.min_trajectories:
+        raise TrainingError(f"{len(train_set)} training trajectories after cleaning; need at least {cfg.min_trajectories}",
+                            hint="widen the source query, or lower min_trajectories for a smoke test")
+    if not val_set:
+        raise TrainingError("no validation trajectories", hint="the source needs a 'val' split (or more data)")
+    device = pick_device(cfg.device)
+    ckpt_path = out_dir / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    if ckpt is not None and ckpt["train_config"] != asdict(cfg):
+        raise TrainingError(f"{ckpt_path} was written with another training config",
+                            hint="use a new output directory, or the same config to resume")
+    torch.manual_seed(cfg.seed)
+    tok = Tokenizer.from_json(ckpt["tokenizer"]) if ckpt else Tokenizer.fit(train_set, TokenizerConfig(**cfg.tokenizer))
+    anc = torch.from_numpy(tok.ancestor_table())
+    mcfg = ModelConfig.from_dict({**ModelConfig.preset(cfg.preset), **cfg.model, "vocab_size": tok.vocab_size,
+                                  "ancestor_vocab_size": int(anc.max()) + 1, "ancestor_levels": anc.shape[1]})
+    model = TrajectoryModel(mcfg, anc).to(device)
+    objective = OBJECTIVES[cfg.objective](model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch_size, step, history = cfg.batch_size, 0, []
+    data = Batches(train_set, tok, batch_size=batch_size, max_len=cfg.max_len, seed=cfg.seed, device=device)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, history, batch_size = ckpt["step"], ckpt["history"], ckpt["batch_size"]
+        data.batch_size = batch_size
+        data.rng.bit_generator.state = ckpt["data_rng"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        log(f"resuming from step {step} ({ckpt_path})")
+        _truncate_metrics(out_dir / "metrics.jsonl", step)  # drop steps logged after the checkpoint
+    log(f"model {count_parameters(model)} parameters, vocabulary {tok.vocab_size}, objective {cfg.objective}, "
+        f"device {device}, {len(train_set)} train / {len(val_set)} val trajectories")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    metrics_file = open(out_dir / "metrics.jsonl", "a")
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.objective}", disable=not progress)
+    t0, tokens_seen = time.perf_counter(), 0
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, warmup=cfg.warmup, total=cfg.steps, lr=cfg.lr)
+        model.train()
+        try:
+            batch = batch_for(objective, data)
+            with autocast:
+                loss, m = objective.loss(batch)
+            if not math.isfinite(loss.item()):
+                raise TrainingError(f"loss became {loss.item()} at step {step}",
+                                    hint=f"the last good checkpoint is {ckpt_path}; lower lr (now {cfg.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if on_step is not None:
+                on_step(step + 1, model, m)
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise TrainingError("out of memory at batch size 1", hint="use a smaller preset or max_len")
+            batch_size = data.batch_size = batch_size // 2
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            log(f"out of memory: continuing with batch size {batch_size}")
+            continue
+        tokens_seen += _count_tokens(batch)
+        step += 1
+        record = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], **m}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            record["val_loss"] = evaluate(objective, model, val_set, tok, cfg, device)
+            history.append(record)
+            _save(ckpt_path, model, opt, tok, cfg, step, history, batch_size, data)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    metrics_file.close()
+    elapsed = time.perf_counter() - t0
+    final = {"steps": step, "val_loss": history[-1]["val_loss"] if history else None,
+             "train_loss": history[-1]["loss"] if history else None,
+             "tokens_per_second": round(tokens_seen / elapsed, 1) if elapsed > 0 else None,
+             "parameters": sum(p.numel() for p in model.parameters()), "device": device,
+             "batch_size_final": batch_size}
+    plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curve.png", title=f"{cfg.objective} ({cfg.preset})")
+    (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+    return TrainResult(model.eval().cpu(), tok, cfg, mcfg, final, out_dir, device)
+
+
+def evaluate(objective, model, val_set, tok, cfg: TrainConfig, device: str) -> float:
+    """Mean validation loss over a fixed set of batches (same seed every time: comparable across steps)."""
+    was = torch.get_rng_state()
+    torch.manual_seed(cfg.seed + 1)
+    data = Batches(val_set, tok, batch_size=min(cfg.batch_size, max(2, len(val_set))), max_len=cfg.max_len,
+                   seed=cfg.seed + 1, device=device)
+    model.eval()
+    with torch.no_grad():
+        losses = [objective.loss(batch_for(objective, data))[0].item() for _ in range(cfg.eval_batches)]
+    torch.set_rng_state(was)
+    return float(np.mean(losses))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def _count_tokens(batch) -> int:
+    if isinstance(batch, dict):
+        return int((batch["tokens"] != 0).sum())
+    return sum(_count_tokens(b) for b in batch)
+
+
+def _save(path: Path, model, opt, tok, cfg, step, history, batch_size, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "tokenizer": tok.to_json(),
+                "train_config": asdict(cfg), "model_config": model.cfg.to_dict(), "step": step,
+                "history": history, "batch_size": batch_size, "data_rng": data.rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def plot_curves(metrics_jsonl: Path, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, alpha=0.6, label="train loss")
+    val = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

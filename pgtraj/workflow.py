@@ -1,0 +1,70 @@
+"""Database-to-registry training: read a split table, clean, train, export ONNX (with a parity check),
+register the model, and record the run in pgtraj.training_runs (failed runs too, with their error)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from . import registry
+from .clean import CleaningConfig, CleaningReport, clean
+from .connection import connect
+from .data import to_tensors
+from .export import export, max_abs_diff
+from .features import collate, to_inputs
+from .io import QuerySource, TrajectoryReader, _table
+from .train import TrainConfig, TrainingError, train
+
+
+def read_split(conn: psycopg.Connection, table: str, split: str, *, id_col: str, geom_col: str,
+               split_col: str, log=print) -> list:
+    query = sql.SQL("SELECT {id}, {g} FROM {t} WHERE {s} = %s ORDER BY {id}").format(
+        id=sql.Identifier(id_col), g=sql.Identifier(geom_col), t=_table(table), s=sql.Identifier(split_col))
+    reader = TrajectoryReader(conn, QuerySource(query.as_string(conn), (split,)))
+    report = CleaningReport()
+    pieces = [p for tr in reader for p in clean(tr, CleaningConfig(), report)]
+    log(f"{split}: {reader.report.summary()}; cleaning: {report.summary()}")
+    return pieces
+
+
+def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_dir: Path, *, id_col: str = "id",
+                       geom_col: str = "geom", split_col: str = "split", deploy: bool = False,
+                       progress: bool = True, log=print) -> registry.ModelVersion:
+    with connect(dsn, autocommit=True) as conn:
+        run_id = conn.execute(
+            "INSERT INTO pgtraj.training_runs (model_name, source, objective, config) VALUES (%s, %s, %s, %s)"
+            " RETURNING id", [name, table, cfg.objective, Jsonb(asdict(cfg))]).fetchone()[0]
+        try:
+            train_set = read_split(conn, table, "train", id_col=id_col, geom_col=geom_col, split_col=split_col, log=log)
+            val_set = read_split(conn, table, "val", id_col=id_col, geom_col=geom_col, split_col=split_col, log=log)
+            result = train(train_set, val_set, cfg, out_dir, progress=progress, log=log)
+            example = to_tensors(collate([to_inputs(result.tokenizer.encode(t)) for t in val_set[:4]],
+                                         max_len=cfg.max_len))
+            artifacts, parity = {}, {}
+            for kind in ("encoder", "next_cell"):
+                artifacts[kind] = export(result.model, kind, example)
+                parity[kind] = max_abs_diff(result.model, kind, artifacts[kind], example)
+                if parity[kind] > 1e-3:
+                    raise TrainingError(f"ONNX {kind} differs from torch by {parity[kind]:.2e}", hint="this is a bug")
+            metrics = {**result.metrics, "onnx_max_abs_diff": parity}
+            with conn.transaction():
+                mv = registry.register(
+                    conn, name, objective=cfg.objective, tokenizer=json.loads(result.tokenizer.to_json()),
+                    artifacts=artifacts, config={"train": asdict(cfg), "model": result.model_config.to_dict()},
+                    metrics=metrics, primary_metric="val_loss", higher_is_better=False,
+                    embedding_dim=result.model_config.d_model, training_run_id=run_id)
+                conn.execute("UPDATE pgtraj.training_runs SET status = 'succeeded', finished_at = now(), metrics = %s,"
+                             " device = %s WHERE id = %s", [Jsonb(metrics), result.device, run_id])
+            if deploy:
+                registry.deploy(conn, name, mv.version, note=f"training run {run_id}")
+            log(f"registered {name} v{mv.version} (training run {run_id}); ONNX parity {parity}")
+            return mv
+        except BaseException as exc:  # the run row must say what happened, whatever it was
+            conn.execute("UPDATE pgtraj.training_runs SET status = %s, finished_at = now(), error = %s WHERE id = %s",
+                         ["cancelled" if isinstance(exc, KeyboardInterrupt) else "failed", str(exc)[:4000], run_id])
+            raise

@@ -1,0 +1,101 @@
+"""The training loop: determinism, resume after an interruption, NaN, out of memory, bad configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pgtraj.synthetic import grid_trips
+from pgtraj.train import TrainConfig, TrainingError, train
+
+TRIPS = grid_trips(60, seed=4)
+TRAIN, VAL = TRIPS[:50], TRIPS[50:]
+
+
+def cfg(**over) -> TrainConfig:
+    base = dict(objective="next_cell", preset="tiny", steps=20, batch_size=8, max_len=48, lr=3e-3, warmup=2,
+                eval_every=10, eval_batches=2, tokenizer={"resolution": 9, "min_count": 2, "coarsest_resolution": 6},
+                model={"dropout": 0.1})
+    return TrainConfig.from_dict({**base, **over})
+
+
+def weights(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_training_writes_metrics_curve_and_is_deterministic(tmp_path):
+    a = train(TRAIN, VAL, cfg(), tmp_path / "a", progress=False, log=lambda m: None)
+    b = train(TRAIN, VAL, cfg(), tmp_path / "b", progress=False, log=lambda m: None)
+    assert torch.equal(weights(a.model), weights(b.model))
+    rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert sum("val_loss" in r for r in rows) == 2
+    assert (tmp_path / "a" / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert a.metrics["tokens_per_second"] > 0 and a.metrics["val_loss"] > 0
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    straight = train(TRAIN, VAL, cfg(), tmp_path / "straight", progress=False, log=lambda m: None)
+
+    def crash(step, model, metrics):
+        if step == 13:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TRAIN, VAL, cfg(), tmp_path / "resumed", progress=False, log=lambda m: None, on_step=crash)
+    messages = []
+    resumed = train(TRAIN, VAL, cfg(), tmp_path / "resumed", progress=False, log=messages.append)
+    assert any("resuming from step 10" in m for m in messages)
+    assert torch.equal(weights(straight.model), weights(resumed.model))
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    def poison(step, model, metrics):
+        if step == 12:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(TrainingError, match="loss became nan at step 12") as err:
+        train(TRAIN, VAL, cfg(), tmp_path, progress=False, log=lambda m: None, on_step=poison)
+    assert "checkpoint.pt" in err.value.hint
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 10 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_out_of_memory_halves_the_batch_and_continues(tmp_path):
+    seen = []
+
+    def oom_once(step, model, metrics):
+        if step == 5 and not seen:
+            seen.append(step)
+            raise torch.OutOfMemoryError("simulated")
+
+    messages = []
+    result = train(TRAIN, VAL, cfg(), tmp_path, progress=False, log=messages.append, on_step=oom_once)
+    assert result.metrics["batch_size_final"] == 4 and any("batch size 4" in m for m in messages)
+
+
+@pytest.mark.parametrize("over, text", [
+    ({"objective": "telepathy"}, "unknown objective"),
+    ({"stepz": 3}, "unknown training config keys"),
+])
+def test_bad_configs(over, text):
+    with pytest.raises(TrainingError, match=text):
+        cfg(**over)
+
+
+def test_too_little_data_and_no_validation(tmp_path):
+    with pytest.raises(TrainingError, match="need at least"):
+        train(TRAIN[:3], VAL, cfg(), tmp_path, progress=False)
+    with pytest.raises(TrainingError, match="no validation"):
+        train(TRAIN, [], cfg(), tmp_path, progress=False)
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    train(TRAIN, VAL, cfg(steps=10), tmp_path, progress=False, log=lambda m: None)
+    with pytest.raises(TrainingError, match="another training config"):
+        train(TRAIN, VAL, cfg(steps=10, lr=1e-2), tmp_path, progress=False, log=lambda m: None)

@@ -1,0 +1,59 @@
+"""`pgtraj train`: from a real GeoLife table to a registered model with ONNX graphs and a training-run row."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import onnxruntime as ort
+import psycopg
+import pytest
+
+from pgtraj import registry
+from pgtraj.datasets import load_geolife
+from pgtraj.errors import SourceError
+from pgtraj.train import TrainConfig
+from pgtraj.workflow import train_and_register
+
+from .test_datasets import GEOLIFE, needs_data
+
+USERS = [53, 60, 90, 107, 117, 72, 87, 108]
+TINY = dict(objective="next_cell", preset="tiny", steps=6, batch_size=4, max_len=32, warmup=1, eval_every=3,
+            eval_batches=1, min_trajectories=2, tokenizer={"resolution": 8, "min_count": 1})
+
+
+@needs_data
+def test_train_registers_model_and_run(db, tmp_path):
+    with psycopg.connect(db) as conn:
+        load_geolife(conn, GEOLIFE, users=USERS, progress=False, log=lambda m: None)
+    env = {k: v for k, v in os.environ.items() if k != "PGTRAJ_DSN"}
+    config = tmp_path / "tiny.json"
+    config.write_text(__import__("json").dumps(TINY))
+    out = subprocess.run([sys.executable, "-m", "pgtraj", "train", "gl", "--dsn", db, "--config", str(config),
+                          "--out", str(tmp_path / "run"), "--deploy"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "run" / "training_curve.png").exists()
+    with psycopg.connect(db) as conn:
+        mv = registry.load(conn, "gl")  # deployed
+        assert set(mv.artifacts) == {"encoder", "next_cell"} and mv.metrics["onnx_max_abs_diff"]["encoder"] < 1e-4
+        for graph in mv.artifacts.values():  # loadable by onnxruntime straight from the registry
+            ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        status, run_metrics = conn.execute(
+            "SELECT r.status, r.metrics FROM pgtraj.training_runs r JOIN pgtraj.model_registry m"
+            " ON m.training_run_id = r.id WHERE m.id = %s", [mv.id]).fetchone()
+        assert status == "succeeded" and run_metrics["val_loss"] > 0
+
+
+@needs_data
+def test_failed_training_is_recorded_and_registers_nothing(db, tmp_path):
+    with psycopg.connect(db) as conn:
+        load_geolife(conn, GEOLIFE, users=USERS[:2], progress=False, log=lambda m: None)
+        conn.execute("UPDATE geolife.trajectories SET split = 'train'")  # no validation split at all
+    with pytest.raises(SourceError, match="returned no trajectories"):
+        train_and_register(db, "broken", "geolife.trajectories", TrainConfig.from_dict(TINY), tmp_path,
+                           id_col="traj_id", progress=False, log=lambda m: None)
+    with psycopg.connect(db) as conn:
+        ((status, error),) = conn.execute("SELECT status, error FROM pgtraj.training_runs").fetchall()
+        assert status == "failed" and "returned no trajectories" in error and "'val'" in error
+        assert conn.execute("SELECT count(*) FROM pgtraj.model_registry").fetchone()[0] == 0
