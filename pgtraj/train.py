@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                             # auto | cpu | cuda
     min_trajectories: int = 8
+    init_from: str | None = None                     # a checkpoint.pt to fine-tune from (its tokenizer too)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -102,11 +103,24 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
         raise TrainingError(f"{ckpt_path} was written with another training config",
                             hint="use a new output directory, or the same config to resume")
     torch.manual_seed(cfg.seed)
-    tok = Tokenizer.from_json(ckpt["tokenizer"]) if ckpt else Tokenizer.fit(train_set, TokenizerConfig(**cfg.tokenizer))
+    init = torch.load(cfg.init_from, map_location="cpu", weights_only=False) if cfg.init_from and not ckpt else None
+    if ckpt:
+        tok = Tokenizer.from_json(ckpt["tokenizer"])
+    elif init:  # fine-tuning keeps the pretrained vocabulary: token ids must mean the same cells
+        tok = Tokenizer.from_json(init["tokenizer"])
+    else:
+        tok = Tokenizer.fit(train_set, TokenizerConfig(**cfg.tokenizer))
     anc = torch.from_numpy(tok.ancestor_table())
     mcfg = ModelConfig.from_dict({**ModelConfig.preset(cfg.preset), **cfg.model, "vocab_size": tok.vocab_size,
                                   "ancestor_vocab_size": int(anc.max()) + 1, "ancestor_levels": anc.shape[1]})
-    model = TrajectoryModel(mcfg, anc).to(device)
+    model = TrajectoryModel(mcfg, anc)
+    if init:
+        if init["model_config"] != mcfg.to_dict():
+            raise TrainingError(f"{cfg.init_from} has another model shape than this config",
+                                hint="use the pretraining run's preset and model overrides")
+        model.load_state_dict(init["model"])
+        log(f"initialised from {cfg.init_from} (pretrained {init['step']} steps, {init['train_config']['objective']})")
+    model = model.to(device)
     objective = OBJECTIVES[cfg.objective](model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size, step, history = cfg.batch_size, 0, []

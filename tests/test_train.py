@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,24 @@ def test_resume_with_another_config_is_refused(tmp_path):
     train(TRAIN, VAL, cfg(steps=10), tmp_path, progress=False, log=lambda m: None)
     with pytest.raises(TrainingError, match="another training config"):
         train(TRAIN, VAL, cfg(steps=10, lr=1e-2), tmp_path, progress=False, log=lambda m: None)
+
+
+def test_fine_tuning_starts_from_the_pretrained_weights_and_vocabulary(tmp_path):
+    pre = train(TRAIN, VAL, cfg(objective="masked_spans", steps=10), tmp_path / "pre", progress=False,
+                log=lambda m: None)
+    seen = {}
+
+    def first_step(step, model, metrics):
+        if step == 1:
+            seen["w"] = model.backbone.anc.weight.detach().clone()
+
+    messages = []
+    ft = train(TRAIN[:30], VAL, cfg(steps=5, init_from=str(tmp_path / "pre" / "checkpoint.pt")), tmp_path / "ft",
+               progress=False, log=messages.append, on_step=first_step)
+    assert any("initialised from" in m and "masked_spans" in m for m in messages)
+    assert np.array_equal(ft.tokenizer.vocab, pre.tokenizer.vocab)  # even though fit data differ
+    # one small step away from the pretrained weights, not from a random init
+    assert (seen["w"] - pre.model.backbone.anc.weight).abs().max() < 0.01
+    with pytest.raises(TrainingError, match="another model shape"):
+        train(TRAIN, VAL, cfg(steps=5, preset="small", init_from=str(tmp_path / "pre" / "checkpoint.pt")),
+              tmp_path / "bad", progress=False, log=lambda m: None)
