@@ -67,3 +67,18 @@ class TrajectoryError(PgtrajError, ValueError):
 
 class SourceError(PgtrajError, ValueError):
     """A trajectory source (table, columns, query) that cannot be read as described."""
+
+
+class ConfigError(PgtrajError, ValueError):
+    """A configuration (model, training, tokenizer) with unknown keys or impossible values."""
+
+
+def config_from_dict(cls, d: dict, what: str):
+    """``cls(**d)`` for a config dataclass, refusing unknown keys: a typo must not fall back to a default."""
+    from dataclasses import fields
+
+    known = sorted(f.name for f in fields(cls))
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {what} config keys: {unknown}", hint=f"known: {known}")
+    return cls(**d)

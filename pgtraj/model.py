@@ -9,12 +9,13 @@ position embeddings (RoPE) in attention. The same module exports to ONNX unchang
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import config_from_dict
 from .features import N_CONTINUOUS
 from .tokenizer import PAD
 
@@ -36,11 +37,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:  # a typo in a config must not silently fall back to a default
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "model")
 
     def to_dict(self) -> dict:
         return asdict(self)

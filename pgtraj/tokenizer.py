@@ -26,7 +26,7 @@ import h3
 import h3.api.numpy_int as h3i
 import numpy as np
 
-from .errors import PgtrajError
+from .errors import PgtrajError, config_from_dict
 from .trajectory import EARTH_RADIUS_M, Trajectory, bearing_deg, haversine_m
 
 PAD, MASK, UNK, BOS, EOS = 0, 1, 2, 3, 4
@@ -288,4 +288,4 @@ class Tokenizer:
             raise TokenizerError(f"not a pgtraj tokenizer (format {d.get('format') if isinstance(d, dict) else None!r})",
                                  hint=f"expected format {FORMAT!r}")
         vocab = np.array([h3.str_to_int(c) for c in d["vocab"]], dtype=np.uint64)
-        return cls(TokenizerConfig(**d["config"]), np.sort(vocab), d.get("coverage", {}))
+        return cls(config_from_dict(TokenizerConfig, d["config"], "tokenizer"), np.sort(vocab), d.get("coverage", {}))

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .data import Batches
-from .errors import PgtrajError
+from .errors import ConfigError, PgtrajError, config_from_dict
 from .model import ModelConfig, TrajectoryModel, count_parameters, cosine_lr
 from .objectives import OBJECTIVES, batch_for
 from .tokenizer import Tokenizer, TokenizerConfig
@@ -52,13 +52,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TrainingError(f"unknown training config keys: {sorted(unknown)}",
-                                hint=f"known: {sorted(f.name for f in fields(cls))}")
-        cfg = cls(**d)
+        cfg = config_from_dict(cls, d, "training")
         if cfg.objective not in OBJECTIVES:
-            raise TrainingError(f"unknown objective {cfg.objective!r}", hint=f"one of {sorted(OBJECTIVES)}")
+            raise ConfigError(f"unknown objective {cfg.objective!r}", hint=f"one of {sorted(OBJECTIVES)}")
         return cfg
 
     @classmethod
@@ -109,7 +105,7 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
     elif init:  # fine-tuning keeps the pretrained vocabulary: token ids must mean the same cells
         tok = Tokenizer.from_json(init["tokenizer"])
     else:
-        tok = Tokenizer.fit(train_set, TokenizerConfig(**cfg.tokenizer))
+        tok = Tokenizer.fit(train_set, config_from_dict(TokenizerConfig, cfg.tokenizer, "tokenizer"))
     anc = torch.from_numpy(tok.ancestor_table())
     mcfg = ModelConfig.from_dict({**ModelConfig.preset(cfg.preset), **cfg.model, "vocab_size": tok.vocab_size,
                                   "ancestor_vocab_size": int(anc.max()) + 1, "ancestor_levels": anc.shape[1]})

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pgtraj.data import Batches, augment, to_tensors
+from pgtraj.errors import ConfigError
 from pgtraj.features import collate, to_inputs
 from pgtraj.model import ModelConfig, TrajectoryModel
 from pgtraj.objectives import OBJECTIVES, MaskedSpans, batch_for
@@ -31,7 +32,7 @@ def batch(trips, **kw):
 
 
 def test_config_rejects_unknown_keys():
-    with pytest.raises(ValueError, match="n_layer"):
+    with pytest.raises(ConfigError, match="n_layer"):
         ModelConfig.from_dict({"vocab_size": 10, "n_layer": 3})
     assert ModelConfig.from_dict(ModelConfig(vocab_size=10).to_dict()) == ModelConfig(vocab_size=10)
 

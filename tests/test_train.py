@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pgtraj.synthetic import grid_trips
+from pgtraj.errors import ConfigError
 from pgtraj.train import TrainConfig, TrainingError, train
 
 TRIPS = grid_trips(60, seed=4)
@@ -85,8 +86,17 @@ def test_out_of_memory_halves_the_batch_and_continues(tmp_path):
     ({"stepz": 3}, "unknown training config keys"),
 ])
 def test_bad_configs(over, text):
-    with pytest.raises(TrainingError, match=text):
+    with pytest.raises(ConfigError, match=text):
         cfg(**over)
+
+
+@pytest.mark.parametrize("over, text", [
+    ({"model": {"d_modle": 8}}, "unknown model config keys: \\['d_modle'\\]"),
+    ({"tokenizer": {"res": 9}}, "unknown tokenizer config keys"),
+])
+def test_bad_nested_configs(tmp_path, over, text):
+    with pytest.raises(ConfigError, match=text):
+        train(TRAIN, VAL, cfg(**over), tmp_path, progress=False, log=lambda m: None)
 
 
 def test_too_little_data_and_no_validation(tmp_path):
