@@ -12,8 +12,8 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 
-from .features import collate, to_inputs
 from .data import to_tensors
+from .features import collate, to_inputs
 from .model import TrajectoryModel
 from .tokenizer import SPECIAL_TOKENS, Tokens
 

@@ -33,7 +33,7 @@ def run(cluster: LocalCluster, *, data_dir: Path, users: list[int] | None, out_d
         pieces = {}
         for split in ("train", "test"):
             reader = TrajectoryReader(conn, QuerySource(
-                f"SELECT traj_id, geom FROM geolife.trajectories WHERE split = '{split}' ORDER BY traj_id"),
+                "SELECT traj_id, geom FROM geolife.trajectories WHERE split = %s ORDER BY traj_id", (split,)),
                 progress=True)
             report = CleaningReport()
             pieces[split] = [p for tr in reader for p in clean(tr, CleaningConfig(), report)]
