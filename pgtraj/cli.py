@@ -70,9 +70,11 @@ def _train(args) -> int:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     out = Path(args.out or f"pgtraj-output/runs/{args.name}")
-    train_and_register(resolve_dsn(args.dsn, args.data_dir), args.name, args.table, TrainConfig.from_dict(cfg), out,
-                       id_col=args.id, geom_col=args.geom, split_col=args.split_column, deploy=args.deploy, log=_say)
-    _say(f"training curve: {out / 'training_curve.png'}")
+    mv = train_and_register(resolve_dsn(args.dsn, args.data_dir), args.name, args.table, TrainConfig.from_dict(cfg),
+                            out, id_col=args.id, geom_col=args.geom, split_col=args.split_column, deploy=args.deploy,
+                            log=_say)
+    if mv is not None:  # rank 0 under torchrun, or a single process
+        _say(f"training curve: {out / 'training_curve.png'}")
     return 0
 
 

@@ -158,6 +158,17 @@ class TrajectoryModel(nn.Module):
         self.proj = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
         self.classifier = nn.Linear(cfg.d_model, n_classes) if n_classes else None
 
+    def forward(self, task: str, tokens, dow, minute, cont):
+        """One entry point for every pass, so that a DistributedDataParallel wrapper sees (and synchronises)
+        them all: 'embed', 'next' (logits, log1p dt) or 'hidden' (bidirectional hidden states)."""
+        if task == "embed":
+            return self.embed(tokens, dow, minute, cont)
+        if task == "next":
+            return self.next_logits(tokens, dow, minute, cont)
+        if task == "hidden":
+            return self.backbone(tokens, dow, minute, cont, causal=False)
+        raise ValueError(f"unknown task {task!r}")
+
     def embed(self, tokens, dow, minute, cont) -> torch.Tensor:
         """The similarity embedding: L2-normalised projection of the pooled bidirectional encoding."""
         h = self.backbone(tokens, dow, minute, cont, causal=False)

@@ -1,5 +1,8 @@
 """Pretraining objectives as thin wrappers around one TrajectoryModel (in the x-transformers manner).
-Each takes batches from data.Batches and returns (loss, metrics)."""
+Each takes batches from data.Batches and returns (loss, metrics).
+
+Passes go through ``self.net`` (the model, or its DistributedDataParallel wrapper set with ``use``);
+``self.model`` is the bare model, for its configuration and heads."""
 
 from __future__ import annotations
 
@@ -15,16 +18,26 @@ from .tokenizer import MASK, PAD, SPECIAL_TOKENS
 _SPATIAL = [2, 3, 4, 5, 6]
 
 
-class NextCell:
+class Objective:
+    def __init__(self, model: TrajectoryModel):
+        self.model = self.net = model
+
+    def use(self, net) -> None:
+        """Run passes through ``net`` (e.g. DistributedDataParallel(model))."""
+        self.net = net
+
+
+class NextCell(Objective):
     """GPT-style: predict each next token (and log1p seconds until it) from the prefix."""
 
     name = "next_cell"
 
     def __init__(self, model: TrajectoryModel, time_weight: float = 0.1):
-        self.model, self.time_weight = model, time_weight
+        super().__init__(model)
+        self.time_weight = time_weight
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits, dt_pred = self.model.next_logits(**batch)
+        logits, dt_pred = self.net("next", **batch)
         target = batch["tokens"][:, 1:]
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=PAD)
         real = target != PAD
@@ -36,7 +49,7 @@ class NextCell:
         return ce + self.time_weight * time_loss, {"ce": ce.item(), "time_l1": time_loss.item(), "acc@1": acc.item()}
 
 
-class MaskedSpans:
+class MaskedSpans(Objective):
     """Masked trajectory modelling with span masking: contiguous runs of tokens are hidden (a single hidden
     cell on a contiguous hex path is trivial to recover: it is the intersection of its neighbours' rings).
     80% of masked positions show MASK, 10% a random cell, 10% the original (BERT's recipe)."""
@@ -44,7 +57,8 @@ class MaskedSpans:
     name = "masked_spans"
 
     def __init__(self, model: TrajectoryModel, ratio: float = 0.15, mean_span: float = 3.0, max_span: int = 10):
-        self.model, self.ratio, self.mean_span, self.max_span = model, ratio, mean_span, max_span
+        super().__init__(model)
+        self.ratio, self.mean_span, self.max_span = ratio, mean_span, max_span
 
     def mask(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Boolean (B, T): spans of geometric length covering about ``ratio`` of the real tokens."""
@@ -72,25 +86,26 @@ class MaskedSpans:
         inp = torch.where(masked & (r >= 0.8) & (r < 0.9), random_cells, inp)
         cont = batch["cont"].clone()
         cont[..., _SPATIAL] = cont[..., _SPATIAL] * (~masked).unsqueeze(-1)
-        h = self.model.backbone(inp, batch["dow"], batch["minute"], cont, causal=False)
-        logits = self.model.lm_head(h[masked])
+        h = self.net("hidden", inp, batch["dow"], batch["minute"], cont)
+        logits = self.model.lm_head(h[masked])  # tied to the token embedding: the same leaf DDP syncs
         ce = F.cross_entropy(logits, tokens[masked])
         with torch.no_grad():
             acc = (logits.argmax(-1) == tokens[masked]).float().mean()
         return ce, {"mlm_ce": ce.item(), "mlm_acc": acc.item(), "masked": int(masked.sum())}
 
 
-class Contrastive:
+class Contrastive(Objective):
     """InfoNCE between two augmented views of the same trips (TrajCL-style): each view must find its twin
     among the batch."""
 
     name = "contrastive"
 
     def __init__(self, model: TrajectoryModel, temperature: float = 0.07):
-        self.model, self.temperature = model, temperature
+        super().__init__(model)
+        self.temperature = temperature
 
     def loss(self, views: tuple[dict, dict]) -> tuple[torch.Tensor, dict]:
-        a, b = (self.model.embed(**v) for v in views)
+        a, b = (self.net("embed", **v) for v in views)
         sim = a @ b.T / self.temperature
         target = torch.arange(len(a), device=a.device)
         loss = (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
@@ -99,13 +114,19 @@ class Contrastive:
         return loss, {"nce": loss.item(), "twin_acc": acc.item()}
 
 
-class Hybrid:
+class Hybrid(Objective):
     """Weighted masked-span + contrastive loss, as surveyed in "Spatio-Temporal Trajectory Foundation Model"."""
 
     name = "hybrid"
 
     def __init__(self, model: TrajectoryModel, weight: float = 0.5):
+        super().__init__(model)
         self.mlm, self.cl, self.weight = MaskedSpans(model), Contrastive(model), weight
+
+    def use(self, net) -> None:
+        super().use(net)
+        self.mlm.use(net)
+        self.cl.use(net)
 
     def loss(self, batch_and_views: tuple[dict, tuple[dict, dict]]) -> tuple[torch.Tensor, dict]:
         batch, views = batch_and_views

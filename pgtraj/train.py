@@ -1,6 +1,10 @@
 """Training: one loop for every objective. Deterministic for a seed, resumable from its checkpoint, CPU by
 default and CUDA + bf16 when present; metrics per step in metrics.jsonl and a training-curve PNG.
 
+Data-parallel on several processes when started by torchrun (``torchrun --nproc_per_node=N -m pgtraj train
+...``): DistributedDataParallel over NCCL on GPUs, gloo on CPU; each rank draws its own batches, rank 0 alone
+writes checkpoints, metrics and the curve.
+
 Checkpoints are written atomically (temporary file, then rename), so the last good one survives a crash,
 a kill or a NaN loss; ``train`` resumes from it when called again with the same output directory.
 """
@@ -16,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .data import Batches
@@ -93,6 +99,12 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
     if not val_set:
         raise TrainingError("no validation trajectories", hint="the source needs a 'val' split (or more data)")
     device = pick_device(cfg.device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
     ckpt_path = out_dir / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
     if ckpt is not None and ckpt["train_config"] != asdict(cfg):
@@ -118,22 +130,29 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
         log(f"initialised from {cfg.init_from} (pretrained {init['step']} steps, {init['train_config']['objective']})")
     model = model.to(device)
     objective = OBJECTIVES[cfg.objective](model)
+    if world > 1:  # same initial weights on every rank (same seed); DDP averages the gradients
+        objective.use(DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
+                                              find_unused_parameters=True))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size, step, history = cfg.batch_size, 0, []
-    data = Batches(train_set, tok, batch_size=batch_size, max_len=cfg.max_len, seed=cfg.seed, device=device)
+    data = Batches(train_set, tok, batch_size=batch_size, max_len=cfg.max_len, seed=cfg.seed + rank, device=device)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, history, batch_size = ckpt["step"], ckpt["history"], ckpt["batch_size"]
         data.batch_size = batch_size
-        data.rng.bit_generator.state = ckpt["data_rng"]
-        torch.set_rng_state(ckpt["torch_rng"])
+        data.rng.bit_generator.state = ckpt["data_rng"][rank]
+        torch.set_rng_state(ckpt["torch_rng"][rank])
         log(f"resuming from step {step} ({ckpt_path})")
-        _truncate_metrics(out_dir / "metrics.jsonl", step)  # drop steps logged after the checkpoint
+        if rank == 0:
+            _truncate_metrics(out_dir / "metrics.jsonl", step)  # drop steps logged after the checkpoint
+    if rank != 0:
+        log, progress = (lambda m: None), False
     log(f"model {count_parameters(model)} parameters, vocabulary {tok.vocab_size}, objective {cfg.objective}, "
-        f"device {device}, {len(train_set)} train / {len(val_set)} val trajectories")
+        f"device {device}{f' x {world} processes' if world > 1 else ''}, {len(train_set)} train / "
+        f"{len(val_set)} val trajectories")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.objective}", disable=not progress)
     t0, tokens_seen = time.perf_counter(), 0
     while step < cfg.steps:
@@ -144,7 +163,7 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
             batch = batch_for(objective, data)
             with autocast:
                 loss, m = objective.loss(batch)
-            if not math.isfinite(loss.item()):
+            if not _finite_everywhere(loss, world):  # all ranks stop together, none waits forever
                 raise TrainingError(f"loss became {loss.item()} at step {step}",
                                     hint=f"the last good checkpoint is {ckpt_path}; lower lr (now {cfg.lr})")
             opt.zero_grad(set_to_none=True)
@@ -154,6 +173,9 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
             if on_step is not None:
                 on_step(step + 1, model, m)
         except torch.OutOfMemoryError:
+            if world > 1:  # the other ranks are already inside the gradient all-reduce
+                raise TrainingError(f"out of memory at batch size {batch_size} on rank {rank}",
+                                    hint="lower batch_size, max_len or the preset")
             if batch_size == 1:
                 raise TrainingError("out of memory at batch size 1", hint="use a smaller preset or max_len")
             batch_size = data.batch_size = batch_size // 2
@@ -168,22 +190,45 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record["val_loss"] = evaluate(objective, model, val_set, tok, cfg, device)
             history.append(record)
-            _save(ckpt_path, model, opt, tok, cfg, step, history, batch_size, data)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+            rngs = _gather((data.rng.bit_generator.state, torch.get_rng_state()), world)
+            if rank == 0:
+                _save(ckpt_path, model, opt, tok, cfg, step, history, batch_size, rngs)
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    metrics_file.close()
     elapsed = time.perf_counter() - t0
+    tokens_seen *= world
     final = {"steps": step, "val_loss": history[-1]["val_loss"] if history else None,
              "train_loss": history[-1]["loss"] if history else None,
              "tokens_per_second": round(tokens_seen / elapsed, 1) if elapsed > 0 else None,
              "parameters": sum(p.numel() for p in model.parameters()), "device": device,
-             "batch_size_final": batch_size}
-    plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curve.png", title=f"{cfg.objective} ({cfg.preset})")
-    (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+             "batch_size_final": batch_size, "processes": world}
+    if rank == 0:
+        metrics_file.close()
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curve.png", title=f"{cfg.objective} ({cfg.preset})")
+        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+    if world > 1:
+        dist.barrier()
     return TrainResult(model.eval().cpu(), tok, cfg, mcfg, final, out_dir, device)
+
+
+def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
+    ok = torch.tensor([1.0 if math.isfinite(loss.item()) else 0.0])
+    if world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() == 1.0)
+
+
+def _gather(obj, world: int) -> list:
+    """Every rank's ``obj`` (random generator states, so that a resumed run continues each rank's stream)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def evaluate(objective, model, val_set, tok, cfg: TrainConfig, device: str) -> float:
@@ -211,12 +256,12 @@ def _count_tokens(batch) -> int:
     return sum(_count_tokens(b) for b in batch)
 
 
-def _save(path: Path, model, opt, tok, cfg, step, history, batch_size, data) -> None:
+def _save(path: Path, model, opt, tok, cfg, step, history, batch_size, rngs: list) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "tokenizer": tok.to_json(),
                 "train_config": asdict(cfg), "model_config": model.cfg.to_dict(), "step": step,
-                "history": history, "batch_size": batch_size, "data_rng": data.rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state()}, tmp)
+                "history": history, "batch_size": batch_size, "data_rng": [r[0] for r in rngs],
+                "torch_rng": [r[1] for r in rngs]}, tmp)
     os.replace(tmp, path)
 
 

@@ -4,6 +4,7 @@ register the model, and record the run in pgtraj.training_runs (failed runs too,
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,7 +35,15 @@ def read_split(conn: psycopg.Connection, table: str, split: str, *, id_col: str,
 
 def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_dir: Path, *, id_col: str = "id",
                        geom_col: str = "geom", split_col: str = "split", deploy: bool = False,
-                       progress: bool = True, log=print) -> registry.ModelVersion:
+                       progress: bool = True, log=print) -> registry.ModelVersion | None:
+    """Under torchrun every rank reads and trains; rank 0 alone records the run and registers the model
+    (other ranks return None)."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        with connect(dsn) as conn:
+            splits = [read_split(conn, table, s, id_col=id_col, geom_col=geom_col, split_col=split_col,
+                                 log=lambda m: None) for s in ("train", "val")]
+        train(*splits, cfg, out_dir, progress=False, log=lambda m: None)
+        return None
     with connect(dsn, autocommit=True) as conn:
         run_id = conn.execute(
             "INSERT INTO pgtraj.training_runs (model_name, source, objective, config) VALUES (%s, %s, %s, %s)"

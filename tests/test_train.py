@@ -131,3 +131,27 @@ def test_fine_tuning_starts_from_the_pretrained_weights_and_vocabulary(tmp_path)
     with pytest.raises(TrainingError, match="another model shape"):
         train(TRAIN, VAL, cfg(steps=5, preset="small", init_from=str(tmp_path / "pre" / "checkpoint.pt")),
               tmp_path / "bad", progress=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize("objective", ["next_cell", "hybrid"])
+def test_torchrun_two_cpu_processes(tmp_path, objective):
+    """Data-parallel training with torchrun on gloo: ranks draw different batches, DDP averages gradients,
+    so both end with the same weights, and different ones than a single process would."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("ddp_train.py")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), objective, str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (out / "weights-0.sha").read_text(), (out / "weights-1.sha").read_text()
+    assert a == b
+    assert json.loads((out / "final_metrics.json").read_text())["processes"] == 2
+    single = tmp_path / "single"
+    proc = subprocess.run([sys.executable, str(script), objective, str(single)], capture_output=True, text=True,
+                          env={**__import__("os").environ, "RANK": "0", "WORLD_SIZE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (single / "weights-0.sha").read_text() != a
