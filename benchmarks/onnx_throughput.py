@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=5.0, help="time budget per measurement")
+    ap.add_argument("--unsorted", action="store_true", help="batch pieces in split order (to see the padding cost)")
     args = ap.parse_args()
     with connect(resolve_dsn(args.dsn)) as conn:
         train = read_split(conn, "geolife.trajectories", "train", id_col="traj_id", geom_col="geom",
@@ -44,7 +45,9 @@ def main() -> None:
                           split_col="split", log=lambda m: None)
     tok = Tokenizer.fit(train, TokenizerConfig(resolution=9, min_count=5))
     # sorted by length: a batch pads to its longest member, so mixing 5- and 128-token pieces wastes compute
-    inputs = sorted((to_inputs(tok.encode(t)) for t in test), key=lambda i: len(i.tokens))
+    inputs = [to_inputs(tok.encode(t)) for t in test]
+    if not args.unsorted:
+        inputs.sort(key=lambda i: len(i.tokens))
     anc = torch.from_numpy(tok.ancestor_table())
     torch.manual_seed(0)
     model = TrajectoryModel(ModelConfig(vocab_size=tok.vocab_size, ancestor_vocab_size=int(anc.max()) + 1,
@@ -70,10 +73,11 @@ def main() -> None:
                                   "seconds": round(elapsed, 2)}
     summary = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "onnxruntime": ort.__version__,
                "intra_op_threads": args.threads, "preset": args.preset, "parameters": count_parameters(model),
-               "max_len": args.max_len, "test_pieces": len(inputs),
+               "max_len": args.max_len, "test_pieces": len(inputs), "length_sorted_batches": not args.unsorted,
                "mean_tokens": round(float(np.mean([min(len(i.tokens), args.max_len) for i in inputs])), 1),
                "results": results}
-    name = "onnx_throughput.json" if args.threads == 1 else f"onnx_throughput_threads{args.threads}.json"
+    name = "onnx_throughput" + (f"_threads{args.threads}" if args.threads > 1 else "") + \
+        ("_unsorted" if args.unsorted else "") + ".json"
     out = Path(__file__).parent / "results" / name
     out.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
