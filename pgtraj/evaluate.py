@@ -117,3 +117,82 @@ def model_ranks(model: TrajectoryModel, encoded: list[Tokens], *, batch_size: in
                 lg = np.where(near, lg + 1e6, lg)
             out.extend(int(np.sum(lg[k] >= lg[k, t])) for k, t in enumerate(tgt))
     return np.array(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Similarity search, t2vec / TrajCL protocol: a query is made of a trajectory's odd fixes, its twin of the
+# even ones; the twin hides among a database of other trajectories. Mean rank of the twin (ideal 1.0), HR@k.
+
+def split_odd_even(tr):
+    """(query, twin) of one trajectory: its odd-indexed and even-indexed fixes."""
+    return tr.take(slice(1, None, 2)), tr.take(slice(0, None, 2))
+
+
+def twin_ranks(distance: np.ndarray) -> np.ndarray:
+    """distance (Q, D) with the twin of query i in column i -> rank of each twin (1 = nearest)."""
+    own = distance[np.arange(len(distance)), np.arange(len(distance))]
+    return 1 + np.sum(distance < own[:, None], axis=1)
+
+
+def search_metrics(ranks: np.ndarray) -> dict:
+    return {"mean_rank": float(np.mean(ranks)), "hr@1": float(np.mean(ranks <= 1)), "hr@5": float(np.mean(ranks <= 5)),
+            "queries": int(len(ranks))}
+
+
+def _pairwise_m(a, b) -> np.ndarray:
+    """Distances in metres between the fixes of a and b, in one equirectangular frame for both (a frame per
+    trajectory would put the same place at different coordinates): fine within a city."""
+    lat0 = np.radians((np.mean(a.lat) + np.mean(b.lat)) / 2)
+
+    def xy(tr):
+        return np.stack([np.radians(tr.lon) * np.cos(lat0), np.radians(tr.lat)], axis=1) * 6_371_008.8
+
+    pa, pb = xy(a), xy(b)
+    return np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+
+
+def dtw(a, b) -> float:
+    """Exact dynamic time warping on point distances (metres), O(nm), one row at a time."""
+    c = _pairwise_m(a, b)
+    prev = np.full(c.shape[1] + 1, np.inf)
+    prev[0] = 0.0
+    for i in range(c.shape[0]):
+        cur = np.full_like(prev, np.inf)
+        # cur[j+1] = c[i,j] + min(prev[j], prev[j+1], cur[j]): the last term is sequential
+        best = np.minimum(prev[:-1], prev[1:])
+        for j in range(c.shape[1]):
+            cur[j + 1] = c[i, j] + min(best[j], cur[j])
+        prev = cur
+    return float(prev[-1])
+
+
+def frechet(a, b) -> float:
+    """Exact discrete Fréchet distance (metres)."""
+    c = _pairwise_m(a, b)
+    prev = np.full(c.shape[1], np.inf)
+    for i in range(c.shape[0]):
+        cur = np.empty(c.shape[1])
+        for j in range(c.shape[1]):
+            reach = 0.0 if i == 0 and j == 0 else min(prev[j], cur[j - 1] if j else np.inf,
+                                                      prev[j - 1] if j else np.inf)
+            cur[j] = max(reach, c[i, j])
+        prev = cur
+    return float(prev[-1])
+
+
+def edr(a, b, eps_m: float = 100.0) -> float:
+    """Edit distance on real sequences: points match within ``eps_m`` metres; normalised by the longer length."""
+    match = _pairwise_m(a, b) <= eps_m
+    n, m = match.shape
+    prev = np.arange(m + 1, dtype=float)
+    for i in range(1, n + 1):
+        cur = np.empty(m + 1)
+        cur[0] = i
+        for j in range(1, m + 1):
+            cur[j] = min(prev[j - 1] + (0 if match[i - 1, j - 1] else 1), prev[j] + 1, cur[j - 1] + 1)
+        prev = cur
+    return float(prev[-1] / max(n, m))
+
+
+def distance_matrix(queries, database, fn) -> np.ndarray:
+    return np.array([[fn(q, d) for d in database] for q in queries])

@@ -64,3 +64,55 @@ def test_constrained_ranking_puts_grid_neighbours_first():
     on_grid = np.array(on_grid)
     assert on_grid.mean() > 0.9  # interpolated synthetic paths step to neighbours
     assert (near[on_grid] <= width).all() and ranking_metrics(near)["mrr"] >= ranking_metrics(free)["mrr"]
+
+
+def line(n, shift_m=0.0, t0=0.0):
+    from pgtraj.trajectory import Trajectory
+
+    lat = 39.9 + np.arange(n) * 1e-4 + shift_m / 111_195.0
+    return Trajectory("l", t0 + np.arange(n, dtype=float), lat, np.full(n, 116.3))
+
+
+def test_exact_trajectory_distances_by_hand():
+    from pgtraj.evaluate import dtw, edr, frechet
+
+    a = line(20)
+    assert dtw(a, a) == 0.0 and frechet(a, a) == 0.0 and edr(a, a) == 0.0
+    b = line(20, shift_m=30.0)  # the same path moved 30 m along itself
+    assert abs(frechet(a, b) - 30.0) < 0.5
+    assert 60.0 - 1e-6 <= dtw(a, b) <= 20 * 30.0 + 1e-6  # both end pairs are 30 m apart; the diagonal costs 600
+    assert edr(a, b, eps_m=50) == 0.0 and edr(a, line(20, shift_m=5000.0), eps_m=50) == 1.0
+    assert frechet(a, line(20, shift_m=5000.0)) > frechet(a, b)
+
+
+def test_twin_ranks_and_odd_even_split():
+    from pgtraj.evaluate import search_metrics, split_odd_even, twin_ranks
+
+    d = np.array([[0.1, 0.5, 0.9], [0.2, 0.3, 0.1], [0.4, 0.4, 0.4]])
+    ranks = twin_ranks(d)
+    assert ranks.tolist() == [1, 3, 1]  # ties (row 3) do not count against the twin
+    m = search_metrics(ranks)
+    assert m["hr@1"] == 2 / 3 and abs(m["mean_rank"] - 5 / 3) < 1e-12
+    q, t = split_odd_even(line(11))
+    assert len(q) == 5 and len(t) == 6 and set(q.t) | set(t.t) == set(line(11).t)
+
+
+def test_dtw_and_frechet_match_full_matrix_references():
+    from pgtraj.evaluate import _pairwise_m, dtw, frechet
+    from pgtraj.trajectory import Trajectory
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        n, m = rng.integers(2, 12, size=2)
+        a = Trajectory("a", np.arange(n, dtype=float), 39.9 + rng.normal(0, 1e-3, n), 116.3 + rng.normal(0, 1e-3, n))
+        b = Trajectory("b", np.arange(m, dtype=float), 39.9 + rng.normal(0, 1e-3, m), 116.3 + rng.normal(0, 1e-3, m))
+        c = _pairwise_m(a, b)
+        D = np.full((n + 1, m + 1), np.inf)
+        D[0, 0] = 0
+        F = np.full((n, m), np.inf)
+        for i in range(n):
+            for j in range(m):
+                D[i + 1, j + 1] = c[i, j] + min(D[i, j], D[i, j + 1], D[i + 1, j])
+                prev = [F[i - 1, j] if i else np.inf, F[i, j - 1] if j else np.inf, F[i - 1, j - 1] if i and j else np.inf]
+                F[i, j] = c[i, j] if i == 0 and j == 0 else max(min(prev), c[i, j])
+        assert abs(dtw(a, b) - D[n, m]) < 1e-6 and abs(frechet(a, b) - F[n - 1, m - 1]) < 1e-6
