@@ -15,7 +15,8 @@ import torch
 from .data import to_tensors
 from .features import collate, to_inputs
 from .model import TrajectoryModel
-from .tokenizer import SPECIAL_TOKENS, Tokens
+from .objectives import _SPATIAL
+from .tokenizer import MASK, SPECIAL_TOKENS, Tokens
 
 
 def ranking_metrics(ranks: np.ndarray) -> dict:
@@ -196,3 +197,76 @@ def edr(a, b, eps_m: float = 100.0) -> float:
 
 def distance_matrix(queries, database, fn) -> np.ndarray:
     return np.array([[fn(q, d) for d in database] for q in queries])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masked-span recovery (metres) and next-cell perplexity.
+
+def cell_centres(tok, tokens: np.ndarray) -> np.ndarray:
+    """(n, 2) lat/lon of the cells that tokens stand for (NaN for special tokens)."""
+    import h3.api.numpy_int as h3i
+
+    out = np.full((len(tokens), 2), np.nan)
+    for i, t in enumerate(np.asarray(tokens).tolist()):
+        if t >= len(SPECIAL_TOKENS):
+            out[i] = h3i.cell_to_latlng(tok.token_cell(t))
+    return out
+
+
+def span_recovery(model: TrajectoryModel, tok, encoded: list[Tokens], *, seed: int = 0, max_len: int = 512) -> dict:
+    """Hide spans (MaskedSpans' masking), recover them with the model's masked-token head, and measure the
+    distance from each recovered cell centre to the true fine cell's centre; the baseline moves linearly
+    (in time) between the known cells on either side of the span."""
+    import h3.api.numpy_int as h3i
+
+    from .objectives import MaskedSpans
+    from .trajectory import haversine_m
+
+    model.eval()
+    masker = MaskedSpans(model)
+    gen = torch.Generator().manual_seed(seed)
+    err_model, err_linear = [], []
+    for x in encoded:
+        b = to_tensors(collate([to_inputs(x)], max_len=max_len))
+        tokens = b["tokens"]
+        masked = masker.mask(tokens, gen)
+        masked[0, -1] = masked[0, 1] = False  # keep both ends known so the baseline can interpolate
+        if not masked.any():
+            continue
+        inp = torch.where(masked, torch.full_like(tokens, MASK), tokens)
+        cont = b["cont"].clone()
+        cont[..., _SPATIAL] = cont[..., _SPATIAL] * (~masked).unsqueeze(-1)
+        with torch.no_grad():
+            logits = model.lm_head(model("hidden", inp, b["dow"], b["minute"], cont))[0]
+        logits[:, : len(SPECIAL_TOKENS)] = -torch.inf
+        pos = masked[0].nonzero().squeeze(-1).numpy()        # positions in the input (BOS at 0)
+        idx = pos - 1                                         # positions in x
+        true = np.array([h3i.cell_to_latlng(int(c)) for c in x.cells[idx]])
+        pred = cell_centres(tok, logits[pos].argmax(-1).numpy())
+        err_model.extend(haversine_m(true[:, 0], true[:, 1], pred[:, 0], pred[:, 1]).tolist())
+        known = np.setdiff1d(np.arange(min(len(x), max_len - 1)), idx)
+        kc = np.array([h3i.cell_to_latlng(int(c)) for c in x.cells[known]])
+        lin_lat = np.interp(x.t[idx], x.t[known], kc[:, 0])
+        lin_lon = np.interp(x.t[idx], x.t[known], kc[:, 1])
+        err_linear.extend(haversine_m(true[:, 0], true[:, 1], lin_lat, lin_lon).tolist())
+    em, el = np.array(err_model), np.array(err_linear)
+    return {"masked_tokens": int(len(em)),
+            "model_m": {"mean": float(em.mean()), "median": float(np.median(em))},
+            "linear_interpolation_m": {"mean": float(el.mean()), "median": float(np.median(el))}}
+
+
+def perplexity(model: TrajectoryModel, encoded: list[Tokens], *, batch_size: int = 32, max_len: int = 512) -> float:
+    """exp(mean negative log-likelihood) of every next token (same positions as model_ranks)."""
+    model.eval()
+    nll, n = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        b = to_tensors(collate([to_inputs(x) for x in chunk], max_len=max_len))
+        with torch.no_grad():
+            logp = torch.log_softmax(model.next_logits(**b)[0], dim=-1)
+        for row, x in enumerate(chunk):
+            k = min(len(x.tokens), max_len - 1)
+            tgt = torch.from_numpy(x.tokens[1:k].astype(np.int64))
+            nll -= float(logp[row, 1:k].gather(1, tgt[:, None]).sum())
+            n += len(tgt)
+    return float(np.exp(nll / max(n, 1)))

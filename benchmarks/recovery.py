@@ -1,0 +1,56 @@
+"""Masked-span recovery in metres and next-cell perplexity on the GeoLife test split, from the checkpoints
+that benchmarks/next_location.py wrote (no training here).
+
+    .venv/bin/python benchmarks/recovery.py --runs pgtraj-output/bench
+
+Span recovery uses the hybrid-pretrained model (its masked-span head) against linear interpolation in time
+between the known cells around each span; perplexity compares the fine-tuned and the randomly initialised
+next-cell models. Writes results/recovery.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from pgtraj.connection import connect, resolve_dsn
+from pgtraj.evaluate import perplexity, span_recovery
+from pgtraj.model import ModelConfig, TrajectoryModel
+from pgtraj.tokenizer import Tokenizer, Tokens
+from pgtraj.workflow import read_split
+
+
+def load(path: Path) -> tuple[TrajectoryModel, Tokenizer, dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = TrajectoryModel(ModelConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), Tokenizer.from_json(ckpt["tokenizer"]), ckpt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dsn")
+    ap.add_argument("--runs", default="pgtraj-output/bench")
+    ap.add_argument("--max-len", type=int, default=128)
+    args = ap.parse_args()
+    runs = Path(args.runs)
+    with connect(resolve_dsn(args.dsn)) as conn:
+        test = read_split(conn, "geolife.trajectories", "test", id_col="traj_id", geom_col="geom",
+                          split_col="split", log=lambda m: None)
+    pre, tok, ckpt = load(runs / "pretrain" / "checkpoint.pt")
+    enc = [Tokens(*(getattr(x, f)[: args.max_len - 1] for f in Tokens.FIELDS)) for x in map(tok.encode, test)]
+    summary = {"test_pieces": len(enc), "pretrain": {"objective": ckpt["train_config"]["objective"],
+                                                    "preset": ckpt["train_config"]["preset"], "steps": ckpt["step"]},
+               "span_recovery": span_recovery(pre, tok, enc, max_len=args.max_len),
+               "perplexity": {name: perplexity(load(runs / name / "checkpoint.pt")[0], enc, max_len=args.max_len)
+                              for name in ("finetune", "scratch")},
+               "vocab_size": tok.vocab_size}
+    (Path(__file__).parent / "results" / "recovery.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
