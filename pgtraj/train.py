@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .data import Batches
 from .errors import ConfigError, PgtrajError, config_from_dict
+from .lora import apply_lora, merge
 from .model import ModelConfig, TrajectoryModel, count_parameters, cosine_lr
 from .objectives import OBJECTIVES, batch_for
 from .tokenizer import Tokenizer, TokenizerConfig
@@ -55,6 +56,7 @@ class TrainConfig:
     device: str = "auto"                             # auto | cpu | cuda
     min_trajectories: int = 8
     init_from: str | None = None                     # a checkpoint.pt to fine-tune from (its tokenizer too)
+    lora: dict | None = None                         # {"r": 8, "alpha": 16}: train low-rank adapters only
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -128,12 +130,16 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
                                 hint="use the pretraining run's preset and model overrides")
         model.load_state_dict(init["model"])
         log(f"initialised from {cfg.init_from} (pretrained {init['step']} steps, {init['train_config']['objective']})")
+    if cfg.lora is not None:  # before loading a checkpoint: a LoRA run's checkpoint holds the adapters
+        trainable = apply_lora(model, **cfg.lora)
+        log(f"LoRA {cfg.lora}: training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters")
     model = model.to(device)
     objective = OBJECTIVES[cfg.objective](model)
     if world > 1:  # same initial weights on every rank (same seed); DDP averages the gradients
         objective.use(DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
                                               find_unused_parameters=True))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     batch_size, step, history = cfg.batch_size, 0, []
     data = Batches(train_set, tok, batch_size=batch_size, max_len=cfg.max_len, seed=cfg.seed + rank, device=device)
     if ckpt:
@@ -212,7 +218,8 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
     if world > 1:
         dist.barrier()
-    return TrainResult(model.eval().cpu(), tok, cfg, mcfg, final, out_dir, device)
+    # adapters folded back into plain layers: what is exported and registered is an ordinary model
+    return TrainResult(merge(model).eval().cpu(), tok, cfg, mcfg, final, out_dir, device)
 
 
 def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:

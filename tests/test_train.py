@@ -155,3 +155,27 @@ def test_torchrun_two_cpu_processes(tmp_path, objective):
                           env={**__import__("os").environ, "RANK": "0", "WORLD_SIZE": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (single / "weights-0.sha").read_text() != a
+
+
+def test_lora_fine_tuning_run_resumes_and_returns_a_merged_model(tmp_path):
+    from pgtraj.lora import LoRALinear
+
+    pre = train(TRAIN, VAL, cfg(objective="masked_spans", steps=10), tmp_path / "pre", progress=False,
+                log=lambda m: None)
+    lora_cfg = cfg(steps=20, init_from=str(tmp_path / "pre" / "checkpoint.pt"), lora={"r": 4, "alpha": 8})
+    messages = []
+    straight = train(TRAIN, VAL, lora_cfg, tmp_path / "a", progress=False, log=messages.append)
+    assert any(m.startswith("LoRA") for m in messages)
+    assert not any(isinstance(m, LoRALinear) for m in straight.model.modules())
+    # embeddings are frozen under LoRA; attention projections moved
+    assert torch.equal(straight.model.backbone.tok.weight, pre.model.backbone.tok.weight)
+    assert not torch.equal(straight.model.backbone.blocks[0].attn.qkv.weight, pre.model.backbone.blocks[0].attn.qkv.weight)
+
+    def crash(step, model, metrics):
+        if step == 13:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TRAIN, VAL, lora_cfg, tmp_path / "b", progress=False, log=lambda m: None, on_step=crash)
+    resumed = train(TRAIN, VAL, lora_cfg, tmp_path / "b", progress=False, log=lambda m: None)
+    assert torch.equal(weights(straight.model), weights(resumed.model))
