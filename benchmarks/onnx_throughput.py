@@ -48,10 +48,8 @@ def main() -> None:
     inputs = [to_inputs(tok.encode(t)) for t in test]
     if not args.unsorted:
         inputs.sort(key=lambda i: len(i.tokens))
-    anc = torch.from_numpy(tok.ancestor_table())
     torch.manual_seed(0)
-    model = TrajectoryModel(ModelConfig(vocab_size=tok.vocab_size, ancestor_vocab_size=int(anc.max()) + 1,
-                                        ancestor_levels=anc.shape[1], **ModelConfig.preset(args.preset)), anc).eval()
+    model = TrajectoryModel.for_tokenizer(tok, ModelConfig.preset(args.preset)).eval()
     onnx_bytes = export(model, "encoder", to_tensors(collate(inputs[:2], max_len=args.max_len)))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads

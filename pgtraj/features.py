@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tokenizer import BOS, EOS, PAD, Tokens
+from .tokenizer import BOS, PAD, Tokens
 
 N_CONTINUOUS = 8
 MINUTE_BUCKET = 15  # minute-of-day embedding in 96 quarter-hour buckets
@@ -36,17 +36,16 @@ def continuous(x: Tokens) -> np.ndarray:
     ], axis=1).astype(np.float32)
 
 
-def to_inputs(x: Tokens, *, add_bos: bool = True, add_eos: bool = False) -> Inputs:
+def to_inputs(x: Tokens, *, add_bos: bool = True) -> Inputs:
     tokens = x.tokens.astype(np.int64)
     dow, minute = x.dow.astype(np.int64), (x.minute // MINUTE_BUCKET).astype(np.int64)
     cont = continuous(x)
-    pre, post = ([BOS] if add_bos else []), ([EOS] if add_eos else [])
+    pre = [BOS] if add_bos else []
     return Inputs(
-        np.concatenate([pre, tokens, post]).astype(np.int64),
-        np.concatenate([[7] * len(pre), dow, [7] * len(post)]).astype(np.int64),
-        np.concatenate([[96] * len(pre), minute, [96] * len(post)]).astype(np.int64),
-        np.concatenate([np.zeros((len(pre), N_CONTINUOUS), np.float32), cont,
-                        np.zeros((len(post), N_CONTINUOUS), np.float32)]))
+        np.concatenate([pre, tokens]).astype(np.int64),
+        np.concatenate([[7] * len(pre), dow]).astype(np.int64),
+        np.concatenate([[96] * len(pre), minute]).astype(np.int64),
+        np.concatenate([np.zeros((len(pre), N_CONTINUOUS), np.float32), cont]))
 
 
 def collate(seqs: list[Inputs], max_len: int | None = None) -> Inputs:

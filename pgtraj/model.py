@@ -135,9 +135,6 @@ class Backbone(nn.Module):
             x = block(x, allowed)
         return self.ln_f(x)
 
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 def pool(hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean over non-padding positions: (B, T, C) -> (B, C)."""
@@ -157,6 +154,15 @@ class TrajectoryModel(nn.Module):
         self.time_head = nn.Linear(cfg.d_model, 1)      # log1p(seconds to the next cell)
         self.proj = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
         self.classifier = nn.Linear(cfg.d_model, n_classes) if n_classes else None
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, sizes: dict) -> "TrajectoryModel":
+        """A model whose vocabulary and ancestor table are the tokenizer's; ``sizes`` are the other
+        ModelConfig fields (a preset, overrides; unknown keys are refused)."""
+        anc = torch.from_numpy(tokenizer.ancestor_table())
+        cfg = ModelConfig.from_dict({**sizes, "vocab_size": tokenizer.vocab_size,
+                                     "ancestor_vocab_size": int(anc.max()) + 1, "ancestor_levels": anc.shape[1]})
+        return cls(cfg, anc)
 
     def forward(self, task: str, tokens, dow, minute, cont):
         """One entry point for every pass, so that a DistributedDataParallel wrapper sees (and synchronises)

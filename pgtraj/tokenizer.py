@@ -179,9 +179,6 @@ class Tokenizer:
             table[len(SPECIAL_TOKENS) + np.flatnonzero(ok), j] = np.searchsorted(known, parents[lv][ok]) + 1
         return table
 
-    def ancestor_vocab_size(self) -> int:
-        return int(self.ancestor_table().max()) + 1
-
     def neighbour_table(self, k: int = 1) -> np.ndarray:
         """(vocab_size, width) int64: the tokens of the cells within ``k`` grid steps of each token's cell
         (itself included, at the token's own resolution), padded with PAD. Constrained decoding allows only

@@ -120,10 +120,8 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
         tok = Tokenizer.from_json(init["tokenizer"])
     else:
         tok = Tokenizer.fit(train_set, config_from_dict(TokenizerConfig, cfg.tokenizer, "tokenizer"))
-    anc = torch.from_numpy(tok.ancestor_table())
-    mcfg = ModelConfig.from_dict({**ModelConfig.preset(cfg.preset), **cfg.model, "vocab_size": tok.vocab_size,
-                                  "ancestor_vocab_size": int(anc.max()) + 1, "ancestor_levels": anc.shape[1]})
-    model = TrajectoryModel(mcfg, anc)
+    model = TrajectoryModel.for_tokenizer(tok, {**ModelConfig.preset(cfg.preset), **cfg.model})
+    mcfg = model.cfg
     if init:
         if init["model_config"] != mcfg.to_dict():
             raise TrainingError(f"{cfg.init_from} has another model shape than this config",

@@ -13,7 +13,7 @@ from pgtraj.features import collate, to_inputs
 from pgtraj.model import ModelConfig, TrajectoryModel
 from pgtraj.objectives import OBJECTIVES, MaskedSpans, batch_for
 from pgtraj.synthetic import grid_trips
-from pgtraj.tokenizer import MASK, PAD, SPECIAL_TOKENS, Tokenizer, TokenizerConfig
+from pgtraj.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerConfig
 
 TRIPS = grid_trips(80, seed=2)
 TOK = Tokenizer.fit(TRIPS, TokenizerConfig(resolution=9, min_count=2, coarsest_resolution=6))
@@ -21,10 +21,7 @@ TOK = Tokenizer.fit(TRIPS, TokenizerConfig(resolution=9, min_count=2, coarsest_r
 
 def make_model(seed=0, **over) -> TrajectoryModel:
     torch.manual_seed(seed)
-    anc = torch.from_numpy(TOK.ancestor_table())
-    cfg = ModelConfig(vocab_size=TOK.vocab_size, ancestor_vocab_size=int(anc.max()) + 1,
-                      ancestor_levels=anc.shape[1], **{**ModelConfig.preset("tiny"), "dropout": 0.0, **over})
-    return TrajectoryModel(cfg, anc)
+    return TrajectoryModel.for_tokenizer(TOK, {**ModelConfig.preset("tiny"), "dropout": 0.0, **over})
 
 
 def batch(trips, **kw):
