@@ -14,20 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from pgtraj.connection import connect, resolve_dsn
 from pgtraj.evaluate import perplexity, span_recovery
-from pgtraj.model import ModelConfig, TrajectoryModel
-from pgtraj.tokenizer import Tokenizer, Tokens
+from pgtraj.tokenizer import Tokens
+from pgtraj.train import load_checkpoint
 from pgtraj.workflow import read_split
-
-
-def load(path: Path) -> tuple[TrajectoryModel, Tokenizer, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = TrajectoryModel(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), Tokenizer.from_json(ckpt["tokenizer"]), ckpt
 
 
 def main() -> None:
@@ -40,12 +31,12 @@ def main() -> None:
     with connect(resolve_dsn(args.dsn)) as conn:
         test = read_split(conn, "geolife.trajectories", "test", id_col="traj_id", geom_col="geom",
                           split_col="split", log=lambda m: None)
-    pre, tok, ckpt = load(runs / "pretrain" / "checkpoint.pt")
+    pre, tok, ckpt = load_checkpoint(runs / "pretrain" / "checkpoint.pt")
     enc = [Tokens(*(getattr(x, f)[: args.max_len - 1] for f in Tokens.FIELDS)) for x in map(tok.encode, test)]
     summary = {"test_pieces": len(enc), "pretrain": {"objective": ckpt["train_config"]["objective"],
                                                     "preset": ckpt["train_config"]["preset"], "steps": ckpt["step"]},
                "span_recovery": span_recovery(pre, tok, enc, max_len=args.max_len),
-               "perplexity": {name: perplexity(load(runs / name / "checkpoint.pt")[0], enc, max_len=args.max_len)
+               "perplexity": {name: perplexity(load_checkpoint(runs / name / "checkpoint.pt")[0], enc, max_len=args.max_len)
                               for name in ("finetune", "scratch")},
                "vocab_size": tok.vocab_size}
     (Path(__file__).parent / "results" / "recovery.json").write_text(json.dumps(summary, indent=2))

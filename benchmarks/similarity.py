@@ -18,15 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from pgtraj.connection import connect, resolve_dsn
 from pgtraj.data import to_tensors
 from pgtraj.evaluate import distance_matrix, dtw, edr, frechet, search_metrics, split_odd_even, twin_ranks
 from pgtraj.export import INPUT_NAMES, export
 from pgtraj.features import collate, to_inputs
-from pgtraj.model import ModelConfig, TrajectoryModel
-from pgtraj.tokenizer import Tokenizer
+from pgtraj.train import load_checkpoint
 from pgtraj.trajectory import Trajectory
 from pgtraj.workflow import read_split
 
@@ -57,11 +55,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    tok = Tokenizer.from_json(ckpt["tokenizer"])
-    model = TrajectoryModel(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model, tok, ckpt = load_checkpoint(args.checkpoint)
     with connect(resolve_dsn(args.dsn)) as conn:
         test = read_split(conn, "geolife.trajectories", "test", id_col="traj_id", geom_col="geom",
                           split_col="split", log=lambda m: None)

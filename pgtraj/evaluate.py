@@ -15,7 +15,6 @@ import torch
 from .data import to_tensors
 from .features import collate, to_inputs
 from .model import TrajectoryModel
-from .objectives import _SPATIAL
 from .tokenizer import MASK, SPECIAL_TOKENS, Tokens
 
 
@@ -233,16 +232,12 @@ def span_recovery(model: TrajectoryModel, tok, encoded: list[Tokens], *, seed: i
         masked[0, -1] = masked[0, 1] = False  # keep both ends known so the baseline can interpolate
         if not masked.any():
             continue
-        inp = torch.where(masked, torch.full_like(tokens, MASK), tokens)
-        cont = b["cont"].clone()
-        cont[..., _SPATIAL] = cont[..., _SPATIAL] * (~masked).unsqueeze(-1)
-        with torch.no_grad():
-            logits = model.lm_head(model("hidden", inp, b["dow"], b["minute"], cont))[0]
+        with torch.no_grad():  # every hidden token shows MASK (no 80/10/10 at evaluation)
+            logits = masker.masked_logits(torch.where(masked, torch.full_like(tokens, MASK), tokens), b, masked)
         logits[:, : len(SPECIAL_TOKENS)] = -torch.inf
-        pos = masked[0].nonzero().squeeze(-1).numpy()        # positions in the input (BOS at 0)
-        idx = pos - 1                                         # positions in x
+        idx = masked[0].nonzero().squeeze(-1).numpy() - 1    # positions in x (BOS is input position 0)
         true = np.array([h3i.cell_to_latlng(int(c)) for c in x.cells[idx]])
-        pred = cell_centres(tok, logits[pos].argmax(-1).numpy())
+        pred = cell_centres(tok, logits.argmax(-1).numpy())
         err_model.extend(haversine_m(true[:, 0], true[:, 1], pred[:, 0], pred[:, 1]).tolist())
         known = np.setdiff1d(np.arange(min(len(x), max_len - 1)), idx)
         kc = np.array([h3i.cell_to_latlng(int(c)) for c in x.cells[known]])

@@ -77,6 +77,14 @@ class MaskedSpans(Objective):
                 out[b, start:start + length] = True
         return out & maskable
 
+    def masked_logits(self, inp: torch.Tensor, batch: dict, masked: torch.Tensor) -> torch.Tensor:
+        """Logits (n_masked, V) at the masked positions of the corrupted tokens ``inp``; the continuous
+        features that would reveal where a masked token is are hidden too."""
+        cont = batch["cont"].clone()
+        cont[..., _SPATIAL] = cont[..., _SPATIAL] * (~masked).unsqueeze(-1)
+        h = self.net("hidden", inp, batch["dow"], batch["minute"], cont)
+        return self.model.lm_head(h[masked])  # tied to the token embedding: the same leaf DDP syncs
+
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         tokens = batch["tokens"]
         masked = self.mask(tokens)
@@ -84,10 +92,7 @@ class MaskedSpans(Objective):
         random_cells = torch.randint(len(SPECIAL_TOKENS), self.model.cfg.vocab_size, tokens.shape, device=tokens.device)
         inp = torch.where(masked & (r < 0.8), torch.full_like(tokens, MASK), tokens)
         inp = torch.where(masked & (r >= 0.8) & (r < 0.9), random_cells, inp)
-        cont = batch["cont"].clone()
-        cont[..., _SPATIAL] = cont[..., _SPATIAL] * (~masked).unsqueeze(-1)
-        h = self.net("hidden", inp, batch["dow"], batch["minute"], cont)
-        logits = self.model.lm_head(h[masked])  # tied to the token embedding: the same leaf DDP syncs
+        logits = self.masked_logits(inp, batch, masked)
         ce = F.cross_entropy(logits, tokens[masked])
         with torch.no_grad():
             acc = (logits.argmax(-1) == tokens[masked]).float().mean()

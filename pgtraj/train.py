@@ -81,6 +81,14 @@ class TrainResult:
     device: str
 
 
+def load_checkpoint(path: str | Path) -> tuple[TrajectoryModel, Tokenizer, dict]:
+    """The model (eval mode, CPU) and tokenizer of a training run's checkpoint.pt, and the raw checkpoint."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = TrajectoryModel(ModelConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), Tokenizer.from_json(ckpt["tokenizer"]), ckpt
+
+
 def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
