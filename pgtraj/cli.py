@@ -66,12 +66,13 @@ def _train(args) -> int:
     from .workflow import train_and_register
 
     cfg = _json.loads(Path(args.config).read_text()) if args.config else {}
-    for key in ("objective", "steps", "device"):
+    for key in ("objective", "steps", "device", "init_from"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     out = Path(args.out or f"pgtraj-output/runs/{args.name}")
     mv = train_and_register(resolve_dsn(args.dsn, args.data_dir), args.name, args.table, TrainConfig.from_dict(cfg),
-                            out, id_col=args.id, geom_col=args.geom, split_col=args.split_column, deploy=args.deploy,
+                            out, id_col=args.id, geom_col=args.geom, split_col=args.split_column,
+                            label_col=args.label_column, deploy=args.deploy,
                             log=_say)
     if mv is not None:  # rank 0 under torchrun, or a single process
         _say(f"training curve: {out / 'training_curve.png'}")
@@ -179,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--geom", default="geom")
     sp.add_argument("--split-column", default="split", help="column with train/val/test (pgtraj load writes it)")
     sp.add_argument("--config", help="training config JSON (see training/); its keys are TrainConfig fields")
-    sp.add_argument("--objective", choices=["next_cell", "masked_spans", "contrastive", "hybrid"])
+    sp.add_argument("--objective", help="next_cell, masked_spans, contrastive, hybrid (pretraining); destination,"
+                    " travel_time, classify (fine-tuning, usually with --init-from)")
+    sp.add_argument("--init-from", help="checkpoint.pt of a pretraining run to fine-tune from")
+    sp.add_argument("--label-column", help="per-trajectory label for --objective classify (e.g. a mode or user id)")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
     sp.add_argument("--out", help="checkpoint/metrics folder (default pgtraj-output/runs/NAME); re-run to resume")

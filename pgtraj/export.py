@@ -2,7 +2,10 @@
 
 * ``encoder``: (tokens, dow, minute, cont) -> embedding (B, d), L2-normalised;
 * ``next_cell``: the same inputs -> probabilities of the next token after each sequence's last real position
-  (B, V) and the predicted log1p(seconds) until it (B,).
+  (B, V) and the predicted log1p(seconds) until it (B,);
+* ``destination``: probabilities of the trip's last cell given the sequence so far (B, V);
+* ``travel_time``: log1p(seconds from the first to the last cell) of a route (B,), timing inputs ignored;
+* ``classify``: class probabilities (B, n_classes), for models fine-tuned with labels.
 Inputs are right-padded with PAD; batch and length are dynamic.
 """
 
@@ -43,7 +46,43 @@ class _NextCell(nn.Module):
         return torch.softmax(logits[rows, last], dim=-1), dt[rows, last]
 
 
-GRAPHS = {"encoder": (_Encoder, ["embedding"]), "next_cell": (_NextCell, ["probs", "log1p_dt"])}
+class _Destination(nn.Module):
+    def __init__(self, model: TrajectoryModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, dow, minute, cont):
+        logits = self.model.destination_logits(tokens, dow, minute, cont)
+        last = ((tokens != PAD).sum(1) - 1).clamp_min(0)
+        return torch.softmax(logits[torch.arange(tokens.shape[0], device=tokens.device), last], dim=-1)
+
+
+class _TravelTime(nn.Module):
+    def __init__(self, model: TrajectoryModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, dow, minute, cont):
+        return self.model.travel_time(tokens, dow, minute, cont)
+
+
+class _Classify(nn.Module):
+    def __init__(self, model: TrajectoryModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, dow, minute, cont):
+        return torch.softmax(self.model.classify(tokens, dow, minute, cont), dim=-1)
+
+
+GRAPHS = {"encoder": (_Encoder, ["embedding"]), "next_cell": (_NextCell, ["probs", "log1p_dt"]),
+          "destination": (_Destination, ["probs"]), "travel_time": (_TravelTime, ["log1p_seconds"]),
+          "classify": (_Classify, ["probs"])}
+
+# the graphs registered after training with each objective (the encoder always; the task's own head)
+GRAPHS_FOR = {"destination": ("encoder", "destination"), "travel_time": ("encoder", "travel_time"),
+              "classify": ("encoder", "classify")}
+DEFAULT_GRAPHS = ("encoder", "next_cell")
 
 
 def export(model: TrajectoryModel, kind: str, example: dict[str, torch.Tensor]) -> bytes:

@@ -31,6 +31,7 @@ class ModelConfig:
     d_ff: int = 512
     dropout: float = 0.1
     rope_base: float = 10000.0
+    n_classes: int = 0          # classification head (fine-tuning: transport mode, trajectory-user linking)
 
     def __post_init__(self):
         assert self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0
@@ -145,15 +146,20 @@ def pool(hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 class TrajectoryModel(nn.Module):
     """The backbone and every head; objectives and fine-tuning tasks pick the heads they train."""
 
-    def __init__(self, cfg: ModelConfig, ancestors: torch.Tensor | None = None, n_classes: int = 0):
+    def __init__(self, cfg: ModelConfig, ancestors: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
+        d = cfg.d_model
         self.backbone = Backbone(cfg, ancestors)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.backbone.tok.weight  # tied: a cell's input and output embedding agree
-        self.time_head = nn.Linear(cfg.d_model, 1)      # log1p(seconds to the next cell)
-        self.proj = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
-        self.classifier = nn.Linear(cfg.d_model, n_classes) if n_classes else None
+        self.time_head = nn.Linear(d, 1)                # log1p(seconds to the next cell)
+        self.proj = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        # fine-tuning heads; the destination head maps into the tied cell space, so it starts from what
+        # pretraining learnt about places
+        self.dest_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
+        self.tte_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.classifier = nn.Linear(d, cfg.n_classes) if cfg.n_classes else None
 
     @classmethod
     def for_tokenizer(cls, tokenizer, sizes: dict) -> "TrajectoryModel":
@@ -173,6 +179,12 @@ class TrajectoryModel(nn.Module):
             return self.next_logits(tokens, dow, minute, cont)
         if task == "hidden":
             return self.backbone(tokens, dow, minute, cont, causal=False)
+        if task == "destination":
+            return self.destination_logits(tokens, dow, minute, cont)
+        if task == "travel_time":
+            return self.travel_time(tokens, dow, minute, cont)
+        if task == "classify":
+            return self.classify(tokens, dow, minute, cont)
         raise ValueError(f"unknown task {task!r}")
 
     def embed(self, tokens, dow, minute, cont) -> torch.Tensor:
@@ -184,6 +196,38 @@ class TrajectoryModel(nn.Module):
         """Causal pass: next-token logits (B, T, V) and predicted log1p(seconds to next) (B, T)."""
         h = self.backbone(tokens, dow, minute, cont, causal=True)
         return self.lm_head(h), self.time_head(h).squeeze(-1)
+
+    def destination_logits(self, tokens, dow, minute, cont) -> torch.Tensor:
+        """Causal pass: logits (B, T, V) of the trip's last cell given each prefix."""
+        h = self.backbone(tokens, dow, minute, cont, causal=True)
+        return self.lm_head(self.dest_head(h))
+
+    def travel_time(self, tokens, dow, minute, cont) -> torch.Tensor:
+        """log1p(seconds from the first to the last cell) (B,) of a route: its timing is hidden first
+        (hide_timing), so only the route and the departure time are seen."""
+        h = self.backbone(*hide_timing(tokens, dow, minute, cont), causal=False)
+        return self.tte_head(pool(h, tokens)).squeeze(-1)
+
+    def classify(self, tokens, dow, minute, cont) -> torch.Tensor:
+        """Class logits (B, n_classes) from the pooled bidirectional encoding."""
+        if self.classifier is None:
+            raise ValueError("this model has no classification head (ModelConfig.n_classes = 0)")
+        return self.classifier(pool(self.backbone(tokens, dow, minute, cont, causal=False), tokens))
+
+
+# continuous feature columns that carry timing: log1p(dt), log1p(dwell), log1p(speed)
+TIMING = [0, 1, 4]
+
+
+def hide_timing(tokens, dow, minute, cont):
+    """Inputs for travel-time estimation: every position shows the departure's day and quarter hour, and
+    the timing features are zeroed, so the elapsed time cannot be read off the input."""
+    first = (dow[:, :1] == 7).long()  # the first cell: position 1 after a BOS, 0 in a window without one
+    dow = torch.where(tokens != PAD, dow.gather(1, first).expand_as(dow), dow)
+    minute = torch.where(tokens != PAD, minute.gather(1, first).expand_as(minute), minute)
+    keep = torch.ones(cont.shape[-1], dtype=cont.dtype, device=cont.device)
+    keep[TIMING] = 0.0
+    return tokens, dow, minute, cont * keep
 
 
 def count_parameters(model: nn.Module) -> str:

@@ -14,11 +14,16 @@ import torch.nn.functional as F
 from .model import TrajectoryModel
 from .tokenizer import MASK, PAD, SPECIAL_TOKENS
 
+INPUTS = ("tokens", "dow", "minute", "cont")
+
 # continuous feature columns that reveal where a masked token is (offset in cell, speed, heading)
 _SPATIAL = [2, 3, 4, 5, 6]
 
 
 class Objective:
+    tail_windows = False   # windows of long trips end at the trip's end (the target lives there)
+    needs_labels = False   # batches carry a per-trajectory "label"
+
     def __init__(self, model: TrajectoryModel):
         self.model = self.net = model
 
@@ -37,7 +42,7 @@ class NextCell(Objective):
         self.time_weight = time_weight
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits, dt_pred = self.net("next", **batch)
+        logits, dt_pred = self.net("next", *(batch[k] for k in INPUTS))
         target = batch["tokens"][:, 1:]
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=PAD)
         real = target != PAD
@@ -110,7 +115,7 @@ class Contrastive(Objective):
         self.temperature = temperature
 
     def loss(self, views: tuple[dict, dict]) -> tuple[torch.Tensor, dict]:
-        a, b = (self.net("embed", **v) for v in views)
+        a, b = (self.net("embed", *(v[k] for k in INPUTS)) for v in views)
         sim = a @ b.T / self.temperature
         target = torch.arange(len(a), device=a.device)
         loss = (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
@@ -140,7 +145,72 @@ class Hybrid(Objective):
         return self.weight * l1 + (1 - self.weight) * l2, {**m1, **m2}
 
 
-OBJECTIVES = {o.name: o for o in (NextCell, MaskedSpans, Contrastive, Hybrid)}
+def _last_real(tokens: torch.Tensor) -> torch.Tensor:
+    return ((tokens != PAD).sum(1) - 1).clamp_min(0)
+
+
+class Destination(Objective):
+    """Fine-tuning: the trip's last cell from every prefix (causal). Windows end where the trip ends."""
+
+    name = "destination"
+    tail_windows = True
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        tokens = batch["tokens"]
+        logits = self.net("destination", *(batch[k] for k in INPUTS))
+        last = _last_real(tokens)
+        rows = torch.arange(len(tokens), device=tokens.device)
+        target = tokens[rows, last]
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        # prefixes ending at positions 1..last-1: at least one cell seen, the destination not yet reached
+        use = (pos[None, :] >= 1) & (pos[None, :] < last[:, None])
+        if not use.any():
+            return logits.sum() * 0.0, {"dest_ce": 0.0, "dest_acc": 0.0}
+        tgt = target[:, None].expand_as(tokens)[use]
+        ce = F.cross_entropy(logits[use], tgt)
+        with torch.no_grad():
+            acc = (logits[use].argmax(-1) == tgt).float().mean()
+        return ce, {"dest_ce": ce.item(), "dest_acc": acc.item()}
+
+
+def elapsed_log1p(batch: dict) -> torch.Tensor:
+    """log1p(seconds from the first to the last real position) of each sequence, from the dt feature."""
+    dt = torch.expm1(batch["cont"][..., 0] * 5.0)
+    real = batch["tokens"] != PAD
+    real[:, :2] = False  # BOS, and the first cell's dt (time since a cell before the window)
+    return torch.log1p((dt * real).sum(1))
+
+
+class TravelTime(Objective):
+    """Fine-tuning: travel-time estimation. The route (cells, offsets, headings) and the departure time are
+    shown, every timing feature is hidden; the target is log1p(seconds from first to last cell)."""
+
+    name = "travel_time"
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        target = elapsed_log1p(batch)
+        pred = self.net("travel_time", *(batch[k] for k in INPUTS))
+        loss = F.smooth_l1_loss(pred, target)
+        with torch.no_grad():
+            mae = (torch.expm1(pred) - torch.expm1(target)).abs().mean()
+        return loss, {"tte_l1": loss.item(), "tte_mae_s": mae.item()}
+
+
+class Classify(Objective):
+    """Fine-tuning: one label per trajectory (transport mode, user for trajectory-user linking)."""
+
+    name = "classify"
+    needs_labels = True
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = self.net("classify", *(batch[k] for k in INPUTS))
+        ce = F.cross_entropy(logits, batch["label"])
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        return ce, {"cls_ce": ce.item(), "cls_acc": acc.item()}
+
+
+OBJECTIVES = {o.name: o for o in (NextCell, MaskedSpans, Contrastive, Hybrid, Destination, TravelTime, Classify)}
 
 
 def batch_for(objective, batches) -> object:

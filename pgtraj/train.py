@@ -79,6 +79,7 @@ class TrainResult:
     metrics: dict
     out_dir: Path
     device: str
+    classes: list[str] | None = None   # class names of a classify model, in output order
 
 
 def load_checkpoint(path: str | Path) -> tuple[TrajectoryModel, Tokenizer, dict]:
@@ -97,12 +98,32 @@ def pick_device(name: str) -> str:
     return name
 
 
+def _labelled(trajs: list[Trajectory], labels: dict, classes: list[str]) -> tuple[list[Trajectory], list[int]]:
+    index = {c: i for i, c in enumerate(classes)}
+    keep = [t for t in trajs if labels.get(t.id) in index]
+    return keep, [index[labels[t.id]] for t in keep]
+
+
 def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConfig, out_dir: str | Path, *,
-          progress: bool = True, log=print, on_step=None) -> TrainResult:
-    """Train (or resume training) in ``out_dir``. ``on_step(step, model, record)`` is called after every
-    optimiser step (callbacks: custom logging, early stop by raising)."""
+          labels: dict | None = None, progress: bool = True, log=print, on_step=None) -> TrainResult:
+    """Train (or resume training) in ``out_dir``. ``labels`` maps trajectory id -> class name for the
+    classify objective (unlabelled trajectories are left out; the classes are those of the training split).
+    ``on_step(step, model, record)`` is called after every optimiser step (callbacks: custom logging,
+    early stop by raising)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    needs_labels = OBJECTIVES[cfg.objective].needs_labels
+    classes, train_labels, val_labels = None, None, None
+    if needs_labels:
+        if not labels:
+            raise TrainingError(f"objective {cfg.objective!r} needs a label per trajectory",
+                                hint="pass labels (trajectory id -> class), e.g. --label-column on the CLI")
+        classes = sorted({str(labels[t.id]) for t in train_set if t.id in labels})
+        labels = {k: str(v) for k, v in labels.items()}
+        if len(classes) < 2:
+            raise TrainingError(f"classification needs at least 2 classes among the training labels, found {classes}")
+        train_set, train_labels = _labelled(train_set, labels, classes)
+        val_set, val_labels = _labelled(val_set, labels, classes)
     if len(train_set) < cfg.min_trajectories:
         raise TrainingError(f"{len(train_set)} training trajectories after cleaning; need at least {cfg.min_trajectories}",
                             hint="widen the source query, or lower min_trajectories for a smoke test")
@@ -128,13 +149,20 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
         tok = Tokenizer.from_json(init["tokenizer"])
     else:
         tok = Tokenizer.fit(train_set, config_from_dict(TokenizerConfig, cfg.tokenizer, "tokenizer"))
-    model = TrajectoryModel.for_tokenizer(tok, {**ModelConfig.preset(cfg.preset), **cfg.model})
+    if ckpt and ckpt.get("classes") is not None:
+        classes = ckpt["classes"]
+    sizes = {**ModelConfig.preset(cfg.preset), **cfg.model, "n_classes": len(classes) if classes else 0}
+    model = TrajectoryModel.for_tokenizer(tok, sizes)
     mcfg = model.cfg
     if init:
-        if init["model_config"] != mcfg.to_dict():
+        if {**init["model_config"], "n_classes": 0} != {**mcfg.to_dict(), "n_classes": 0}:
             raise TrainingError(f"{cfg.init_from} has another model shape than this config",
                                 hint="use the pretraining run's preset and model overrides")
-        model.load_state_dict(init["model"])
+        # the backbone and shared heads come from the checkpoint; a head it lacks (or sized for other
+        # classes) starts fresh
+        own = model.state_dict()
+        state = {k: v for k, v in init["model"].items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(state, strict=False)
         log(f"initialised from {cfg.init_from} (pretrained {init['step']} steps, {init['train_config']['objective']})")
     if cfg.lora is not None:  # before loading a checkpoint: a LoRA run's checkpoint holds the adapters
         trainable = apply_lora(model, **cfg.lora)
@@ -147,13 +175,14 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     batch_size, step, history = cfg.batch_size, 0, []
-    data = Batches(train_set, tok, batch_size=batch_size, max_len=cfg.max_len, seed=cfg.seed + rank, device=device)
+    data = Batches(train_set, tok, batch_size=batch_size, max_len=cfg.max_len, seed=cfg.seed + rank, device=device,
+                   labels=train_labels, tail=objective.tail_windows)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, history, batch_size = ckpt["step"], ckpt["history"], ckpt["batch_size"]
-        data.batch_size = batch_size
-        data.rng.bit_generator.state = ckpt["data_rng"][rank]
+        data.resize(batch_size)
+        data.restore(ckpt["data_state"][rank])
         torch.set_rng_state(ckpt["torch_rng"][rank])
         log(f"resuming from step {step} ({ckpt_path})")
         if rank == 0:
@@ -190,7 +219,8 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
                                     hint="lower batch_size, max_len or the preset")
             if batch_size == 1:
                 raise TrainingError("out of memory at batch size 1", hint="use a smaller preset or max_len")
-            batch_size = data.batch_size = batch_size // 2
+            batch_size = batch_size // 2
+            data.resize(batch_size)
             opt.zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -200,11 +230,11 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
         step += 1
         record = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], **m}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            record["val_loss"] = evaluate(objective, model, val_set, tok, cfg, device)
+            record["val_loss"] = evaluate(objective, model, val_set, tok, cfg, device, val_labels)
             history.append(record)
-            rngs = _gather((data.rng.bit_generator.state, torch.get_rng_state()), world)
+            rngs = _gather((data.state(), torch.get_rng_state()), world)
             if rank == 0:
-                _save(ckpt_path, model, opt, tok, cfg, step, history, batch_size, rngs)
+                _save(ckpt_path, model, opt, tok, cfg, step, history, batch_size, rngs, classes)
         if metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -225,7 +255,7 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
     if world > 1:
         dist.barrier()
     # adapters folded back into plain layers: what is exported and registered is an ordinary model
-    return TrainResult(merge(model).eval().cpu(), tok, cfg, mcfg, final, out_dir, device)
+    return TrainResult(merge(model).eval().cpu(), tok, cfg, mcfg, final, out_dir, device, classes)
 
 
 def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
@@ -244,12 +274,12 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def evaluate(objective, model, val_set, tok, cfg: TrainConfig, device: str) -> float:
+def evaluate(objective, model, val_set, tok, cfg: TrainConfig, device: str, labels: list[int] | None = None) -> float:
     """Mean validation loss over a fixed set of batches (same seed every time: comparable across steps)."""
     was = torch.get_rng_state()
     torch.manual_seed(cfg.seed + 1)
     data = Batches(val_set, tok, batch_size=min(cfg.batch_size, max(2, len(val_set))), max_len=cfg.max_len,
-                   seed=cfg.seed + 1, device=device)
+                   seed=cfg.seed + 1, device=device, labels=labels, tail=objective.tail_windows)
     model.eval()
     with torch.no_grad():
         losses = [objective.loss(batch_for(objective, data))[0].item() for _ in range(cfg.eval_batches)]
@@ -269,12 +299,12 @@ def _count_tokens(batch) -> int:
     return sum(_count_tokens(b) for b in batch)
 
 
-def _save(path: Path, model, opt, tok, cfg, step, history, batch_size, rngs: list) -> None:
+def _save(path: Path, model, opt, tok, cfg, step, history, batch_size, rngs: list, classes) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "tokenizer": tok.to_json(),
                 "train_config": asdict(cfg), "model_config": model.cfg.to_dict(), "step": step,
-                "history": history, "batch_size": batch_size, "data_rng": [r[0] for r in rngs],
-                "torch_rng": [r[1] for r in rngs]}, tmp)
+                "history": history, "batch_size": batch_size, "data_state": [r[0] for r in rngs],
+                "torch_rng": [r[1] for r in rngs], "classes": classes}, tmp)
     os.replace(tmp, path)
 
 

@@ -16,7 +16,7 @@ from . import registry
 from .clean import CleaningConfig, CleaningReport, clean
 from .connection import connect
 from .data import to_tensors
-from .export import export, max_abs_diff
+from .export import DEFAULT_GRAPHS, GRAPHS_FOR, export, max_abs_diff
 from .features import collate, to_inputs
 from .io import QuerySource, TrajectoryReader, _table
 from .train import TrainConfig, TrainingError, train
@@ -33,16 +33,24 @@ def read_split(conn: psycopg.Connection, table: str, split: str, *, id_col: str,
     return pieces
 
 
+def read_labels(conn: psycopg.Connection, table: str, *, id_col: str, label_col: str) -> dict:
+    """trajectory id -> label (as text) for every row with a non-NULL label."""
+    query = sql.SQL("SELECT {id}, {label}::text FROM {t} WHERE {label} IS NOT NULL").format(
+        id=sql.Identifier(id_col), label=sql.Identifier(label_col), t=_table(table))
+    return dict(conn.execute(query).fetchall())
+
+
 def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_dir: Path, *, id_col: str = "id",
-                       geom_col: str = "geom", split_col: str = "split", deploy: bool = False,
-                       progress: bool = True, log=print) -> registry.ModelVersion | None:
+                       geom_col: str = "geom", split_col: str = "split", label_col: str | None = None,
+                       deploy: bool = False, progress: bool = True, log=print) -> registry.ModelVersion | None:
     """Under torchrun every rank reads and trains; rank 0 alone records the run and registers the model
-    (other ranks return None)."""
+    (other ranks return None). ``label_col`` names the per-trajectory label of the classify objective."""
     if int(os.environ.get("RANK", 0)) != 0:
         with connect(dsn) as conn:
             splits = [read_split(conn, table, s, id_col=id_col, geom_col=geom_col, split_col=split_col,
                                  log=lambda m: None) for s in ("train", "val")]
-        train(*splits, cfg, out_dir, progress=False, log=lambda m: None)
+            labels = read_labels(conn, table, id_col=id_col, label_col=label_col) if label_col else None
+        train(*splits, cfg, out_dir, labels=labels, progress=False, log=lambda m: None)
         return None
     with connect(dsn, autocommit=True) as conn:
         run_id = conn.execute(
@@ -51,11 +59,12 @@ def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_di
         try:
             train_set = read_split(conn, table, "train", id_col=id_col, geom_col=geom_col, split_col=split_col, log=log)
             val_set = read_split(conn, table, "val", id_col=id_col, geom_col=geom_col, split_col=split_col, log=log)
-            result = train(train_set, val_set, cfg, out_dir, progress=progress, log=log)
+            labels = read_labels(conn, table, id_col=id_col, label_col=label_col) if label_col else None
+            result = train(train_set, val_set, cfg, out_dir, labels=labels, progress=progress, log=log)
             example = to_tensors(collate([to_inputs(result.tokenizer.encode(t)) for t in val_set[:4]],
                                          max_len=cfg.max_len))
             artifacts, parity = {}, {}
-            for kind in ("encoder", "next_cell"):
+            for kind in GRAPHS_FOR.get(cfg.objective, DEFAULT_GRAPHS):
                 artifacts[kind] = export(result.model, kind, example)
                 parity[kind] = max_abs_diff(result.model, kind, artifacts[kind], example)
                 if parity[kind] > 1e-3:
@@ -64,7 +73,8 @@ def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_di
             with conn.transaction():
                 mv = registry.register(
                     conn, name, objective=cfg.objective, tokenizer=json.loads(result.tokenizer.to_json()),
-                    artifacts=artifacts, config={"train": asdict(cfg), "model": result.model_config.to_dict()},
+                    artifacts=artifacts, config={"train": asdict(cfg), "model": result.model_config.to_dict(),
+                                                 "classes": result.classes, "label_column": label_col},
                     metrics=metrics, primary_metric="val_loss", higher_is_better=False,
                     embedding_dim=result.model_config.d_model, training_run_id=run_id)
                 conn.execute("UPDATE pgtraj.training_runs SET status = 'succeeded', finished_at = now(), metrics = %s,"

@@ -57,3 +57,30 @@ def test_failed_training_is_recorded_and_registers_nothing(db, tmp_path):
         ((status, error),) = conn.execute("SELECT status, error FROM pgtraj.training_runs").fetchall()
         assert status == "failed" and "returned no trajectories" in error and "'val'" in error
         assert conn.execute("SELECT count(*) FROM pgtraj.model_registry").fetchone()[0] == 0
+
+
+@needs_data
+def test_fine_tune_classifier_from_a_label_column(db, tmp_path):
+    """Trajectory-user linking through the CLI: pretrain, then fine-tune `classify` on user_id from the
+    pretraining checkpoint; the registry keeps the class names and the classify graph."""
+    with psycopg.connect(db) as conn:
+        load_geolife(conn, GEOLIFE, users=USERS[:4], progress=False, log=lambda m: None)
+        users = {str(u) for (u,) in conn.execute("SELECT DISTINCT user_id FROM geolife.trajectories WHERE split = 'train'")}
+    env = {k: v for k, v in os.environ.items() if k != "PGTRAJ_DSN"}
+    config = tmp_path / "tiny.json"
+    config.write_text(__import__("json").dumps({**TINY, "objective": "hybrid"}))
+    base = [sys.executable, "-m", "pgtraj", "train", "--dsn", db, "--config", str(config)]
+    out = subprocess.run(base + ["pre", "--out", str(tmp_path / "pre")], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    ft = base + ["tul", "--out", str(tmp_path / "tul"), "--objective", "classify",
+                 "--init-from", str(tmp_path / "pre" / "checkpoint.pt")]
+    out = subprocess.run(ft, capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "needs a label per trajectory" in out.stderr
+    out = subprocess.run(ft + ["--label-column", "user_id"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "initialised from" in out.stderr + out.stdout
+    with psycopg.connect(db) as conn:
+        mv = registry.load(conn, "tul", 1)
+    assert set(mv.artifacts) == {"encoder", "classify"} and set(mv.config["classes"]) == users
+    sess = ort.InferenceSession(mv.artifacts["classify"], providers=["CPUExecutionProvider"])
+    assert sess.get_outputs()[0].shape[1] == len(users)
