@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -35,13 +36,15 @@ def main() -> None:
     ap.add_argument("--dsn")
     ap.add_argument("--table", default="geolife.trajectories")
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--pretrain-steps", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--pretrain-steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="pgtraj-output/bench")
     args = ap.parse_args()
     out = Path(args.out)
+    for run in ("pretrain", "finetune", "scratch"):  # a benchmark starts from nothing (train() would resume)
+        shutil.rmtree(out / run, ignore_errors=True)
     quiet = lambda m: None  # noqa: E731
     with connect(resolve_dsn(args.dsn)) as conn:
         splits = {s: read_split(conn, args.table, s, id_col="traj_id", geom_col="geom", split_col="split", log=quiet)

@@ -3,6 +3,8 @@
 * ``encoder``: (tokens, dow, minute, cont) -> embedding (B, d), L2-normalised;
 * ``next_cell``: the same inputs -> probabilities of the next token after each sequence's last real position
   (B, V) and the predicted log1p(seconds) until it (B,);
+* ``token_nll``: -log p(each next token | its prefix) (B, T), 0 where there is no next token (the
+  per-position surprise behind anomaly scores);
 * ``destination``: probabilities of the trip's last cell given the sequence so far (B, V);
 * ``travel_time``: log1p(seconds from the first to the last cell) of a route (B,), timing inputs ignored;
 * ``classify``: class probabilities (B, n_classes), for models fine-tuned with labels.
@@ -23,6 +25,7 @@ from .tokenizer import PAD
 
 INPUT_NAMES = ["tokens", "dow", "minute", "cont"]
 _DYNAMIC = {name: {0: "batch", 1: "length"} for name in INPUT_NAMES}
+_OUTPUT_AXES = {"nll": {0: "batch", 1: "length"}}  # per position; every other output is per sequence
 
 
 class _Encoder(nn.Module):
@@ -44,6 +47,19 @@ class _NextCell(nn.Module):
         last = ((tokens != PAD).sum(1) - 1).clamp_min(0)                     # (B,)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         return torch.softmax(logits[rows, last], dim=-1), dt[rows, last]
+
+
+class _TokenNll(nn.Module):
+    def __init__(self, model: TrajectoryModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, dow, minute, cont):
+        logits, _ = self.model.next_logits(tokens, dow, minute, cont)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nxt = tokens[:, 1:]
+        nll = -logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * (nxt != PAD).to(logp.dtype)
+        return torch.cat([nll, torch.zeros_like(nll[:, :1])], dim=1)
 
 
 class _Destination(nn.Module):
@@ -76,13 +92,14 @@ class _Classify(nn.Module):
 
 
 GRAPHS = {"encoder": (_Encoder, ["embedding"]), "next_cell": (_NextCell, ["probs", "log1p_dt"]),
+          "token_nll": (_TokenNll, ["nll"]),
           "destination": (_Destination, ["probs"]), "travel_time": (_TravelTime, ["log1p_seconds"]),
           "classify": (_Classify, ["probs"])}
 
 # the graphs registered after training with each objective (the encoder always; the task's own head)
 GRAPHS_FOR = {"destination": ("encoder", "destination"), "travel_time": ("encoder", "travel_time"),
               "classify": ("encoder", "classify")}
-DEFAULT_GRAPHS = ("encoder", "next_cell")
+DEFAULT_GRAPHS = ("encoder", "next_cell", "token_nll")
 
 
 def export(model: TrajectoryModel, kind: str, example: dict[str, torch.Tensor]) -> bytes:
@@ -95,7 +112,8 @@ def export(model: TrajectoryModel, kind: str, example: dict[str, torch.Tensor]) 
         # rows, last positions) are never negative
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         torch.onnx.export(wrapper, tuple(example[n] for n in INPUT_NAMES), buf, input_names=INPUT_NAMES,
-                          output_names=outputs, dynamic_axes={**_DYNAMIC, **{o: {0: "batch"} for o in outputs}},
+                          output_names=outputs,
+                          dynamic_axes={**_DYNAMIC, **{o: _OUTPUT_AXES.get(o, {0: "batch"}) for o in outputs}},
                           opset_version=17, dynamo=False)
     return buf.getvalue()
 

@@ -7,7 +7,8 @@ leaves nothing half-applied, and concurrent installs run one after the other):
 2. every required extension is available on the server at a recent enough version, and is created;
 3. PL/Python can import numpy, onnxruntime, h3 and the matching pgtraj runtime;
 4. migrations/NNNN_*.sql not yet recorded in pgtraj.schema_migrations are applied, in order;
-5. sql/*.sql (functions, views, privileges) are (re)created, and the installation row is written.
+5. sql/*.sql (functions, views, privileges) are (re)created, with the runtime's path written into every
+   PL/Python function (boot_snippet), and the installation row is written.
 """
 
 from __future__ import annotations
@@ -118,8 +119,11 @@ def install(dsn: str, *, python_path: str | None = None, log=print,
                ON CONFLICT (singleton) DO UPDATE
                SET version = excluded.version, python_path = excluded.python_path, upgraded_at = now()""",
             [__version__, python_path])
+        # ONNX graphs and tokenizers are mirrored to files here, so parallel workers can load them
+        cur.execute("SELECT current_setting('data_directory') || '/pgtraj_cache'")
+        cache_dir = cur.fetchone()[0]
         for f in sorted(resource_dir("sql").glob("*.sql")):
-            cur.execute(f.read_text())
+            cur.execute(render_sql(f.read_text(), python_path, cache_dir))
         for note in result.notes:
             log(f"note: {note}")
     log(f"pgtraj {__version__} installed ({len(result.applied)} migration(s) applied)")
@@ -187,14 +191,44 @@ def _pg_cron_unusable(cur: psycopg.Cursor) -> str | None:
     return None
 
 
+def path_setup(python_path: str | None) -> str:
+    """Python that puts the runtime environment first on sys.path, ahead of any older numpy in the
+    system's site-packages (shared by the install probe and every PL/Python function)."""
+    return f"""import site, sys
+_path = {python_path!r}
+if _path and _path not in sys.path:
+    _before = list(sys.path)
+    site.addsitedir(_path)
+    sys.path[:] = [p for p in sys.path if p not in _before] + _before"""
+
+
+def boot_snippet(python_path: str | None, cache_dir: str) -> str:
+    """What every PL/Python function of pgtraj runs first (the ``@BOOT@`` line of sql/*.sql): load the
+    runtime into this backend once. The path is written into the function body at install time rather
+    than read from a table, because a parallel worker may not run queries from PL/Python (SPI opens a
+    subtransaction, which parallel mode forbids) and a setting could be changed by any role."""
+    body = "\n".join("    " + line for line in (path_setup(python_path) + f"""
+try:
+    import pgtraj.runtime
+except ImportError as exc:
+    plpy.error("pgtraj: PL/Python cannot import the pgtraj runtime: %s" % exc,
+               detail="python_path = %r, sys.executable = %r" % (_path, sys.executable),
+               hint="re-run `pgtraj install` (it checks and records the runtime environment)",
+               sqlstate="58P01")
+pgtraj.runtime.CACHE_DIR = {cache_dir!r}
+GD['pgtraj'] = pgtraj.runtime""").splitlines())
+    return "if 'pgtraj' not in GD:\n" + body
+
+
+def render_sql(text: str, python_path: str | None, cache_dir: str) -> str:
+    return text.replace("@BOOT@", boot_snippet(python_path, cache_dir))
+
+
 _PROBE = """
-CREATE FUNCTION pg_temp.pgtraj_probe(path text) RETURNS text LANGUAGE plpython3u AS $$
-import json, site, sys
+CREATE FUNCTION pg_temp.pgtraj_probe() RETURNS text LANGUAGE plpython3u AS $$
+import json
+@PATH@
 out = {"executable": sys.executable, "python": sys.version.split()[0], "errors": {}}
-if path and path not in sys.path:
-    before = list(sys.path)
-    site.addsitedir(path)
-    sys.path[:] = [p for p in sys.path if p not in before] + before
 for name in ("numpy", "onnxruntime", "h3", "pgtraj.runtime"):
     try:
         __import__(name)
@@ -210,10 +244,10 @@ $$
 
 def probe_runtime(cur: psycopg.Cursor, python_path: str | None) -> dict:
     """Ask PL/Python in the server what it can import; raise with a fix when it falls short."""
-    cur.execute(_PROBE)
-    cur.execute("SELECT pg_temp.pgtraj_probe(%s)", [python_path])
+    cur.execute(_PROBE.replace("@PATH@", path_setup(python_path)))
+    cur.execute("SELECT pg_temp.pgtraj_probe()")
     info = json.loads(cur.fetchone()[0])
-    cur.execute("DROP FUNCTION pg_temp.pgtraj_probe(text)")
+    cur.execute("DROP FUNCTION pg_temp.pgtraj_probe()")
     where = f"python_path={python_path!r}" if python_path else "the server's default sys.path"
     fix = ("build the runtime environment on the database host with `pgtraj runtime-env /var/lib/pgtraj/runtime-venv` "
            "(it uses the system python3 that PL/Python embeds), then `pgtraj install --python-path <the "

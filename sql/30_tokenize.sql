@@ -5,7 +5,7 @@ RETURNS TABLE (pos integer, token integer, cell h3index, t double precision, dwe
                dow smallint, minute smallint, offset_x real, offset_y real, speed real, heading real,
                interpolated boolean)
 LANGUAGE plpython3u IMMUTABLE STRICT PARALLEL SAFE AS $$
-if 'pgtraj' not in GD: plpy.execute('SELECT pgtraj._boot()')
+@BOOT@
 rt = GD['pgtraj']
 try:
     return rt.tokenize(wkb, tokenizer)

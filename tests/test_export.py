@@ -65,3 +65,14 @@ assert np.max(np.abs(out - np.load({str(tmp_path / 'want.npy')!r}))) < 1e-4
 """
     proc = subprocess.run([str(CACHE / "runtime-venv" / "bin" / "python"), "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_token_nll_agrees_with_next_cell_on_prefixes(trained):
+    b = batch([TRIPS[4]])
+    (nll,) = torch_outputs(trained, "token_nll", b)
+    n = int((b["tokens"] != 0).sum())
+    for p in (1, n // 2, n - 2):  # position p predicts token p + 1 from the prefix 0..p
+        prefix = {k: v[:, :p + 1] for k, v in b.items()}
+        probs, _ = torch_outputs(trained, "next_cell", prefix)
+        assert np.isclose(nll[0, p], -np.log(probs[0, int(b["tokens"][0, p + 1])]), rtol=1e-4)
+    assert nll[0, n - 1] == 0.0  # nothing follows the last token

@@ -36,7 +36,7 @@ def test_train_registers_model_and_run(db, tmp_path):
     assert (tmp_path / "run" / "training_curve.png").exists()
     with psycopg.connect(db) as conn:
         mv = registry.load(conn, "gl")  # deployed
-        assert set(mv.artifacts) == {"encoder", "next_cell"} and mv.metrics["onnx_max_abs_diff"]["encoder"] < 1e-4
+        assert set(mv.artifacts) == {"encoder", "next_cell", "token_nll"} and mv.metrics["onnx_max_abs_diff"]["encoder"] < 1e-4
         for graph in mv.artifacts.values():  # loadable by onnxruntime straight from the registry
             ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
         status, run_metrics = conn.execute(

@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from . import inference  # noqa: F401  (GD['pgtraj'].inference: what the inference functions call)
 from ..errors import PgtrajError  # noqa: F401  (the SQL wrappers catch it to raise SQL errors)
 from ..tokenizer import Tokenizer
 from ..trajectory import from_wkb
 
 REQUIRED = ("numpy", "onnxruntime", "h3")
+# where model graphs and tokenizers are mirrored as files (set by the boot code of each PL/Python function)
+CACHE_DIR: str | None = None
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 

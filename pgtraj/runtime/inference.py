@@ -1,0 +1,341 @@
+"""Model inference inside PostgreSQL (numpy + onnxruntime + h3): what pgtraj.embed, pgtraj.predict_next,
+pgtraj.score and friends run.
+
+The SQL wrappers resolve a model name to (model id, graph sha256) in plain SQL (pgtraj._resolve), so a
+redeploy is seen by every backend at its next call, and pass them in. This module never queries on its hot
+path: parallel workers may not run queries from PL/Python (each opens a subtransaction). It keeps, per
+backend, the model's tokenizer and ONNX sessions keyed by graph sha256 and thread count (``SET
+pgtraj.threads = n``, default 1: parallel query already spreads work over processes). A backend that
+lacks a model loads it from the server's file mirror (CACHE_DIR: ``<sha256>.onnx``, ``model-<id>.json``,
+written when a model is registered, warmed up or first used outside parallel mode), and otherwise from
+the registry tables.
+
+``plpy`` is passed in by the SQL wrappers (it only exists inside PL/Python).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from ..errors import PgtrajError
+from ..features import Inputs, collate, to_inputs
+from ..tokenizer import SPECIAL_TOKENS, Tokenizer
+from ..trajectory import from_wkb
+
+INPUT_NAMES = ("tokens", "dow", "minute", "cont")
+BATCH = 256  # sequences per ONNX call: past this, larger batches buy nothing on CPU (benchmarks/)
+
+
+class InferenceError(PgtrajError):
+    """An inference call that cannot be served; ``sqlstate`` is what the SQL wrapper raises."""
+
+    def __init__(self, message: str, *, sqlstate: str, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.sqlstate = sqlstate
+
+
+class Model:
+    """One registered model version as this backend holds it."""
+
+    def __init__(self, model_id: int, meta: dict):
+        self.id, self.name, self.version = model_id, meta["name"], meta["version"]
+        self.tokenizer = Tokenizer.from_json(meta["tokenizer"])
+        self.max_len = int(meta["config"].get("train", {}).get("max_len", 128))
+        self.sessions: dict[str, tuple[str, int, object]] = {}  # kind -> (sha256, threads, session)
+        self._neighbours = None
+
+    @property
+    def label(self) -> str:
+        return f'"{self.name}" v{self.version}'
+
+    def neighbours(self) -> np.ndarray:
+        if self._neighbours is None:
+            self._neighbours = self.tokenizer.neighbour_table()
+        return self._neighbours
+
+
+_models: dict[int, Model] = {}
+_plans: dict = {}
+
+
+def in_parallel_mode() -> bool:
+    """Whether this backend is inside a parallel operation (a worker, or the leader under Gather)."""
+    import ctypes
+
+    fn = ctypes.CDLL(None).IsInParallelMode  # the server's own symbol
+    fn.restype = ctypes.c_bool
+    return bool(fn())
+
+
+def _cache_dir() -> str | None:
+    from . import CACHE_DIR
+
+    return CACHE_DIR
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def mirror(model_id: int, meta: dict | None, graphs: dict[str, bytes]) -> None:
+    """Write a model's metadata and graphs to the file mirror (best effort: a read-only or full disk only
+    means parallel workers cannot load a model no backend has used yet)."""
+    d = _cache_dir()
+    if not d:
+        return
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        if meta is not None:
+            _write_atomic(os.path.join(d, f"model-{model_id}.json"), json.dumps(meta).encode())
+        for sha, data in graphs.items():
+            path = os.path.join(d, f"{sha}.onnx")
+            if not os.path.exists(path):
+                _write_atomic(path, data)
+    except OSError:
+        pass
+
+
+def _read_file(name: str) -> bytes | None:
+    d = _cache_dir()
+    try:
+        with open(os.path.join(d, name), "rb") as f:
+            return f.read()
+    except (OSError, TypeError):
+        return None
+
+
+def _plan(plpy, key: str, query: str, types: list[str]):
+    if key not in _plans:
+        _plans[key] = plpy.prepare(query, types)
+    return _plans[key]
+
+
+def _not_loadable(what: str) -> InferenceError:
+    return InferenceError(f"{what} is not loaded in this server process and cannot be fetched inside a"
+                          " parallel query", sqlstate="55000",
+                          hint="run SELECT pgtraj.warmup('<model>') once (it writes the server's model files),"
+                               " or SET max_parallel_workers_per_gather = 0")
+
+
+def _model(plpy, model_id: int) -> Model:
+    model = _models.get(model_id)
+    if model is not None:
+        return model
+    raw = _read_file(f"model-{model_id}.json")
+    if raw is None:
+        if in_parallel_mode():
+            raise _not_loadable(f"model id {model_id}")
+        row = plpy.execute(_plan(plpy, "model", """
+            SELECT name, version, tokenizer::text AS tokenizer, config::text AS config
+              FROM pgtraj.model_registry WHERE id = $1""", ["int8"]), [model_id])[0]
+        meta = {"name": row["name"], "version": row["version"], "tokenizer": row["tokenizer"],
+                "config": json.loads(row["config"])}
+        mirror(model_id, meta, {})
+    else:
+        meta = json.loads(raw)
+    if len(_models) >= 8:  # a backend rarely serves many models; drop them all rather than track use
+        _models.clear()
+    model = _models[model_id] = Model(model_id, meta)
+    return model
+
+
+def session(plpy, model_id: int, kind: str, sha: str, threads: str | None) -> tuple[Model, object]:
+    """The model and its ONNX session for graph ``kind`` (sha256 ``sha``) with ``threads`` intra-op threads."""
+    n = _threads(threads)
+    model = _model(plpy, model_id)
+    cached = model.sessions.get(kind)
+    if cached is None or cached[0] != sha or cached[1] != n:
+        import onnxruntime as ort
+
+        data = _read_file(f"{sha}.onnx")
+        if data is None:
+            if in_parallel_mode():
+                raise _not_loadable(f"model {model.label}")
+            data = bytes(plpy.execute(_plan(plpy, "bytes", "SELECT bytes FROM pgtraj.model_artifacts WHERE"
+                                            " model_id = $1 AND kind = $2", ["int8", "text"]),
+                                      [model_id, kind])[0]["bytes"])
+            mirror(model_id, None, {sha: data})
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = n, 1
+        model.sessions[kind] = (sha, n, ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]))
+    return model, model.sessions[kind][2]
+
+
+def _threads(raw: str | None) -> int:
+    if raw in (None, ""):
+        return 1
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise InferenceError(f"pgtraj.threads must be an integer from 1 to 64, not {raw!r}", sqlstate="22023",
+                             hint="SET pgtraj.threads = 1")
+    return n
+
+
+# --- encoding -------------------------------------------------------------------------------------------
+
+def _encode(model: Model, wkb, what: str):
+    """Tokens of one trajectory; an unusable one raises InferenceError naming why (SQLSTATE 22023)."""
+    try:
+        x = model.tokenizer.encode(from_wkb(None, wkb))
+    except PgtrajError as exc:
+        raise InferenceError(f"{what}: {exc.message}", sqlstate="22023", hint=exc.hint) from None
+    return x
+
+
+def _run(session, seqs: list) -> list[np.ndarray]:
+    """One ONNX call over padded sequences (features.Inputs)."""
+    b = collate(seqs)
+    return session.run(None, {n: getattr(b, n) for n in INPUT_NAMES})
+
+
+def _windows(inp, max_len: int) -> list:
+    """A sequence cut into consecutive windows of at most ``max_len`` (the model's context)."""
+    n = len(inp.tokens)
+    if n <= max_len:
+        return [inp]
+    return [Inputs(inp.tokens[s:s + max_len], inp.dow[s:s + max_len], inp.minute[s:s + max_len],
+                   inp.cont[s:s + max_len]) for s in range(0, n, max_len)]
+
+
+def _tail(inp, max_len: int):
+    return Inputs(inp.tokens[-max_len:], inp.dow[-max_len:], inp.minute[-max_len:], inp.cont[-max_len:])
+
+
+def vector_text(v: np.ndarray) -> str:
+    """pgvector's text form; 9 significant digits round-trip float32 exactly."""
+    return "[" + ",".join(format(float(x), ".9g") for x in v) + "]"
+
+
+# --- embeddings -------------------------------------------------------------------------------------------
+
+def embed_rows(plpy, wkbs: list, model_id: int, sha: str, threads: str | None = None, *,
+               skip_errors: bool = False) -> tuple[Model, list, dict]:
+    """The model, the embeddings (pgvector text; None for None) of trajectories given as WKB, and
+    {index: InferenceError} of those skipped as unusable (with ``skip_errors``; otherwise the first raises).
+
+    A trip longer than the model's context is embedded window by window and the windows' embeddings
+    averaged, then normalised. Sequences run length-sorted in batches of BATCH, so padding stays small."""
+    model, sess = session(plpy, model_id, "encoder", sha, threads)
+    owner, seqs, errors = [], [], {}
+    for i, wkb in enumerate(wkbs):
+        if wkb is None:
+            continue
+        try:
+            x = _encode(model, wkb, f"trajectory {i + 1}")
+        except InferenceError as exc:
+            if not skip_errors:
+                raise
+            errors[i] = exc
+            continue
+        for w in _windows(to_inputs(x), model.max_len):
+            owner.append(i)
+            seqs.append(w)
+    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j].tokens))
+    sums: dict[int, np.ndarray] = {}
+    for k in range(0, len(order), BATCH):
+        idx = order[k:k + BATCH]
+        (emb,) = _run(sess, [seqs[j] for j in idx])
+        for j, e in zip(idx, emb):
+            sums[owner[j]] = sums.get(owner[j], 0.0) + e.astype(np.float64)
+    out = [vector_text((sums[i] / max(np.linalg.norm(sums[i]), 1e-12)).astype(np.float32)) if i in sums else None
+           for i in range(len(wkbs))]
+    return model, out, errors
+
+
+def embed_many(plpy, wkbs: list, model_id: int, sha: str, threads: str | None) -> list:
+    return embed_rows(plpy, wkbs, model_id, sha, threads)[1]
+
+
+# --- next location, surprise --------------------------------------------------------------------------------
+
+def predict_next(plpy, wkb, model_id: int, sha: str, threads: str | None, k: int, constrained: bool) -> list[tuple]:
+    """Rows (rank, h3 cell, lat, lon, probability, expected seconds) of the ``k`` likeliest next cells.
+
+    ``constrained``: the cells next to the current one on the H3 grid come first (a contiguous trip moves
+    to a neighbour), ranked by the model; other cells follow. Probabilities are the model's own."""
+    import h3
+
+    if k < 1:
+        raise InferenceError(f"k must be at least 1, not {k}", sqlstate="22023")
+    model, sess = session(plpy, model_id, "next_cell", sha, threads)
+    x = _encode(model, wkb, "trajectory")
+    probs, log1p_dt = _run(sess, [_tail(to_inputs(x), model.max_len)])
+    p = probs[0].astype(np.float64)
+    p[: len(SPECIAL_TOKENS)] = -1.0  # PAD/MASK/UNK/BOS/EOS are not places
+    key = p.copy()
+    if constrained:
+        near = model.neighbours()[int(x.tokens[-1])]
+        near = near[near >= len(SPECIAL_TOKENS)]
+        key[near] += 2.0  # probabilities are <= 1: neighbours sort first, in the model's order
+    top = np.argsort(-key, kind="stable")[:k]
+    seconds = float(np.expm1(log1p_dt[0]))
+    rows = []
+    for r, t in enumerate(top, 1):
+        if p[t] < 0:
+            break
+        cell = model.tokenizer.token_cell(int(t))
+        lat, lon = h3.cell_to_latlng(h3.int_to_str(cell))
+        rows.append((r, h3.int_to_str(cell), lat, lon, float(p[t]), seconds))
+    return rows
+
+
+def score(plpy, wkb, model_id: int, sha: str, threads: str | None) -> float:
+    """Mean surprise, -log p(next cell | the trip so far), over the trip's transitions (nats per cell):
+    high for trips unlike anything the model learnt (anomaly detection). Long trips are scored window by
+    window, each window read from its own start."""
+    model, sess = session(plpy, model_id, "token_nll", sha, threads)
+    x = _encode(model, wkb, "trajectory")
+    total, count = 0.0, 0
+    for w in _windows(to_inputs(x), model.max_len):
+        if len(w.tokens) < 2:
+            continue
+        (nll,) = _run(sess, [w])
+        total += float(nll[0, : len(w.tokens) - 1].sum())
+        count += len(w.tokens) - 1
+    if count == 0:
+        raise InferenceError("trajectory: too short to score (one cell, nothing to predict)", sqlstate="22023",
+                             hint="score trips that cross at least two H3 cells")
+    return total / count
+
+
+def warmup(plpy, model_id: int, threads: str | None) -> dict:
+    """Load every graph of a model into this backend and its files into the server's mirror."""
+    import time
+
+    t0 = time.perf_counter()
+    rows = plpy.execute(_plan(plpy, "graphs", "SELECT kind, sha256 FROM pgtraj.model_artifacts WHERE model_id = $1"
+                              " ORDER BY kind", ["int8"]), [model_id])
+    for r in rows:
+        model, _ = session(plpy, model_id, r["kind"], r["sha256"], threads)
+    return {"model": model.name, "version": model.version, "model_id": model_id, "graphs": [r["kind"] for r in rows],
+            "threads": _threads(threads), "seconds": round(time.perf_counter() - t0, 4)}
+
+
+def mirror_artifact(plpy, model_id: int, sha: str, data: bytes) -> None:
+    """Trigger side of registration: mirror a new graph (and its model's metadata) to files."""
+    row = plpy.execute(_plan(plpy, "model", """
+        SELECT name, version, tokenizer::text AS tokenizer, config::text AS config
+          FROM pgtraj.model_registry WHERE id = $1""", ["int8"]), [model_id])[0]
+    mirror(model_id, {"name": row["name"], "version": row["version"], "tokenizer": row["tokenizer"],
+                      "config": json.loads(row["config"])}, {sha: bytes(data)})
+
+
+def call(plpy, fn: str, *args, **kwargs):
+    """Entry point of the SQL wrappers: run ``fn`` and turn pgtraj errors into SQL errors with SQLSTATE,
+    message and hint (never a Python traceback, never a backend crash)."""
+    try:
+        return globals()[fn](plpy, *args, **kwargs)
+    except InferenceError as exc:
+        plpy.error(f"pgtraj: {exc.message}", hint=exc.hint, sqlstate=exc.sqlstate)
+    except PgtrajError as exc:
+        plpy.error(f"pgtraj: {exc.message}", hint=exc.hint, sqlstate="22023")

@@ -1,0 +1,198 @@
+-- pgtraj SQL API, part 4: inference in queries (embeddings, next location, surprise).
+--
+-- Models are named as in the registry: 'name' is the deployed version, 'name@3' version 3. Each call
+-- resolves the name in plain SQL (pgtraj._resolve, one indexed lookup), so a redeploy is visible to every
+-- backend at its next call, and hands (model id, graph sha256) to PL/Python, which caches ONNX sessions
+-- per backend by sha256. SET pgtraj.threads = n (default 1) for intra-op threads.
+-- Registry-reading functions are STABLE (never IMMUTABLE: a redeploy changes their result), STRICT
+-- (a NULL trajectory gives NULL) and PARALLEL SAFE: the PL/Python side runs no query on its hot path (a
+-- parallel worker may not), loading models from the files mirrored in the data directory.
+--
+-- Trajectories: PostGIS LINESTRING M (M = epoch seconds; any SRID, transformed to WGS84; SRID 0 is read
+-- as WGS84 and out-of-range coordinates are refused) or MobilityDB tgeompoint. Unusable input (no M,
+-- not a line, NaN, ...) raises SQLSTATE 22023 naming the problem.
+
+-- The one wire format of the runtime: WKB of a WGS84 LINESTRING M.
+CREATE OR REPLACE FUNCTION pgtraj._wkb(traj geometry) RETURNS bytea
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT ST_AsBinary(CASE WHEN ST_SRID(traj) = 0 THEN traj ELSE ST_Transform(traj, 4326) END)
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj._wkb(traj tgeompoint) RETURNS bytea
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    -- instants, discrete sequences and sequence sets all become one LINESTRING M in time order
+    SELECT pgtraj._wkb((SELECT ST_MakeLine(d.geom ORDER BY ST_M(d.geom)) FROM ST_DumpPoints(traj::geometry) d))
+$$;
+
+-- What a model name means now: the model id and the sha256 of its graph `kind`, or an error saying why not.
+CREATE OR REPLACE FUNCTION pgtraj._resolve(model text, kind text, OUT model_id bigint, OUT sha256 text)
+LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE AS $$
+#variable_conflict use_column
+DECLARE
+    m text[] := regexp_match(model, '^([A-Za-z][A-Za-z0-9_.-]{0,62})(?:@([0-9]{1,9}))?$');
+BEGIN
+    IF m IS NULL THEN
+        RAISE EXCEPTION 'pgtraj: invalid model name %', quote_literal(model) USING ERRCODE = '22023',
+              HINT = 'a registered name (''trips'') or a name and version (''trips@3'')';
+    END IF;
+    IF m[2] IS NULL THEN
+        SELECT d.model_id INTO _resolve.model_id FROM pgtraj.deployment_log d
+         WHERE d.model_name = m[1] ORDER BY d.id DESC LIMIT 1;
+    ELSE
+        SELECT r.id INTO _resolve.model_id FROM pgtraj.model_registry r WHERE r.name = m[1] AND r.version = m[2]::int;
+    END IF;
+    IF _resolve.model_id IS NULL THEN
+        IF NOT EXISTS (SELECT 1 FROM pgtraj.model_registry r WHERE r.name = m[1]) THEN
+            RAISE EXCEPTION 'pgtraj: no model named %', quote_literal(m[1]) USING ERRCODE = '42704',
+                  HINT = 'SELECT name, version, deployed FROM pgtraj.models lists the registered models';
+        ELSIF m[2] IS NULL THEN
+            RAISE EXCEPTION 'pgtraj: model % has no deployed version', quote_literal(m[1]) USING ERRCODE = '55000',
+                  HINT = format('deploy one: SELECT pgtraj.deploy(%L), or name a version: %L', m[1], m[1] || '@1');
+        ELSE
+            RAISE EXCEPTION 'pgtraj: model % has no version %', quote_literal(m[1]), m[2] USING ERRCODE = '42704',
+                  HINT = format('SELECT version FROM pgtraj.models WHERE name = %L lists its versions', m[1]);
+        END IF;
+    END IF;
+    SELECT a.sha256 INTO _resolve.sha256 FROM pgtraj.model_artifacts a
+     WHERE a.model_id = _resolve.model_id AND a.kind = _resolve.kind;
+    IF _resolve.sha256 IS NULL THEN
+        RAISE EXCEPTION 'pgtraj: model % has no % graph (it has: %)', quote_literal(model), quote_literal(kind),
+              (SELECT string_agg(a.kind, ', ' ORDER BY a.kind) FROM pgtraj.model_artifacts a
+                WHERE a.model_id = _resolve.model_id)
+              USING ERRCODE = '0A000',
+                    HINT = CASE kind
+                        WHEN 'destination' THEN 'fine-tune one: pgtraj train NAME --objective destination --init-from CHECKPOINT'
+                        WHEN 'token_nll' THEN 'models registered before pgtraj 0.3 lack it: retrain the model'
+                        ELSE 'use a model trained for this task' END;
+    END IF;
+END
+$$;
+
+-- Registration mirrors each graph (and its model's tokenizer) to files, so that parallel workers, which
+-- may not query from PL/Python, can load a model no backend has used yet.
+CREATE OR REPLACE FUNCTION pgtraj._mirror_artifact() RETURNS trigger
+LANGUAGE plpython3u AS $$
+@BOOT@
+new = TD["new"]
+GD['pgtraj'].inference.mirror_artifact(plpy, new["model_id"], new["sha256"], new["bytes"])
+$$;
+DROP TRIGGER IF EXISTS mirror_artifact ON pgtraj.model_artifacts;
+CREATE TRIGGER mirror_artifact AFTER INSERT ON pgtraj.model_artifacts
+    FOR EACH ROW EXECUTE FUNCTION pgtraj._mirror_artifact();
+
+-- embeddings ---------------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], model_id bigint, sha256 text, threads text) RETURNS vector[]
+LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+@BOOT@
+return GD['pgtraj'].inference.call(plpy, 'embed_many', wkbs, model_id, sha256, threads)
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], model text) RETURNS vector[]
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+    SELECT pgtraj._embed(wkbs, r.model_id, r.sha256, current_setting('pgtraj.threads', true))
+      FROM pgtraj._resolve(model, 'encoder') r
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj.embed(traj geometry, model text) RETURNS vector
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+    SELECT (pgtraj._embed(ARRAY[pgtraj._wkb(traj)], model))[1]
+$$;
+COMMENT ON FUNCTION pgtraj.embed(geometry, text) IS
+    'Embedding (pgvector, unit length) of a LINESTRING M trajectory under a model (''name'' = deployed, ''name@N'' = version N)';
+
+CREATE OR REPLACE FUNCTION pgtraj.embed(traj tgeompoint, model text) RETURNS vector
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+    SELECT (pgtraj._embed(ARRAY[pgtraj._wkb(traj)], model))[1]
+$$;
+COMMENT ON FUNCTION pgtraj.embed(tgeompoint, text) IS 'Embedding of a MobilityDB tgeompoint trajectory';
+
+CREATE OR REPLACE FUNCTION pgtraj.embed(trajs geometry[], model text) RETURNS vector[]
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+    SELECT pgtraj._embed(ARRAY(SELECT pgtraj._wkb(u.g) FROM unnest(trajs) WITH ORDINALITY AS u(g, i) ORDER BY u.i),
+                         model)
+$$;
+COMMENT ON FUNCTION pgtraj.embed(geometry[], text) IS
+    'Embeddings of many trajectories in one batched model call, in input order (NULL in, NULL out)';
+
+CREATE OR REPLACE FUNCTION pgtraj.similarity(a geometry, b geometry, model text) RETURNS double precision
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+    SELECT 1 - (e[1] <=> e[2]) FROM pgtraj._embed(ARRAY[pgtraj._wkb(a), pgtraj._wkb(b)], model) AS e
+$$;
+COMMENT ON FUNCTION pgtraj.similarity(geometry, geometry, text) IS
+    'Cosine similarity of two trajectories'' embeddings (1 = the same trip as the model sees it)';
+
+-- next location ------------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION pgtraj._predict_next(wkb bytea, model_id bigint, sha256 text, threads text, k integer,
+                                                constrained boolean)
+RETURNS TABLE (rank integer, cell text, lat double precision, lon double precision, probability double precision,
+               expected_seconds double precision)
+LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+@BOOT@
+return GD['pgtraj'].inference.call(plpy, 'predict_next', wkb, model_id, sha256, threads, k, constrained)
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj.predict_next(traj geometry, model text, k integer DEFAULT 5,
+                                               constrained boolean DEFAULT true)
+RETURNS TABLE (rank integer, cell h3index, geom geometry(Point, 4326), probability double precision,
+               expected_seconds double precision)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 AS $$
+    SELECT p.rank, p.cell::h3index, ST_SetSRID(ST_MakePoint(p.lon, p.lat), 4326), p.probability, p.expected_seconds
+      FROM pgtraj._resolve(model, 'next_cell') r,
+           pgtraj._predict_next(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true), k,
+                                constrained) p
+$$;
+COMMENT ON FUNCTION pgtraj.predict_next(geometry, text, integer, boolean) IS
+    'The k likeliest next H3 cells of a trajectory (rank, cell, centre point, probability, expected seconds until it); constrained: grid neighbours of the current cell first';
+
+CREATE OR REPLACE FUNCTION pgtraj.predict_next(traj tgeompoint, model text, k integer DEFAULT 5,
+                                               constrained boolean DEFAULT true)
+RETURNS TABLE (rank integer, cell h3index, geom geometry(Point, 4326), probability double precision,
+               expected_seconds double precision)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 AS $$
+    SELECT p.rank, p.cell::h3index, ST_SetSRID(ST_MakePoint(p.lon, p.lat), 4326), p.probability, p.expected_seconds
+      FROM pgtraj._resolve(model, 'next_cell') r,
+           pgtraj._predict_next(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true), k,
+                                constrained) p
+$$;
+COMMENT ON FUNCTION pgtraj.predict_next(tgeompoint, text, integer, boolean) IS
+    'The k likeliest next H3 cells of a MobilityDB trajectory';
+
+-- surprise -----------------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION pgtraj._score(wkb bytea, model_id bigint, sha256 text, threads text)
+RETURNS double precision
+LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+@BOOT@
+return GD['pgtraj'].inference.call(plpy, 'score', wkb, model_id, sha256, threads)
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj._score(wkb bytea, model text) RETURNS double precision
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+    SELECT pgtraj._score(wkb, r.model_id, r.sha256, current_setting('pgtraj.threads', true))
+      FROM pgtraj._resolve(model, 'token_nll') r
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj.score(traj geometry, model text) RETURNS double precision
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$ SELECT pgtraj._score(pgtraj._wkb(traj), model) $$;
+COMMENT ON FUNCTION pgtraj.score(geometry, text) IS
+    'Mean surprise of a trajectory, -log p(next cell | trip so far) in nats per cell: high = unusual (anomaly score)';
+
+CREATE OR REPLACE FUNCTION pgtraj.score(traj tgeompoint, model text) RETURNS double precision
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$ SELECT pgtraj._score(pgtraj._wkb(traj), model) $$;
+COMMENT ON FUNCTION pgtraj.score(tgeompoint, text) IS 'Mean surprise of a MobilityDB trajectory';
+
+-- session cache ------------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION pgtraj.warmup(model text) RETURNS jsonb
+-- PARALLEL RESTRICTED: the point is to load the model in this backend, not in a parallel worker
+LANGUAGE plpython3u STABLE STRICT PARALLEL RESTRICTED AS $$
+@BOOT@
+import json
+r = plpy.execute(plpy.prepare("SELECT model_id FROM pgtraj._resolve($1, 'encoder')", ["text"]), [model])[0]
+return json.dumps(GD['pgtraj'].inference.call(plpy, 'warmup', r["model_id"], plpy.execute(
+    "SELECT current_setting('pgtraj.threads', true) AS t")[0]["t"]))
+$$;
+COMMENT ON FUNCTION pgtraj.warmup(text) IS
+    'Loads every ONNX graph of a model into this backend''s cache (the first inference call pays it otherwise)';

@@ -1,0 +1,243 @@
+"""Inference in queries: pgtraj.embed / predict_next / score / similarity against the same model run by the
+client (torch), the session cache following deployments, parallel query, and every bad input the SQL API
+must answer with an SQL error (SQLSTATE + hint), never a crash."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import psycopg
+import pytest
+import torch
+
+from pgtraj import registry
+from pgtraj.data import Batches, to_tensors
+from pgtraj.export import DEFAULT_GRAPHS, export
+from pgtraj.features import collate, to_inputs
+from pgtraj.objectives import NextCell
+
+from .test_model import TOK, TRIPS, make_model
+
+LINE = ("ST_SetSRID(ST_MakeLine(ARRAY(SELECT ST_MakePointM(x, y, m) FROM unnest(%s::float8[], %s::float8[],"
+        " %s::float8[]) AS u(x, y, m))), 4326)")
+
+
+def trained(seed: int):
+    torch.manual_seed(seed)
+    model = make_model(seed=seed)
+    obj, data = NextCell(model), Batches(TRIPS, TOK, batch_size=8, max_len=48, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(15):
+        loss, _ = obj.loss(data.next())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return [trained(1), trained(2)]
+
+
+def register(conn, model, name="m", deploy=True, graphs=DEFAULT_GRAPHS):
+    example = to_tensors(collate([to_inputs(TOK.encode(t)) for t in TRIPS[:2]]))
+    mv = registry.register(conn, name, objective="next_cell", tokenizer=json.loads(TOK.to_json()),
+                           artifacts={k: export(model, k, example) for k in graphs},
+                           config={"train": {"max_len": 48}, "model": model.cfg.to_dict()},
+                           embedding_dim=model.cfg.d_model)
+    if deploy:
+        registry.deploy(conn, name, mv.version)
+    return mv
+
+
+@pytest.fixture
+def conn(db, models):
+    with psycopg.connect(db, autocommit=True) as c:
+        register(c, models[0])
+        c.execute("CREATE TABLE trips (id int PRIMARY KEY, geom geometry(LineStringM, 4326))")
+        for t in TRIPS[:12]:
+            c.execute(f"INSERT INTO trips VALUES (%s, {LINE})", [t.id, t.lon.tolist(), t.lat.tolist(), t.t.tolist()])
+        yield c
+
+
+def client_embed(model, trips) -> np.ndarray:
+    with torch.no_grad():
+        return model.embed(**to_tensors(collate([to_inputs(TOK.encode(t)) for t in trips]))).numpy()
+
+
+def vec(text: str) -> np.ndarray:
+    return np.array(json.loads(text))
+
+
+def test_embed_matches_the_client_model(conn, models):
+    rows = conn.execute("SELECT id, pgtraj.embed(geom, 'm')::text FROM trips ORDER BY id").fetchall()
+    want = client_embed(models[0], TRIPS[:12])
+    got = np.stack([vec(e) for _, e in rows])
+    assert got.shape == (12, models[0].cfg.d_model)
+    assert np.abs(got - want).max() < 1e-5 and np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_batch_embed_keeps_order_and_nulls(conn):
+    single = dict(conn.execute("SELECT id, pgtraj.embed(geom, 'm')::text FROM trips").fetchall())
+    ids = [5, 2, 9]
+    (batch,) = conn.execute(
+        "SELECT pgtraj.embed(ARRAY(SELECT geom FROM trips WHERE id = ANY(%s) ORDER BY array_position(%s, id))"
+        " || ARRAY[NULL::geometry], 'm')::text[]", [ids, ids]).fetchone()
+    assert batch[-1] is None and len(batch) == 4
+    for i, e in zip(ids, batch):
+        assert np.abs(vec(e) - vec(single[i])).max() < 1e-6
+
+
+def test_tgeompoint_and_any_srid(conn):
+    a, b, c = conn.execute("""
+        SELECT pgtraj.embed(geom, 'm')::text,
+               pgtraj.embed(tgeompointSeq(ARRAY(SELECT tgeompoint(ST_Force2D(d.geom), to_timestamp(ST_M(d.geom)))
+                                                FROM ST_DumpPoints(geom) d ORDER BY ST_M(d.geom))), 'm')::text,
+               pgtraj.embed(ST_Transform(geom, 3857), 'm')::text
+          FROM trips WHERE id = 3""").fetchone()
+    assert np.abs(vec(a) - vec(c)).max() < 1e-4  # the projection round trip moves fixes by nanometres
+    assert float(vec(a) @ vec(b)) > 0.99  # MobilityDB drops collinear fixes; the trip is the same
+
+
+def test_similarity_is_the_cosine_of_embeddings(conn):
+    s_self, s_other, a, b = conn.execute("""
+        SELECT pgtraj.similarity(x.geom, x.geom, 'm'), pgtraj.similarity(x.geom, y.geom, 'm'),
+               pgtraj.embed(x.geom, 'm')::text, pgtraj.embed(y.geom, 'm')::text
+          FROM trips x, trips y WHERE x.id = 1 AND y.id = 7""").fetchone()
+    assert abs(s_self - 1.0) < 1e-6 and abs(s_other - float(vec(a) @ vec(b))) < 1e-5
+
+
+def test_predict_next_matches_the_client_and_the_grid(conn, models):
+    trip = TRIPS[4]
+    rows = conn.execute("SELECT rank, cell::text, ST_X(geom), ST_Y(geom), probability, expected_seconds"
+                        " FROM pgtraj.predict_next((SELECT geom FROM trips WHERE id = 4), 'm', k => 8,"
+                        " constrained => false)").fetchall()
+    x = TOK.encode(trip)
+    with torch.no_grad():
+        logits, dt = models[0].next_logits(**to_tensors(collate([to_inputs(x)])))
+    p = torch.softmax(logits[0, -1], -1).numpy()
+    p[:5] = -1
+    want = np.argsort(-p)[:8]
+    assert [r[0] for r in rows] == list(range(1, 9))
+    import h3
+
+    assert [r[1] for r in rows] == [h3.int_to_str(TOK.token_cell(int(t))) for t in want]
+    assert np.allclose([r[4] for r in rows], p[want], atol=1e-5)
+    assert np.allclose([r[5] for r in rows], np.expm1(dt[0, -1].item()), rtol=1e-4)
+    lat, lon = h3.cell_to_latlng(rows[0][1])
+    assert abs(rows[0][2] - lon) < 1e-9 and abs(rows[0][3] - lat) < 1e-9
+    # constrained: the cells next to the current one come first
+    cons = conn.execute("SELECT cell::text FROM pgtraj.predict_next((SELECT geom FROM trips WHERE id = 4), 'm',"
+                        " k => 3)").fetchall()
+    here = h3.int_to_str(int(x.cells[-1]))
+    assert all(h3.grid_distance(here, c) <= 1 for (c,) in cons)
+
+
+def test_score_is_the_mean_surprise(conn, models):
+    (got,) = conn.execute("SELECT pgtraj.score(geom, 'm') FROM trips WHERE id = 6").fetchone()
+    x = TOK.encode(TRIPS[6])
+    b = to_tensors(collate([to_inputs(x)]))
+    with torch.no_grad():
+        logits, _ = models[0].next_logits(**b)
+    logp = torch.log_softmax(logits[0, :-1], -1)
+    want = -logp.gather(-1, b["tokens"][0, 1:, None]).mean().item()
+    assert abs(got - want) < 1e-4
+
+
+def test_redeploy_is_seen_without_reconnecting(conn, db, models):
+    before = conn.execute("SELECT pgtraj.embed(geom, 'm')::text FROM trips WHERE id = 1").fetchone()[0]
+    with psycopg.connect(db, autocommit=True) as other:
+        register(other, models[1], deploy=True)  # v2, deployed from another session
+    after, v2, v1 = conn.execute("SELECT pgtraj.embed(geom, 'm')::text, pgtraj.embed(geom, 'm@2')::text,"
+                                 " pgtraj.embed(geom, 'm@1')::text FROM trips WHERE id = 1").fetchone()
+    assert after == v2 and v1 == before and after != before
+    conn.execute("SELECT pgtraj.deploy('m', 'rollback')")
+    assert conn.execute("SELECT pgtraj.embed(geom, 'm')::text FROM trips WHERE id = 1").fetchone()[0] == before
+
+
+def test_parallel_query_runs_the_functions_in_workers(conn):
+    conn.execute("INSERT INTO trips SELECT id + 100, geom FROM trips")
+    for k, v in {"parallel_setup_cost": 0, "parallel_tuple_cost": 0, "min_parallel_table_scan_size": 0,
+                 "max_parallel_workers_per_gather": 2, "force_parallel_mode": "on"}.items():
+        conn.execute(f"SET {k} = {v!r}" if isinstance(v, str) else f"SET {k} = {v}")
+    q = "SELECT id, pgtraj.embed(geom, 'm')::text FROM trips WHERE pgtraj.score(geom, 'm') > 0"
+    plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + q).fetchall())
+    assert "Gather" in plan
+    par = dict(conn.execute(q).fetchall())
+    conn.execute("SET max_parallel_workers_per_gather = 0")
+    conn.execute("SET force_parallel_mode = off")
+    assert par == dict(conn.execute(q).fetchall()) and len(par) == 24
+
+
+def test_warmup_and_threads(conn):
+    info = conn.execute("SELECT pgtraj.warmup('m')").fetchone()[0]
+    assert info["graphs"] == sorted(DEFAULT_GRAPHS) and info["threads"] == 1 and info["version"] == 1
+    conn.execute("SET pgtraj.threads = 2")
+    assert conn.execute("SELECT pgtraj.warmup('m')").fetchone()[0]["threads"] == 2
+    a = conn.execute("SELECT pgtraj.embed(geom, 'm')::text FROM trips WHERE id = 2").fetchone()[0]
+    conn.execute("SET pgtraj.threads = 1")
+    assert np.abs(vec(a) - vec(conn.execute("SELECT pgtraj.embed(geom, 'm')::text FROM trips WHERE id = 2")
+                                .fetchone()[0])).max() < 1e-6
+
+
+@pytest.mark.parametrize("query, sqlstate, words", [
+    ("SELECT pgtraj.embed(geom, 'nope') FROM trips LIMIT 1", "42704", "no model named 'nope'"),
+    ("SELECT pgtraj.embed(geom, 'm@7') FROM trips LIMIT 1", "42704", "has no version 7"),
+    ("SELECT pgtraj.embed(geom, 'bad name!') FROM trips LIMIT 1", "22023", "invalid model name"),
+    ("SELECT pgtraj.embed(geom, 'undeployed') FROM trips LIMIT 1", "55000", "no deployed version"),
+    ("SELECT pgtraj.score(geom, 'noscore') FROM trips LIMIT 1", "0A000", "has no 'token_nll' graph"),
+    ("SELECT pgtraj.embed('SRID=4326;POINT M (116.3 39.9 1224720000)'::geometry, 'm')", "22023", "expected a LINESTRING"),
+    ("SELECT pgtraj.embed('SRID=4326;LINESTRING (116.3 39.9, 116.4 39.9)'::geometry, 'm')", "22023", "no M"),
+    ("SELECT pgtraj.embed('LINESTRING M (500000 4400000 1224720000, 500100 4400000 1224720060)'::geometry, 'm')",
+     "22023", "out of range"),
+    ("SELECT pgtraj.embed('SRID=4326;LINESTRING M EMPTY'::geometry, 'm')", "22023", "no points"),
+    ("SELECT * FROM pgtraj.predict_next((SELECT geom FROM trips LIMIT 1), 'm', k => 0)", "22023", "k must be"),
+    ("SET pgtraj.threads = 'many'; SELECT pgtraj.embed(geom, 'm') FROM trips LIMIT 1", "22023", "pgtraj.threads"),
+])
+def test_bad_input_is_an_sql_error(conn, models, query, sqlstate, words):
+    register(conn, models[0], name="undeployed", deploy=False)
+    register(conn, models[0], name="noscore", graphs=("encoder", "next_cell"))
+    with pytest.raises(psycopg.Error) as err:
+        for q in query.split("; "):
+            conn.execute(q)
+    assert err.value.sqlstate == sqlstate and words in str(err.value), str(err.value)
+    assert err.value.diag.message_hint or sqlstate == "22023"
+    assert conn.execute("SELECT 1").fetchone() == (1,)  # the backend is alive
+
+
+def test_null_in_null_out(conn):
+    assert conn.execute("SELECT pgtraj.embed(NULL::geometry, 'm'), pgtraj.score(NULL::geometry, 'm'),"
+                        " (SELECT count(*) FROM pgtraj.predict_next(NULL::geometry, 'm'))").fetchone() == (None, None, 0)
+
+
+def test_declared_volatility_and_parallel_safety(conn):
+    rows = dict(conn.execute("""
+        SELECT p.oid::regprocedure::text, p.provolatile::text || p.proparallel::text || p.proisstrict::int
+          FROM pg_proc p WHERE p.pronamespace = 'pgtraj'::regnamespace
+           AND p.proname IN ('embed', 'predict_next', 'score', 'similarity', 'warmup')""").fetchall())
+    assert rows["pgtraj.warmup(text)"] == "sr1"
+    assert all(v == "ss1" for k, v in rows.items() if not k.startswith("pgtraj.warmup")), rows
+
+
+def test_parallel_workers_load_models_from_the_file_mirror(conn):
+    import shutil
+    from pathlib import Path
+
+    cache = Path(conn.execute("SELECT current_setting('data_directory')").fetchone()[0]) / "pgtraj_cache"
+    (sha,) = conn.execute("SELECT sha256 FROM pgtraj.model_artifacts WHERE kind = 'encoder'").fetchone()
+    assert (cache / f"{sha}.onnx").exists()  # written when the model was registered
+    shutil.rmtree(cache)
+    parallel = ("SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;"
+                " SET force_parallel_mode = on")
+    for q in parallel.split("; "):
+        conn.execute(q)
+    query = "SELECT count(pgtraj.embed(geom, 'm')) FROM trips"
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(query)
+    assert err.value.sqlstate == "55000" and "pgtraj.warmup" in err.value.diag.message_hint
+    conn.execute("SET force_parallel_mode = off")
+    conn.execute("SELECT pgtraj.warmup('m')")  # outside parallel mode: fetches and mirrors again
+    conn.execute("SET force_parallel_mode = on")
+    assert conn.execute(query).fetchone() == (12,)
