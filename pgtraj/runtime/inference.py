@@ -330,11 +330,12 @@ def mirror_artifact(plpy, model_id: int, sha: str, data: bytes) -> None:
                       "config": json.loads(row["config"])}, {sha: bytes(data)})
 
 
-def call(plpy, fn: str, *args, **kwargs):
-    """Entry point of the SQL wrappers: run ``fn`` and turn pgtraj errors into SQL errors with SQLSTATE,
-    message and hint (never a Python traceback, never a backend crash)."""
+def call(plpy, fn, *args, **kwargs):
+    """Entry point of the SQL wrappers: run ``fn`` (a function of this module by name, or any callable
+    taking plpy first) and turn pgtraj errors into SQL errors with SQLSTATE, message and hint (never a
+    Python traceback, never a backend crash)."""
     try:
-        return globals()[fn](plpy, *args, **kwargs)
+        return (globals()[fn] if isinstance(fn, str) else fn)(plpy, *args, **kwargs)
     except InferenceError as exc:
         plpy.error(f"pgtraj: {exc.message}", hint=exc.hint, sqlstate=exc.sqlstate)
     except PgtrajError as exc:

@@ -1,0 +1,154 @@
+"""CALL pgtraj.embed_table: batches committed one by one, incremental refresh, a bad row recorded and the
+rest kept, cancel keeps finished batches, wrong shapes and names refused with SQL errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from .test_inference import LINE, models, register  # noqa: F401  (models: the module's fixture)
+from .test_model import TRIPS
+
+N = 40
+
+
+def fill(c, table="trips", n=N, key="id"):
+    for i, t in enumerate(TRIPS[:n]):
+        c.execute(f"INSERT INTO {table} ({key}, geom) VALUES (%s, {LINE})",
+                  [i + 1, t.lon.tolist(), t.lat.tolist(), t.t.tolist()])
+
+
+@pytest.fixture
+def conn(db, models):  # noqa: F811
+    with psycopg.connect(db, autocommit=True) as c:
+        register(c, models[0])
+        c.execute("CREATE TABLE trips (id int PRIMARY KEY, geom geometry(LineStringM, 4326), embedding vector(32))")
+        fill(c)
+        yield c
+
+
+def notices(c):
+    got = []
+    c.add_notice_handler(lambda d: got.append(d.message_primary))
+    return got
+
+
+def test_fills_the_column_in_committed_batches(conn):
+    said = notices(conn)
+    conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm', batch_size => 16)")
+    assert conn.execute("SELECT count(*) FROM trips WHERE embedding IS NOT NULL AND embedding_model IS NOT NULL"
+                        ).fetchone() == (N,)
+    same = conn.execute("SELECT bool_and(embedding <-> pgtraj.embed(geom, 'm') < 1e-5) FROM trips").fetchone()[0]
+    assert same
+    progress = [m for m in said if "rows/s" in m]
+    assert len(progress) == 3 and progress[-1].startswith(f"pgtraj.embed_table trips.embedding: {N}/{N}")
+    status, done, total = conn.execute("SELECT status, done, total FROM pgtraj.job_status").fetchone()
+    assert (status, done, total) == ("succeeded", N, N)
+
+
+def test_refresh_redoes_only_missing_and_stale_rows(conn, db, models):  # noqa: F811
+    conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')")
+    conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')")
+    assert conn.execute("SELECT total FROM pgtraj.jobs ORDER BY id DESC LIMIT 1").fetchone() == (0,)
+    conn.execute("UPDATE trips SET embedding = NULL WHERE id <= 3")
+    conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')")
+    assert conn.execute("SELECT total FROM pgtraj.jobs ORDER BY id DESC LIMIT 1").fetchone() == (3,)
+    register(conn, models[1])  # v2 deployed: every row is stale now
+    conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')")
+    v2 = conn.execute("SELECT id FROM pgtraj.model_registry WHERE version = 2").fetchone()[0]
+    assert conn.execute("SELECT count(*) FROM trips WHERE embedding_model = %s", [v2]).fetchone() == (N,)
+
+
+def test_a_bad_row_is_recorded_and_the_rest_kept(conn):
+    conn.execute("UPDATE trips SET geom = ST_SetSRID(ST_MakeLine(ST_MakePointM(116.3, 95, 1e9),"
+                 " ST_MakePointM(116.4, 95, 1e9 + 60)), 4326) WHERE id = 7")  # latitude 95
+    said = notices(conn)
+    conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm', batch_size => 10)")
+    assert conn.execute("SELECT count(*) FROM trips WHERE embedding IS NOT NULL").fetchone() == (N - 1,)
+    key, state, error = conn.execute("SELECT key, sqlstate, error FROM pgtraj.embedding_errors").fetchone()
+    assert (key, state) == ("7", "22023") and "latitude 95" in error
+    assert any("1 row(s) could not be embedded" in m for m in said)
+    conn.execute("UPDATE trips SET geom = (SELECT geom FROM trips WHERE id = 8) WHERE id = 7")
+    conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')")
+    assert conn.execute("SELECT count(*) FROM pgtraj.embedding_errors").fetchone() == (0,)  # repaired: forgotten
+
+
+def test_cancel_keeps_finished_batches_and_resumes(conn, db):
+    conn.execute("INSERT INTO trips SELECT id + 1000, geom FROM trips")
+    conn.execute("INSERT INTO trips SELECT id + 2000, geom FROM trips")
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    errors = []
+
+    def run():
+        try:
+            conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm', batch_size => 2)")
+        except psycopg.Error as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    with psycopg.connect(db, autocommit=True) as other:
+        deadline = time.time() + 60
+        while other.execute("SELECT count(*) FROM trips WHERE embedding IS NOT NULL").fetchone()[0] < 6:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        other.execute("SELECT pg_cancel_backend(%s)", [pid])
+        worker.join(60)
+        kept = other.execute("SELECT count(*) FROM trips WHERE embedding IS NOT NULL").fetchone()[0]
+        assert errors and errors[0].sqlstate == "57014"
+        assert 6 <= kept < 4 * N  # 4N rows: N, +N copies, +2N copies
+        assert other.execute("SELECT status FROM pgtraj.job_status").fetchone() == ("cancelled",)
+    conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm', batch_size => 50)")
+    assert conn.execute("SELECT total FROM pgtraj.jobs ORDER BY id DESC LIMIT 1").fetchone() == (4 * N - kept,)
+    assert conn.execute("SELECT count(*) FROM trips WHERE embedding IS NULL").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("setup, call, sqlstate, words", [
+    ("ALTER TABLE trips ALTER COLUMN embedding TYPE vector(3) USING NULL",
+     "CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')", "42804", "embeds in 32 dimensions"),
+    ("ALTER TABLE trips DROP CONSTRAINT trips_pkey",
+     "CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')", "42P10", "primary key"),
+    ("", "CALL pgtraj.embed_table('trips', 'geom', 'nope', 'm')", "42703", "column 'nope'"),
+    ("", "CALL pgtraj.embed_table('trips', 'id', 'embedding', 'm')", "42804", "not a trajectory"),
+    ("", "CALL pgtraj.embed_table('trips', 'geom', 'id', 'm')", "42804", "not a pgvector vector"),
+    ("", "CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'nope')", "42704", "no model named"),
+    ("", "CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm', batch_size => 0)", "22023", "batch_size"),
+    ("", "CALL pgtraj.embed_table('trips; DROP TABLE trips', 'geom', 'embedding', 'm')", "42602", "invalid name"),
+    ("", "CALL pgtraj.embed_table('trips', 'geom\"; DROP TABLE trips; --', 'embedding', 'm')", "42703", "does not exist"),
+])
+def test_refusals(conn, setup, call, sqlstate, words):
+    if setup:
+        conn.execute(setup)
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(call)
+    assert err.value.sqlstate == sqlstate and words in str(err.value), str(err.value)
+    assert conn.execute("SELECT count(*) FROM trips").fetchone() == (N,)  # nothing dropped
+
+
+def test_odd_identifiers_are_quoted(conn):
+    conn.execute('CREATE TABLE "Odd Trips" ("Key" text PRIMARY KEY, geom geometry(LineStringM, 4326),'
+                 ' "emb; x" vector(32))')
+    conn.execute('INSERT INTO "Odd Trips" SELECT \'k\' || id, geom FROM trips')
+    conn.execute("""CALL pgtraj.embed_table('"Odd Trips"', 'geom', 'emb; x', 'm')""")
+    assert conn.execute('SELECT count("emb; x_model") FROM "Odd Trips" WHERE "emb; x" IS NOT NULL').fetchone() == (N,)
+
+
+def test_a_role_without_update_rights_cannot_fill(conn, db, login_role):
+    dsn = login_role("pgtraj_user")(db)
+    conn.execute("GRANT SELECT ON trips TO pgtraj_user")  # may read the table, not write it
+    conn.execute("ALTER TABLE trips ADD COLUMN embedding_model bigint")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')")
+    assert conn.execute("SELECT count(embedding) FROM trips").fetchone() == (0,)
+
+
+def test_one_run_per_column_at_a_time(conn, db):
+    with psycopg.connect(db, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext('pgtraj.embed_table'), hashtext('trips.embedding'))")
+        with pytest.raises(psycopg.Error) as err:
+            conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')")
+        assert err.value.sqlstate == "55P03"
