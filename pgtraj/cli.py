@@ -123,7 +123,8 @@ def _quickstart(args) -> int:
 
     cluster = LocalCluster(args.data_dir)
     run(cluster, data_dir=Path(args.path) if args.path else default_data_dir() / "geolife",
-        users=parse_ids(args.users), out_dir=Path(args.out), log=_say)
+        users=parse_ids(args.users), out_dir=Path(args.out), preset=args.preset, pretrain_steps=args.pretrain_steps,
+        steps=args.steps, log=_say)
     return 0
 
 
@@ -205,11 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--note")
     sp.set_defaults(func=_deploy)
 
-    sp = sub.add_parser("quickstart", help="the main job: local database, install, load GeoLife, clean, tokenize")
+    sp = sub.add_parser("quickstart", help="the main job: local database, install, load GeoLife, train, embed,"
+                                           " search and predict in SQL")
     sp.add_argument("--data-dir", help="home of the local database")
     sp.add_argument("--path", help="GeoLife folder (default: $PGTRAJ_DATA/geolife, else ../shared/data/geolife)")
     sp.add_argument("--users", default="0-9", help="GeoLife users to load (default 0-9; 'all' for every user)")
-    sp.add_argument("--out", default="pgtraj-output", help="folder for the tokenizer and the run summary")
+    sp.add_argument("--out", default="pgtraj-output", help="folder for the tokenizer, runs, summary and map")
+    sp.add_argument("--preset", default="small", help="model size (tiny, small, base, large)")
+    sp.add_argument("--pretrain-steps", type=int, default=400, help="hybrid pretraining steps")
+    sp.add_argument("--steps", type=int, default=600, help="next-cell fine-tuning steps")
     sp.set_defaults(func=_quickstart)
     return p
 

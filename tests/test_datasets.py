@@ -125,14 +125,18 @@ def test_quickstart_end_to_end(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "PGTRAJ_DSN"}, "PGTRAJ_HOME": str(home)}
     try:
         out = subprocess.run([sys.executable, "-m", "pgtraj", "quickstart", "--users", ",".join(map(str, SMALL_USERS)),
-                              "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+                              "--out", str(tmp_path), "--preset", "tiny", "--pretrain-steps", "8", "--steps", "8"],
+                             capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr
         assert "loaded GeoLife" in out.stderr and "in SQL: pgtraj.tokenize" in out.stderr
+        assert "registered geolife-next v1" in out.stderr and "5 trips most similar" in out.stderr
+        assert (tmp_path / "prediction.png").stat().st_size > 1000
         import json
 
         summary = json.loads((tmp_path / "quickstart.json").read_text())
         assert summary["vocab_size"] > 5 and 0.0 <= summary["test_token_resolution_shares"]["unk"] <= 1.0
         assert (tmp_path / "tokenizer.json").exists()
+        assert summary["embedded"] > 0 and [r[0] for r in summary["prediction"]] == [1, 2, 3, 4, 5]
     finally:
         subprocess.run([sys.executable, "-m", "pgtraj", "db", "stop"], env=env, capture_output=True)
         subprocess.run(["rm", "-rf", str(home)])
