@@ -1,0 +1,58 @@
+"""pgtraj.similar and pgtraj.create_hnsw_index: the index is used, results agree with exact search, and
+names and bad arguments are handled as SQL errors."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from .test_embed_table import conn, fill  # noqa: F401  (fixtures: a table of trips and a deployed model 'm')
+from .test_inference import models  # noqa: F401
+
+
+@pytest.fixture
+def embedded(conn):  # noqa: F811
+    conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')")
+    return conn
+
+
+def exact(c, qid, k):
+    return [r[0] for r in c.execute(
+        "SELECT t.id::text FROM trips t, trips q WHERE q.id = %s AND t.id <> q.id"
+        " ORDER BY (t.embedding <=> q.embedding) + 0 LIMIT %s", [qid, k]).fetchall()]  # + 0: no index
+
+
+def test_hnsw_index_is_created_and_used(embedded):
+    idx = embedded.execute("SELECT pgtraj.create_hnsw_index('trips', 'embedding')::text").fetchone()[0]
+    assert idx == "trips_embedding_hnsw"  # regclass prints without the schema on the search path
+    assert embedded.execute("SELECT pgtraj.create_hnsw_index('trips', 'embedding')::text").fetchone()[0] == idx
+    embedded.execute("SET enable_seqscan = off")
+    plan = "\n".join(r[0] for r in embedded.execute(
+        "EXPLAIN SELECT id FROM trips ORDER BY embedding <=> (SELECT embedding FROM trips WHERE id = 1) LIMIT 5"))
+    assert "trips_embedding_hnsw" in plan
+
+
+def test_similar_by_id_vector_and_trajectory_agree_with_exact_search(embedded):
+    embedded.execute("SELECT pgtraj.create_hnsw_index('trips', 'embedding')")
+    by_id = embedded.execute("SELECT id, distance FROM pgtraj.similar('trips', 'embedding', row_id => 3, k => 5)"
+                             ).fetchall()
+    assert [r[0] for r in by_id] == exact(embedded, 3, 5)  # 40 rows: HNSW search is exact at this size
+    assert all(a[1] <= b[1] for a, b in zip(by_id, by_id[1:]))
+    by_traj = embedded.execute("SELECT id FROM pgtraj.similar('trips', 'embedding', (SELECT geom FROM trips"
+                               " WHERE id = 3), 'm', k => 6)").fetchall()
+    assert by_traj[0][0] == "3" and [r[0] for r in by_traj[1:]] == [r[0] for r in by_id]
+
+
+@pytest.mark.parametrize("call, sqlstate", [
+    ("SELECT * FROM pgtraj.similar('trips', 'embedding', row_id => 999)", "P0002"),
+    ("SELECT * FROM pgtraj.similar('trips', 'nope', row_id => 1)", "42703"),
+    ("SELECT * FROM pgtraj.similar('trips', 'embedding', row_id => 1, k => 0)", "22023"),
+    ("SELECT pgtraj.create_hnsw_index('trips', 'geom')", "42804"),
+    ("SELECT pgtraj.create_hnsw_index('trips', 'x; DROP TABLE trips')", "42703"),
+    ("SELECT pgtraj.create_hnsw_index('trips', 'embedding', m => 1000)", "22023"),
+])
+def test_refusals(embedded, call, sqlstate):
+    with pytest.raises(psycopg.Error) as err:
+        embedded.execute(call)
+    assert err.value.sqlstate == sqlstate, str(err.value)
+    assert embedded.execute("SELECT count(*) FROM trips").fetchone() == (40,)
