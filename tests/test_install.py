@@ -41,7 +41,8 @@ def test_fresh_install_creates_everything(empty_db, cluster):
         tables = {r[0] for r in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'pgtraj'").fetchall()}
         assert tables == {"installation", "schema_migrations", "model_registry", "model_artifacts",
-                          "deployment_log", "training_runs", "jobs", "embedding_errors"}
+                          "deployment_log", "training_runs", "jobs", "embedding_errors", "embedding_targets",
+                          "embedding_queue"}
     assert any("pgtraj 0.1.0 installed" in line for line in logs)
 
 

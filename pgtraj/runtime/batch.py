@@ -21,7 +21,8 @@ TRAJECTORY_TYPES = ("geometry", "tgeompoint")
 
 def _column(plpy, oid: int, table: str, name: str) -> dict:
     rows = plpy.execute(plpy.prepare(
-        "SELECT atttypid::regtype::text AS type, atttypmod AS typmod, format_type(atttypid, atttypmod) AS full"
+        "SELECT attname AS name, atttypid::regtype::text AS type, atttypmod AS typmod,"
+        " format_type(atttypid, atttypmod) AS full"
         " FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
         ["oid", "name"]), [oid, name])
     if not rows.nrows():
@@ -41,10 +42,9 @@ def _primary_key(plpy, oid: int, table: str) -> tuple[str, str]:
     return rows[0]["name"], rows[0]["type"]
 
 
-def embed_table(plpy, source: str, traj_column: str, embedding_column: str, model: str, batch_size: int,
-                threads: str | None) -> dict:
-    if not 1 <= batch_size <= 100_000:
-        raise InferenceError(f"batch_size must be from 1 to 100000, not {batch_size}", sqlstate="22023")
+def describe(plpy, source: str, traj_column: str, embedding_column: str) -> dict:
+    """Where embeddings go, checked: the table (as regclass prints it), its single-column primary key and
+    type, the trajectory and vector columns. Raises InferenceError naming what does not fit."""
     q = plpy.quote_ident
     oid = plpy.execute(plpy.prepare("SELECT $1::regclass::oid AS oid", ["text"]), [source])[0]["oid"]
     table = plpy.execute(plpy.prepare("SELECT $1::regclass::text AS t", ["oid"]), [oid])[0]["t"]
@@ -57,22 +57,46 @@ def embed_table(plpy, source: str, traj_column: str, embedding_column: str, mode
         raise InferenceError(f"{table}.{embedding_column} is {emb['full']}, not a pgvector vector", sqlstate="42804",
                              hint=f"ALTER TABLE {table} ADD COLUMN {q(embedding_column)} vector")
     key, key_type = _primary_key(plpy, oid, table)
+    return {"oid": oid, "table": table, "key": key, "key_type": key_type, "emb": emb,
+            "version_column": f"{embedding_column}_model"}
+
+
+def resolve_encoder(plpy, model: str, where: dict, threads: str | None) -> tuple[int, str]:
+    """(model id, encoder sha256) of ``model``, checked against the vector column's dimension."""
     resolved = plpy.execute(plpy.prepare("SELECT model_id, sha256 FROM pgtraj._resolve($1, 'encoder')", ["text"]),
                             [model])[0]
     model_id, sha = resolved["model_id"], resolved["sha256"]
     m, sess = inference.session(plpy, model_id, "encoder", sha, threads)
-    dim = sess.get_outputs()[0].shape[1]
+    dim, emb = sess.get_outputs()[0].shape[1], where["emb"]
     if emb["typmod"] > 0 and emb["typmod"] != dim:
-        raise InferenceError(f"model {m.label} embeds in {dim} dimensions but {table}.{embedding_column} is"
-                             f" {emb['full']}", sqlstate="42804",
-                             hint=f"ALTER TABLE {table} ALTER COLUMN {q(embedding_column)} TYPE vector({dim})"
-                                  " USING NULL, or use a model of that size")
-    version_column = f"{embedding_column}_model"
+        column = f"{where['table']}.{emb['name']}"
+        raise InferenceError(f"model {m.label} embeds in {dim} dimensions but {column} is {emb['full']}",
+                             sqlstate="42804",
+                             hint=f"ALTER TABLE {where['table']} ALTER COLUMN {plpy.quote_ident(emb['name'])} TYPE"
+                                  f" vector({dim}) USING NULL, or use a model of that size")
+    return model_id, sha
+
+
+def ensure_version_column(plpy, where: dict) -> None:
+    """The <embedding column>_model column (bigint): the model version of each embedding."""
     if plpy.execute(plpy.prepare("SELECT 1 FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND NOT"
-                                 " attisdropped", ["oid", "name"]), [oid, version_column]).nrows() == 0:
-        plpy.notice(f"pgtraj.embed_table: adding column {version_column} to {table} (the model version of each"
-                    " embedding, so that refreshes redo only stale rows)")
-        plpy.execute(f"ALTER TABLE {table} ADD COLUMN {q(version_column)} bigint")
+                                 " attisdropped", ["oid", "name"]), [where["oid"], where["version_column"]]).nrows():
+        return
+    plpy.notice(f"pgtraj: adding column {where['version_column']} to {where['table']} (the model version of each"
+                " embedding, so that refreshes redo only stale rows)")
+    plpy.execute(f"ALTER TABLE {where['table']} ADD COLUMN {plpy.quote_ident(where['version_column'])} bigint")
+
+
+def embed_table(plpy, source: str, traj_column: str, embedding_column: str, model: str, batch_size: int,
+                threads: str | None) -> dict:
+    if not 1 <= batch_size <= 100_000:
+        raise InferenceError(f"batch_size must be from 1 to 100000, not {batch_size}", sqlstate="22023")
+    q = plpy.quote_ident
+    where = describe(plpy, source, traj_column, embedding_column)
+    table, key, key_type = where["table"], where["key"], where["key_type"]
+    model_id, sha = resolve_encoder(plpy, model, where, threads)
+    ensure_version_column(plpy, where)
+    version_column = where["version_column"]
     T, K, E, V, G = table, q(key), q(embedding_column), q(version_column), q(traj_column)
     stale = f"{G} IS NOT NULL AND ({E} IS NULL OR {V} IS DISTINCT FROM $1)"
     lock = plpy.execute(plpy.prepare("SELECT pg_try_advisory_lock(hashtext('pgtraj.embed_table'),"
