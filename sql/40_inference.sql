@@ -159,6 +159,43 @@ $$;
 COMMENT ON FUNCTION pgtraj.predict_next(tgeompoint, text, integer, boolean) IS
     'The k likeliest next H3 cells of a MobilityDB trajectory';
 
+CREATE OR REPLACE FUNCTION pgtraj._predict_destination(wkb bytea, model_id bigint, sha256 text, threads text, k integer)
+RETURNS TABLE (rank integer, cell text, lat double precision, lon double precision, probability double precision)
+LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+@BOOT@
+return GD['pgtraj'].inference.call(plpy, 'predict_destination', wkb, model_id, sha256, threads, k)
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj.predict_destination(traj geometry, model text, k integer DEFAULT 5)
+RETURNS TABLE (rank integer, cell h3index, geom geometry(Point, 4326), probability double precision)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 AS $$
+    SELECT p.rank, p.cell::h3index, ST_SetSRID(ST_MakePoint(p.lon, p.lat), 4326), p.probability
+      FROM pgtraj._resolve(model, 'destination') r,
+           pgtraj._predict_destination(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true), k) p
+$$;
+COMMENT ON FUNCTION pgtraj.predict_destination(geometry, text, integer) IS
+    'The k likeliest destinations (last H3 cell) of a trip in progress; needs a model fine-tuned with the destination objective';
+
+CREATE OR REPLACE FUNCTION pgtraj._predict_path(wkb bytea, model_id bigint, sha256 text, threads text, steps integer,
+                                                beam integer)
+RETURNS TABLE (step integer, cell text, lat double precision, lon double precision, t double precision,
+               probability double precision)
+LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+@BOOT@
+return GD['pgtraj'].inference.call(plpy, 'predict_path', wkb, model_id, sha256, threads, steps, beam)
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj.predict_path(traj geometry, model text, steps integer DEFAULT 10, beam integer DEFAULT 4)
+RETURNS geometry
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+    SELECT ST_SetSRID(ST_MakeLine(ST_MakePointM(p.lon, p.lat, p.t) ORDER BY p.step), 4326)
+      FROM pgtraj._resolve(model, 'next_cell') r,
+           pgtraj._predict_path(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true),
+                                steps, beam) p
+$$;
+COMMENT ON FUNCTION pgtraj.predict_path(geometry, text, integer, integer) IS
+    'The likeliest continuation of a trip (beam search over grid-neighbour moves) as a LINESTRING M from its last fix, M = predicted epoch seconds';
+
 -- surprise -----------------------------------------------------------------------------------------------
 
 CREATE OR REPLACE FUNCTION pgtraj._score(wkb bytea, model_id bigint, sha256 text, threads text)

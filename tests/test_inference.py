@@ -241,3 +241,34 @@ def test_parallel_workers_load_models_from_the_file_mirror(conn):
     conn.execute("SELECT pgtraj.warmup('m')")  # outside parallel mode: fetches and mirrors again
     conn.execute("SET force_parallel_mode = on")
     assert conn.execute(query).fetchone() == (12,)
+
+
+def test_predict_path_is_a_contiguous_timed_continuation(conn):
+    import h3
+
+    n, first, m_inc, cells = conn.execute("""
+        WITH p AS (SELECT pgtraj.predict_path(geom, 'm', steps => 6, beam => 3) AS g FROM trips WHERE id = 4)
+        SELECT ST_NPoints(g), ST_AsText(ST_StartPoint(g)) = ST_AsText(ST_Force2D(ST_EndPoint(t.geom)))
+                 OR ST_Equals(ST_Force2D(ST_StartPoint(g)), ST_Force2D(ST_EndPoint(t.geom))),
+               bool_and(ST_M(d.geom) >= lag_m) , array_agg(h3_lat_lng_to_cell(ST_Force2D(d.geom)::point, 9)::text ORDER BY d.path)
+          FROM p, trips t, LATERAL (SELECT dp.geom, dp.path, coalesce(lag(ST_M(dp.geom)) OVER (ORDER BY dp.path),
+                                           ST_M(dp.geom)) AS lag_m FROM ST_DumpPoints(p.g) dp) d
+         WHERE t.id = 4 GROUP BY 1, 2""").fetchone()
+    assert n == 7 and first and m_inc
+    steps = cells[1:]
+    assert all(h3.grid_distance(a, b) == 1 for a, b in zip(steps, steps[1:]))  # one grid move per step
+
+
+def test_predict_destination_needs_a_destination_head(conn, models):
+    with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+        conn.execute("SELECT * FROM pgtraj.predict_destination((SELECT geom FROM trips WHERE id = 1), 'm')")
+    assert "destination" in err.value.diag.message_hint
+    register(conn, models[0], name="dest", graphs=("encoder", "destination"))
+    rows = conn.execute("SELECT rank, probability FROM pgtraj.predict_destination((SELECT geom FROM trips"
+                        " WHERE id = 1), 'dest', k => 4)").fetchall()
+    x = TOK.encode(TRIPS[1])
+    with torch.no_grad():
+        logits = models[0].destination_logits(**to_tensors(collate([to_inputs(x)])))
+    p = torch.softmax(logits[0, -1], -1).numpy()
+    p[:5] = -1
+    assert [r[0] for r in rows] == [1, 2, 3, 4] and np.allclose([r[1] for r in rows], np.sort(p)[::-1][:4], atol=1e-5)
