@@ -403,6 +403,43 @@ def mirror_artifact(plpy, model_id: int, sha: str, data: bytes) -> None:
                       "config": json.loads(row["config"])}, {sha: bytes(data)})
 
 
+# what each graph kind must output: (name, rank, width) with width 'V' = vocabulary size, None = any
+GRAPH_OUTPUTS = {"encoder": [(2, None)], "next_cell": [(2, "V"), (1, None)], "token_nll": [(2, None)],
+                 "destination": [(2, "V")], "travel_time": [(1, None)], "classify": [(2, None)]}
+
+
+def check_graph(kind: str, data: bytes, vocab_size: int) -> str | None:
+    """Why an ONNX graph cannot serve as ``kind`` under a vocabulary of ``vocab_size``, or None if it can."""
+    import onnxruntime as ort
+
+    if kind not in GRAPH_OUTPUTS:
+        return f"unknown kind (known: {', '.join(sorted(GRAPH_OUTPUTS))})"
+    try:
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unparsable models
+        return f"onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})"
+    names = [i.name for i in sess.get_inputs()]
+    if names != list(INPUT_NAMES):
+        return f"inputs are {names}, expected {list(INPUT_NAMES)}"
+    outs = sess.get_outputs()
+    want = GRAPH_OUTPUTS[kind]
+    if len(outs) != len(want):
+        return f"{len(outs)} outputs, expected {len(want)}"
+    for o, (rank, width) in zip(outs, want):
+        if len(o.shape) != rank:
+            return f"output {o.name} has rank {len(o.shape)}, expected {rank}"
+        if width == "V" and o.shape[-1] != vocab_size:
+            return f"output {o.name} has width {o.shape[-1]}, the tokenizer has {vocab_size} tokens"
+    return None
+
+
+def output_width(data: bytes) -> int | None:
+    import onnxruntime as ort
+
+    width = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).get_outputs()[0].shape[-1]
+    return width if isinstance(width, int) else None
+
+
 def call(plpy, fn, *args, **kwargs):
     """Entry point of the SQL wrappers: run ``fn`` (a function of this module by name, or any callable
     taking plpy first) and turn pgtraj errors into SQL errors with SQLSTATE, message and hint (never a
