@@ -7,7 +7,10 @@
   per-position surprise behind anomaly scores);
 * ``destination``: probabilities of the trip's last cell given the sequence so far (B, V);
 * ``travel_time``: log1p(seconds from the first to the last cell) of a route (B,), timing inputs ignored;
-* ``classify``: class probabilities (B, n_classes), for models fine-tuned with labels.
+* ``classify``: class probabilities (B, n_classes), for models fine-tuned with labels;
+* ``masked``: for every position, the likeliest cell token and its probability (B, T) each, reading MASK
+  tokens bidirectionally (the spatial features of masked positions must be zeroed, as in training): what
+  gap filling runs, for models pretrained with masked spans.
 Inputs are right-padded with PAD; batch and length are dynamic.
 """
 
@@ -21,11 +24,13 @@ import torch
 import torch.nn as nn
 
 from .model import TrajectoryModel
-from .tokenizer import PAD
+from .tokenizer import PAD, SPECIAL_TOKENS
+
+N_SPECIAL = len(SPECIAL_TOKENS)
 
 INPUT_NAMES = ["tokens", "dow", "minute", "cont"]
 _DYNAMIC = {name: {0: "batch", 1: "length"} for name in INPUT_NAMES}
-_OUTPUT_AXES = {"nll": {0: "batch", 1: "length"}}  # per position; every other output is per sequence
+_OUTPUT_AXES = {name: {0: "batch", 1: "length"} for name in ("nll", "token", "probability")}  # per position; every other output is per sequence
 
 
 class _Encoder(nn.Module):
@@ -91,14 +96,28 @@ class _Classify(nn.Module):
         return torch.softmax(self.model.classify(tokens, dow, minute, cont), dim=-1)
 
 
+class _Masked(nn.Module):
+    def __init__(self, model: TrajectoryModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, dow, minute, cont):
+        logits = self.model.lm_head(self.model.backbone(tokens, dow, minute, cont, causal=False))
+        special = torch.arange(logits.shape[-1], device=logits.device) < N_SPECIAL
+        probs = torch.softmax(logits, dim=-1).masked_fill(special, 0.0)  # a gap is filled with a place
+        best, token = probs.max(dim=-1)
+        return token, best
+
+
 GRAPHS = {"encoder": (_Encoder, ["embedding"]), "next_cell": (_NextCell, ["probs", "log1p_dt"]),
           "token_nll": (_TokenNll, ["nll"]),
           "destination": (_Destination, ["probs"]), "travel_time": (_TravelTime, ["log1p_seconds"]),
-          "classify": (_Classify, ["probs"])}
+          "classify": (_Classify, ["probs"]), "masked": (_Masked, ["token", "probability"])}
 
 # the graphs registered after training with each objective (the encoder always; the task's own head)
 GRAPHS_FOR = {"destination": ("encoder", "destination"), "travel_time": ("encoder", "travel_time"),
-              "classify": ("encoder", "classify")}
+              "classify": ("encoder", "classify"), "hybrid": ("encoder", "masked"),
+              "masked_spans": ("encoder", "masked"), "contrastive": ("encoder",)}
 DEFAULT_GRAPHS = ("encoder", "next_cell", "token_nll")
 
 

@@ -196,6 +196,34 @@ $$;
 COMMENT ON FUNCTION pgtraj.predict_path(geometry, text, integer, integer) IS
     'The likeliest continuation of a trip (beam search over grid-neighbour moves) as a LINESTRING M from its last fix, M = predicted epoch seconds';
 
+CREATE OR REPLACE FUNCTION pgtraj._fill_gaps(wkb bytea, model_id bigint, sha256 text, threads text)
+RETURNS TABLE (lat double precision, lon double precision, t double precision, filled boolean,
+               probability double precision)
+LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+@BOOT@
+return GD['pgtraj'].inference.call(plpy, 'fill_gaps', wkb, model_id, sha256, threads)
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj.fill_gaps(traj geometry, model text) RETURNS geometry
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+    SELECT ST_SetSRID(ST_MakeLine(ST_MakePointM(p.lon, p.lat, p.t) ORDER BY p.t, p.filled), 4326)
+      FROM pgtraj._resolve(model, 'masked') r,
+           pgtraj._fill_gaps(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true)) p
+$$;
+COMMENT ON FUNCTION pgtraj.fill_gaps(geometry, text) IS
+    'The trajectory (WGS84 LINESTRING M) with the H3 cells it skipped between sparse fixes recovered by a masked-span model, instead of a straight line';
+
+CREATE OR REPLACE FUNCTION pgtraj.fill_gaps_detail(traj geometry, model text)
+RETURNS TABLE (geom geometry(PointM, 4326), filled boolean, probability double precision)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+    SELECT ST_SetSRID(ST_MakePointM(p.lon, p.lat, p.t), 4326), p.filled, p.probability
+      FROM pgtraj._resolve(model, 'masked') r,
+           pgtraj._fill_gaps(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true)) p
+     ORDER BY p.t, p.filled
+$$;
+COMMENT ON FUNCTION pgtraj.fill_gaps_detail(geometry, text) IS
+    'The points of pgtraj.fill_gaps: observed fixes (filled = false) and recovered cells with the model''s probability';
+
 -- surprise -----------------------------------------------------------------------------------------------
 
 CREATE OR REPLACE FUNCTION pgtraj._score(wkb bytea, model_id bigint, sha256 text, threads text)

@@ -272,3 +272,31 @@ def test_predict_destination_needs_a_destination_head(conn, models):
     p = torch.softmax(logits[0, -1], -1).numpy()
     p[:5] = -1
     assert [r[0] for r in rows] == [1, 2, 3, 4] and np.allclose([r[1] for r in rows], np.sort(p)[::-1][:4], atol=1e-5)
+
+
+def test_fill_gaps_recovers_the_skipped_cells_like_the_client(conn, models):
+    from pgtraj.tokenizer import MASK
+
+    register(conn, models[0], name="mlm", graphs=("encoder", "masked"))
+    sparse = TRIPS[9].take(slice(0, None, 12))  # every 12th fix: cells in between are skipped
+    conn.execute(f"INSERT INTO trips VALUES (500, {LINE})", [sparse.lon.tolist(), sparse.lat.tolist(), sparse.t.tolist()])
+    rows = conn.execute("SELECT ST_Y(geom), ST_X(geom), ST_M(geom), filled FROM pgtraj.fill_gaps_detail("
+                        "(SELECT geom FROM trips WHERE id = 500), 'mlm')").fetchall()
+    x = TOK.encode(sparse)
+    gaps = np.flatnonzero(x.interpolated)
+    assert len(gaps) > 0 and sum(r[3] for r in rows) == len(gaps) and sum(not r[3] for r in rows) == len(sparse)
+    assert all(a[2] <= b[2] for a, b in zip(rows, rows[1:]))
+    b = to_tensors(collate([to_inputs(x)]))
+    b["tokens"][0, gaps + 1] = MASK
+    cont = b["cont"].clone()  # the spatial features of masked positions are hidden, as in training
+    cont[0, torch.from_numpy(gaps + 1)] = cont[0, torch.from_numpy(gaps + 1)] * torch.tensor([1, 1, 0, 0, 0, 0, 0, 1.0])
+    with torch.no_grad():
+        logits = models[0].lm_head(models[0].backbone(b["tokens"], b["dow"], b["minute"], cont))
+    logits[..., :5] = -torch.inf
+    import h3
+
+    want = [h3.cell_to_latlng(h3.int_to_str(TOK.token_cell(int(t)))) for t in logits[0, gaps + 1].argmax(-1)]
+    got = [(r[0], r[1]) for r in rows if r[3]]
+    assert np.allclose(sorted(got), sorted(want), atol=1e-9)
+    line = conn.execute("SELECT ST_NPoints(pgtraj.fill_gaps(geom, 'mlm')) FROM trips WHERE id = 500").fetchone()[0]
+    assert line == len(rows)

@@ -362,6 +362,41 @@ def predict_path(plpy, wkb, model_id: int, sha: str, threads: str | None, steps:
     return rows
 
 
+# continuous feature columns that reveal where a masked token is (as objectives.MaskedSpans hides them)
+_SPATIAL = [2, 3, 4, 5, 6]
+
+
+def fill_gaps(plpy, wkb, model_id: int, sha: str, threads: str | None) -> list[tuple]:
+    """The trip's fixes plus, for every cell it skipped (the tokenizer's grid-path interpolation, where
+    fixes are too sparse to see each cell), the model's recovery of that cell: rows (lat, lon, epoch
+    seconds, filled, probability). The skipped cells are masked and read bidirectionally, as in masked
+    span pretraining, instead of being drawn on the straight line between fixes."""
+    import h3
+
+    from ..tokenizer import MASK
+
+    model, sess = session(plpy, model_id, "masked", sha, threads)
+    traj = from_wkb(None, wkb)
+    x = _encode(model, wkb, "trajectory")
+    rows = [(float(a), float(o), float(t), False, None) for a, o, t in zip(traj.lat, traj.lon, traj.t)]
+    inp = to_inputs(x)
+    gaps = np.flatnonzero(x.interpolated) + 1  # +1: the BOS position
+    for start in range(0, len(inp.tokens), model.max_len):
+        w = Inputs(*(getattr(inp, f)[start:start + model.max_len].copy() for f in INPUT_NAMES))
+        here = gaps[(gaps >= start) & (gaps < start + model.max_len)] - start
+        if not len(here):
+            continue
+        w.tokens[here] = MASK
+        w.cont[np.ix_(here, _SPATIAL)] = 0.0
+        token, prob = _run(sess, [w])
+        for pos in here:
+            cell = h3.int_to_str(model.tokenizer.token_cell(int(token[0, pos])))
+            lat, lon = h3.cell_to_latlng(cell)
+            rows.append((lat, lon, float(x.t[start + pos - 1]), True, float(prob[0, pos])))
+    rows.sort(key=lambda r: (r[2], r[3]))
+    return rows
+
+
 def score(plpy, wkb, model_id: int, sha: str, threads: str | None) -> float:
     """Mean surprise, -log p(next cell | the trip so far), over the trip's transitions (nats per cell):
     high for trips unlike anything the model learnt (anomaly detection). Long trips are scored window by
@@ -405,7 +440,8 @@ def mirror_artifact(plpy, model_id: int, sha: str, data: bytes) -> None:
 
 # what each graph kind must output: (name, rank, width) with width 'V' = vocabulary size, None = any
 GRAPH_OUTPUTS = {"encoder": [(2, None)], "next_cell": [(2, "V"), (1, None)], "token_nll": [(2, None)],
-                 "destination": [(2, "V")], "travel_time": [(1, None)], "classify": [(2, None)]}
+                 "destination": [(2, "V")], "travel_time": [(1, None)], "classify": [(2, None)],
+                 "masked": [(2, None), (2, None)]}
 
 
 def check_graph(kind: str, data: bytes, vocab_size: int) -> str | None:
