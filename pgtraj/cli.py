@@ -13,7 +13,7 @@ from .errors import PgtrajError
 def _db(args) -> int:
     from .localdb import LocalCluster
 
-    cluster = LocalCluster(args.data_dir, listen=args.listen)
+    cluster = LocalCluster(args.data_dir, listen=args.listen, training=args.training)
     if args.action == "start":
         url = cluster.start(port=args.port, log=_say)
         _say(f"local database running: {url}")
@@ -82,7 +82,7 @@ def _train(args) -> int:
 def _runtime_env(args) -> int:
     from .runtime_env import ensure_runtime_env
 
-    site = ensure_runtime_env(args.path, log=_say)
+    site = ensure_runtime_env(args.path, training=args.training, log=_say)
     _say("runtime environment ready; install with:")
     print(f"pgtraj install --dsn ... --python-path {site}")
     return 0
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["start", "stop", "status", "url"])
     sp.add_argument("--data-dir", help="where the cluster and its PL/Python environment live")
     sp.add_argument("--port", type=int, help="TCP port (default: the last one used, else a free one)")
+    sp.add_argument("--training", action="store_true", help="add torch to the PL/Python environment (pgtraj.train)")
     sp.add_argument("--listen", default="127.0.0.1",
                     help="listen_addresses (default 127.0.0.1; '*' accepts password logins from anywhere)")
     sp.set_defaults(func=_db)
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("runtime-env", help="build the PL/Python environment for a server on this host")
     sp.add_argument("path", help="where to create the venv, e.g. /var/lib/pgtraj/runtime-venv")
+    sp.add_argument("--training", action="store_true", help="add torch, for training inside the database")
     sp.set_defaults(func=_runtime_env)
 
     sp = sub.add_parser("models", help="list registered models")

@@ -137,6 +137,19 @@ def export(model: TrajectoryModel, kind: str, example: dict[str, torch.Tensor]) 
     return buf.getvalue()
 
 
+def export_checked(model: TrajectoryModel, objective: str, example: dict[str, torch.Tensor],
+                   tolerance: float = 1e-3) -> tuple[dict[str, bytes], dict[str, float]]:
+    """The graphs a model trained with ``objective`` is registered with, and each one's parity figure;
+    raises ValueError when onnxruntime disagrees with torch beyond ``tolerance`` (that is a bug)."""
+    artifacts, parity = {}, {}
+    for kind in GRAPHS_FOR.get(objective, DEFAULT_GRAPHS):
+        artifacts[kind] = export(model, kind, example)
+        parity[kind] = max_abs_diff(model, kind, artifacts[kind], example)
+        if parity[kind] > tolerance:
+            raise ValueError(f"ONNX {kind} differs from torch by {parity[kind]:.2e}")
+    return artifacts, parity
+
+
 def torch_outputs(model: TrajectoryModel, kind: str, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
     wrapper = GRAPHS[kind][0](model).eval()
     with torch.no_grad():

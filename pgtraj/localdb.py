@@ -59,18 +59,20 @@ class LocalCluster:
     """A local PostgreSQL cluster managed by pgtraj.
 
     ``settings`` are extra ``postgresql.conf`` lines (the test suite turns fsync off with them);
-    ``runtime_venv`` may point at a shared, already-built PL/Python environment.
+    ``runtime_venv`` may point at a shared, already-built PL/Python environment; ``training`` adds torch
+    to it (training from SQL).
     """
 
     def __init__(self, home: str | Path | None = None, *, runtime_venv: str | Path | None = None,
                  dbname: str = DEFAULT_DBNAME, settings: dict[str, str] | None = None,
-                 listen: str = "127.0.0.1"):
+                 listen: str = "127.0.0.1", training: bool = False):
         self.home = Path(home or default_home()).absolute()
         self.pgdata = self.home / "pgdata"
         self.runtime_venv = Path(runtime_venv).absolute() if runtime_venv else self.home / "runtime-venv"
         self.dbname = dbname
         self.settings = dict(settings or {})
         self.listen = listen  # '*' in the Docker image, where clients come from outside the container
+        self.training = training  # torch in the PL/Python environment too, for pgtraj.train in SQL
         self._state_file = self.home / "cluster.json"
         self._password_file = self.home / "password"
         self.server_user = SUPERUSER if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
@@ -114,11 +116,11 @@ class LocalCluster:
             if port is not None and port != self.port:
                 raise LocalDatabaseError(f"the local database is already running on port {self.port}",
                                          hint="run `pgtraj db stop` first to move it to another port")
-            ensure_runtime_env(self.runtime_venv, log=log)
+            ensure_runtime_env(self.runtime_venv, training=self.training, log=log)
             return self.url()
         self._check_bindir()
         self._prepare_home()
-        site = ensure_runtime_env(self.runtime_venv, log=log)
+        site = ensure_runtime_env(self.runtime_venv, training=self.training, log=log)
         if not self.is_initialized():
             self._initdb(log)
         port = self._choose_port(port, log)

@@ -20,13 +20,15 @@ from .runtime import package_digest
 SYSTEM_PYTHON = os.environ.get("PGTRAJ_SYSTEM_PYTHON", "/usr/bin/python3")
 PACKAGE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = PACKAGE_DIR / "runtime" / "requirements.txt"
+TRAINING_REQUIREMENTS = PACKAGE_DIR / "runtime" / "requirements-train.txt"
 # what the server never needs: SQL/migrations are applied by the client, caches are rebuilt
 _NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc", "sql", "migrations")
 
 
-def ensure_runtime_env(venv: Path, *, log=print) -> Path:
+def ensure_runtime_env(venv: Path, *, training: bool = False, log=print) -> Path:
     """Create or refresh the venv at ``venv``; return its site-packages directory. Idempotent and quick
-    when nothing changed (two stamp files are compared); safe to call from concurrent processes."""
+    when nothing changed (stamp files are compared); safe to call from concurrent processes. ``training``
+    adds torch and what training needs (requirements-train.txt), for pgtraj.train inside the database."""
     venv = Path(venv).absolute()
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / f".{venv.name}.lock", "w") as lock:
@@ -47,6 +49,18 @@ def ensure_runtime_env(venv: Path, *, log=print) -> Path:
             _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(REQUIREMENTS)],
                  "pip install of the runtime requirements")
             stamp.write_text(wanted)
+        if training:
+            wanted = TRAINING_REQUIREMENTS.read_text() + os.environ.get("PGTRAJ_TORCH_SPEC", "")
+            stamp = venv / ".pgtraj-training"
+            if not stamp.exists() or stamp.read_text() != wanted:
+                log("installing torch and the training requirements into the PL/Python environment")
+                torch = os.environ.get("PGTRAJ_TORCH_SPEC")
+                if torch:  # a torch build of the user's choosing first (e.g. CPU-only from another index)
+                    _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *torch.split()],
+                         "pip install of torch")
+                _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+                      str(TRAINING_REQUIREMENTS)], "pip install of the training requirements")
+                stamp.write_text(wanted)
         site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          "reading the venv's site-packages").strip())
         _sync_package(site)

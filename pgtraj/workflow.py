@@ -16,7 +16,7 @@ from . import registry
 from .clean import CleaningConfig, CleaningReport, clean
 from .connection import connect
 from .data import to_tensors
-from .export import DEFAULT_GRAPHS, GRAPHS_FOR, export, max_abs_diff
+from .export import export_checked
 from .features import collate, to_inputs
 from .io import QuerySource, TrajectoryReader, _table
 from .train import TrainConfig, TrainingError, train
@@ -63,12 +63,10 @@ def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_di
             result = train(train_set, val_set, cfg, out_dir, labels=labels, progress=progress, log=log)
             example = to_tensors(collate([to_inputs(result.tokenizer.encode(t)) for t in val_set[:4]],
                                          max_len=cfg.max_len))
-            artifacts, parity = {}, {}
-            for kind in GRAPHS_FOR.get(cfg.objective, DEFAULT_GRAPHS):
-                artifacts[kind] = export(result.model, kind, example)
-                parity[kind] = max_abs_diff(result.model, kind, artifacts[kind], example)
-                if parity[kind] > 1e-3:
-                    raise TrainingError(f"ONNX {kind} differs from torch by {parity[kind]:.2e}", hint="this is a bug")
+            try:
+                artifacts, parity = export_checked(result.model, cfg.objective, example)
+            except ValueError as exc:
+                raise TrainingError(str(exc), hint="this is a bug") from None
             metrics = {**result.metrics, "onnx_max_abs_diff": parity}
             with conn.transaction():
                 mv = registry.register(

@@ -32,7 +32,8 @@ def new_home() -> Path:
 
 @pytest.fixture(scope="session")
 def cluster():
-    c = LocalCluster(new_home(), runtime_venv=CACHE / "runtime-venv", dbname="pgtraj_test", settings=FAST)
+    c = LocalCluster(new_home(), runtime_venv=CACHE / "runtime-venv", dbname="pgtraj_test", settings=FAST,
+                     training=True)
     c.start(log=lambda m: None)
     yield c
     c.stop()

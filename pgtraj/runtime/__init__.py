@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from . import batch, inference, queue  # noqa: F401  (what the SQL functions call, as GD['pgtraj'].inference etc.)
+from . import batch, inference, queue, training  # noqa: F401  (what the SQL functions call, as GD['pgtraj'].inference etc.)
 from ..errors import PgtrajError  # noqa: F401  (the SQL wrappers catch it to raise SQL errors)
 from ..tokenizer import Tokenizer
 from ..trajectory import from_wkb

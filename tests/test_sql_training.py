@@ -1,0 +1,160 @@
+"""CALL pgtraj.train: training inside the database from a table or a query, run records, registration,
+deploy-if-better, refusals, cancel, and schedules on pg_cron."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import psycopg
+import pytest
+
+from pgtraj.install import install
+
+from .test_inference import LINE
+from .test_model import TRIPS
+
+TINY = {"preset": "tiny", "steps": 6, "batch_size": 8, "max_len": 48, "warmup": 1, "eval_every": 3,
+        "eval_batches": 1, "min_trajectories": 4, "tokenizer": {"resolution": 9, "min_count": 1,
+                                                                "coarsest_resolution": 6}}
+
+
+def make_table(c, name="trips", n=60):
+    c.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, geom geometry(LineStringM, 4326), split text)")
+    for i, t in enumerate(TRIPS[:n]):
+        c.execute(f"INSERT INTO {name} VALUES (%s, {LINE}, %s)",
+                  [i, t.lon.tolist(), t.lat.tolist(), t.t.tolist(), "val" if i % 5 == 0 else "train"])
+
+
+@pytest.fixture
+def conn(db):
+    with psycopg.connect(db, autocommit=True) as c:
+        make_table(c)
+        yield c
+
+
+def train(c, name="sq", source="trips", objective="next_cell", config=None, deploy="auto"):
+    c.execute("CALL pgtraj.train(%s, %s, %s, %s::jsonb, %s)",
+              [name, source, objective, json.dumps(config or TINY), deploy])
+
+
+def test_train_registers_deploys_and_serves(conn, db):
+    said = []
+    conn.add_notice_handler(lambda d: said.append(d.message_primary))
+    train(conn)
+    status, outcome, loss = conn.execute("SELECT status, outcome, val_loss FROM pgtraj.training_status").fetchone()
+    assert status == "succeeded" and outcome == "registered v1, deployed" and loss > 0
+    assert any(re.search(r"\d+ train / \d+ val pieces from trips", m) for m in said), said
+    assert any("step 6/6" in m for m in said), said
+    graphs = conn.execute("SELECT artifacts FROM pgtraj.models WHERE name = 'sq'").fetchone()[0]
+    assert graphs == ["encoder", "next_cell", "token_nll"]
+    rows = conn.execute("SELECT count(*) FROM pgtraj.predict_next((SELECT geom FROM trips WHERE id = 3), 'sq')"
+                        ).fetchone()
+    assert rows == (5,)
+    with psycopg.connect(db) as fresh:  # a backend that only serves the model never loads torch
+        fresh.execute("SELECT pgtraj.embed(geom, 'sq') FROM trips LIMIT 1")
+        assert fresh.execute("SELECT pgtraj.runtime_info() ->> 'torch_loaded'").fetchone() == ("false",)
+
+
+def test_deploy_only_when_better(conn):
+    train(conn, config={**TINY, "steps": 30})
+    train(conn, config={**TINY, "steps": 1, "lr": 1e-6})  # barely trained: worse on val_loss
+    outcome = conn.execute("SELECT outcome FROM pgtraj.training_status ORDER BY id DESC LIMIT 1").fetchone()[0]
+    assert outcome.startswith("registered v2, not deployed: val_loss")
+    assert conn.execute("SELECT version FROM pgtraj.deployments WHERE name = 'sq'").fetchone() == (1,)
+    train(conn, config={**TINY, "steps": 1, "lr": 1e-6}, deploy="always")
+    assert conn.execute("SELECT version FROM pgtraj.deployments WHERE name = 'sq'").fetchone() == (3,)
+
+
+def test_train_from_a_query_with_hybrid(conn):
+    train(conn, name="hq", source="SELECT id, geom, split FROM trips WHERE id < 50", objective="hybrid")
+    assert conn.execute("SELECT artifacts FROM pgtraj.models WHERE name = 'hq'").fetchone()[0] == ["encoder", "masked"]
+    assert conn.execute("SELECT vector_dims(pgtraj.embed(geom, 'hq')) FROM trips LIMIT 1").fetchone() == (32,)
+
+
+def test_a_failed_run_is_recorded_and_changes_nothing(conn):
+    train(conn)
+    conn.execute("UPDATE trips SET split = 'test'")  # nothing left to train on
+    with pytest.raises(psycopg.Error) as err:
+        train(conn)
+    assert "training trajectories" in str(err.value)
+    status, outcome, error = conn.execute("SELECT status, outcome, error FROM pgtraj.training_status"
+                                          " ORDER BY id DESC LIMIT 1").fetchone()
+    assert status == "failed" and outcome == "nothing registered" and "training trajectories" in error
+    assert conn.execute("SELECT count(*), max(version) FROM pgtraj.model_registry").fetchone() == (1, 1)
+
+
+@pytest.mark.parametrize("args, sqlstate", [
+    (dict(config={**TINY, "stepz": 3}), "22023"),
+    (dict(objective="teleport"), "22023"),
+    (dict(name="bad name!"), "22023"),
+    (dict(deploy="sometimes"), "22023"),
+    (dict(source="nope"), "42P01"),
+    (dict(config={**TINY, "split_column": "nope"}), "42703"),
+])
+def test_refusals(conn, args, sqlstate):
+    with pytest.raises(psycopg.Error) as err:
+        train(conn, **args)
+    assert err.value.sqlstate == sqlstate, str(err.value)
+    assert conn.execute("SELECT count(*) FROM pgtraj.model_registry").fetchone() == (0,)
+
+
+def test_only_admins_train_and_runs_do_not_overlap(conn, db, login_role):
+    with psycopg.connect(login_role("pgtraj_user")(db), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            train(c)
+    with psycopg.connect(db, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext('pgtraj.train'), hashtext('sq'))")
+        with pytest.raises(psycopg.Error) as err:
+            train(conn)
+        assert err.value.sqlstate == "55P03"
+
+
+def test_cancel_stops_training_cleanly(conn, db):
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    errors, said = [], []
+    conn.add_notice_handler(lambda d: said.append(d.message_primary))
+
+    def run():
+        try:
+            train(conn, config={**TINY, "steps": 100000, "eval_every": 100000})
+        except psycopg.Error as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    with psycopg.connect(db, autocommit=True) as other:
+        deadline = time.time() + 120
+        while not other.execute("SELECT count(*) FROM pgtraj.training_runs WHERE status = 'running'").fetchone()[0]:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        time.sleep(2)
+        other.execute("SELECT pg_cancel_backend(%s)", [pid])
+        worker.join(120)
+        assert errors and errors[0].sqlstate == "57014"
+        assert other.execute("SELECT status, outcome FROM pgtraj.training_status").fetchone() == (
+            "cancelled", "nothing registered")
+        assert other.execute("SELECT count(*) FROM pgtraj.model_registry").fetchone() == (0,)
+
+
+def test_schedule_training(cluster, conn):
+    with pytest.raises(psycopg.errors.FeatureNotSupported):
+        conn.execute("SELECT pgtraj.schedule_training('sq', '0 3 * * *', 'trips')")
+    url = cluster.url()
+    install(url, python_path=cluster.python_path, log=lambda m: None)
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS cron_train")
+        make_table(c, "cron_train", n=30)
+        try:
+            job = c.execute("SELECT pgtraj.schedule_training('cronsq', '0 3 * * *', 'cron_train', 'next_cell', %s)",
+                            [json.dumps(TINY)]).fetchone()[0]
+            command = c.execute("SELECT command FROM cron.job WHERE jobid = %s", [job]).fetchone()[0]
+            c.execute(command)  # what pg_cron runs at 03:00
+            assert c.execute("SELECT status FROM pgtraj.training_status WHERE model_name = 'cronsq'").fetchone() == (
+                "succeeded",)
+            assert c.execute("SELECT pgtraj.unschedule_training('cronsq')").fetchone() == (True,)
+        finally:
+            c.execute("SELECT pgtraj.unschedule_training('cronsq')")
+            c.execute("DROP TABLE cron_train")
