@@ -280,7 +280,7 @@ def test_fill_gaps_recovers_the_skipped_cells_like_the_client(conn, models):
     register(conn, models[0], name="mlm", graphs=("encoder", "masked"))
     sparse = TRIPS[9].take(slice(0, None, 12))  # every 12th fix: cells in between are skipped
     conn.execute(f"INSERT INTO trips VALUES (500, {LINE})", [sparse.lon.tolist(), sparse.lat.tolist(), sparse.t.tolist()])
-    rows = conn.execute("SELECT ST_Y(geom), ST_X(geom), ST_M(geom), filled FROM pgtraj.fill_gaps_detail("
+    rows = conn.execute("SELECT ST_Y(geom), ST_X(geom), ST_M(geom), filled, probability FROM pgtraj.fill_gaps_detail("
                         "(SELECT geom FROM trips WHERE id = 500), 'mlm')").fetchall()
     x = TOK.encode(sparse)
     gaps = np.flatnonzero(x.interpolated)
@@ -295,8 +295,26 @@ def test_fill_gaps_recovers_the_skipped_cells_like_the_client(conn, models):
     logits[..., :5] = -torch.inf
     import h3
 
-    want = [h3.cell_to_latlng(h3.int_to_str(TOK.token_cell(int(t)))) for t in logits[0, gaps + 1].argmax(-1)]
-    got = [(r[0], r[1]) for r in rows if r[3]]
-    assert np.allclose(sorted(got), sorted(want), atol=1e-9)
+    model_cells = [h3.cell_to_latlng(h3.int_to_str(TOK.token_cell(int(t)))) for t in logits[0, gaps + 1].argmax(-1)]
+    path_cells = [h3.cell_to_latlng(h3.int_to_str(int(c))) for c in x.cells[gaps]]
+    filled = [r for r in rows if r[3]]  # in time order, as the gaps
+    for r, m, p in zip(filled, model_cells, path_cells):  # the model's cell, or the path's when it is too far
+        assert np.allclose(r[:2], m if r[4] is not None else p, atol=1e-9)
     line = conn.execute("SELECT ST_NPoints(pgtraj.fill_gaps(geom, 'mlm')) FROM trips WHERE id = 500").fetchone()[0]
     assert line == len(rows)
+
+
+def test_fill_gaps_never_jumps_further_than_the_gap(conn, models):
+    import h3
+
+    register(conn, models[1], name="mlm2", graphs=("encoder", "masked"))
+    sparse = TRIPS[11].take(slice(0, None, 15))
+    conn.execute(f"INSERT INTO trips VALUES (501, {LINE})", [sparse.lon.tolist(), sparse.lat.tolist(), sparse.t.tolist()])
+    rows = conn.execute("SELECT ST_Y(geom), ST_X(geom), filled, probability FROM pgtraj.fill_gaps_detail("
+                        "(SELECT geom FROM trips WHERE id = 501), 'mlm2')").fetchall()
+    x = TOK.encode(sparse)
+    path = [h3.int_to_str(int(c)) for c in x.cells[x.interpolated]]
+    filled = [h3.latlng_to_cell(r[0], r[1], 9) for r in rows if r[2]]
+    longest = max(len(run) for run in "".join("1" if f else "0" for f in x.interpolated).split("0"))
+    assert all(h3.grid_distance(a, b) <= longest for a, b in zip(sorted(filled), sorted(path)))
+    assert all((r[3] is None) or 0 < r[3] <= 1 for r in rows if r[2])
