@@ -455,6 +455,8 @@ def warmup(plpy, model_id: int, threads: str | None) -> dict:
                               " ORDER BY kind", ["int8"]), [model_id])
     for r in rows:
         model, _ = session(plpy, model_id, r["kind"], r["sha256"], threads)
+        if r["kind"] == "next_cell":
+            model.neighbours()  # constrained decoding's table: built once per backend, here rather than in a query
     return {"model": model.name, "version": model.version, "model_id": model_id, "graphs": [r["kind"] for r in rows],
             "threads": _threads(threads), "seconds": round(time.perf_counter() - t0, 4)}
 

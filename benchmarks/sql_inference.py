@@ -1,0 +1,223 @@
+"""Inference inside PostgreSQL against the alternatives, measured side by side in one run.
+
+    .venv/bin/python benchmarks/next_location.py      # first: the checkpoints this registers
+    .venv/bin/python benchmarks/sql_inference.py [--dsn URL] [--pieces 3000]
+
+Same model (the hybrid-pretrained small encoder, and the fine-tuned next-cell model), same trajectories
+(cleaned GeoLife pieces as LINESTRING M rows in bench.trips), one intra-op thread everywhere:
+  * raw onnxruntime outside the database: parse + tokenize + length-sorted batches of 256 (the limit);
+  * in the database: SELECT pgtraj.embed(array, model) (one batched call) and CALL pgtraj.embed_table
+    (which also writes the vectors back, committing per batch);
+  * the client round trip a user would write: fetch WKB with psycopg, embed in Python, COPY the vectors back;
+  * latency of pgtraj.embed and pgtraj.predict_next per call on a warm backend (p50/p99), the first call on
+    a new connection, and 8 clients calling pgtraj.embed at once;
+  * recall@10 of the HNSW index against exact search.
+Writes benchmarks/results/sql_inference.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import psycopg
+
+from pgtraj import registry
+from pgtraj.connection import connect, resolve_dsn
+from pgtraj.data import to_tensors
+from pgtraj.export import export_checked
+from pgtraj.features import collate, to_inputs
+from pgtraj.train import load_checkpoint
+from pgtraj.trajectory import from_wkb
+from pgtraj.workflow import read_split
+
+BATCH = 256
+
+
+def register(conn, name: str, checkpoint: str, objective: str, example_pieces) -> None:
+    model, tok, ckpt = load_checkpoint(checkpoint)
+    example = to_tensors(collate([to_inputs(tok.encode(t)) for t in example_pieces[:4]], max_len=128))
+    artifacts, parity = export_checked(model, objective, example)
+    mv = registry.register(conn, name, objective=objective, tokenizer=json.loads(tok.to_json()), artifacts=artifacts,
+                           config={"train": ckpt["train_config"], "model": ckpt["model_config"]},
+                           metrics={"onnx_max_abs_diff": parity}, embedding_dim=model.cfg.d_model)
+    registry.deploy(conn, name, mv.version)
+
+
+def client_embed(wkbs: list, tok, sess, max_len: int) -> np.ndarray:
+    """What the database does, outside it: parse, tokenize, windows of max_len, length-sorted batches."""
+    seqs, owner = [], []
+    for i, w in enumerate(wkbs):
+        inp = to_inputs(tok.encode(from_wkb(i, w)))
+        for s in range(0, len(inp.tokens), max_len):
+            seqs.append(type(inp)(inp.tokens[s:s + max_len], inp.dow[s:s + max_len], inp.minute[s:s + max_len],
+                                  inp.cont[s:s + max_len]))
+            owner.append(i)
+    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j].tokens))
+    out = np.zeros((len(wkbs), sess.get_outputs()[0].shape[1]))
+    for k in range(0, len(order), BATCH):
+        idx = order[k:k + BATCH]
+        b = collate([seqs[j] for j in idx])
+        (emb,) = sess.run(None, {n: getattr(b, n) for n in ("tokens", "dow", "minute", "cont")})
+        for j, e in zip(idx, emb):
+            out[owner[j]] += e
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def percentiles(xs: list[float]) -> dict:
+    a = np.array(xs) * 1000
+    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
+            "calls": len(xs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dsn")
+    ap.add_argument("--pieces", type=int, default=3000)
+    ap.add_argument("--embed-checkpoint", default="pgtraj-output/bench/pretrain/checkpoint.pt")
+    ap.add_argument("--next-checkpoint", default="pgtraj-output/bench/scratch/checkpoint.pt")
+    ap.add_argument("--latency-calls", type=int, default=300)
+    args = ap.parse_args()
+    dsn = resolve_dsn(args.dsn)
+    with connect(dsn, autocommit=True) as conn:
+        pieces = [p for s in ("train", "val", "test") for p in read_split(
+            conn, "geolife.trajectories", s, id_col="traj_id", geom_col="geom", split_col="split", log=lambda m: None)]
+        pieces = pieces[:args.pieces]
+        conn.execute("DROP SCHEMA IF EXISTS bench CASCADE")
+        conn.execute("CREATE SCHEMA bench")
+        conn.execute("CREATE TABLE bench.trips (id int PRIMARY KEY, geom geometry(LineStringM, 4326),"
+                     " embedding vector(128))")
+        with conn.cursor().copy("COPY bench.trips (id, geom) FROM STDIN") as copy:
+            for i, p in enumerate(pieces):
+                pts = ",".join(f"{lo!r} {la!r} {t!r}" for la, lo, t in zip(p.lat.tolist(), p.lon.tolist(), p.t.tolist()))
+                copy.write_row((i, f"SRID=4326;LINESTRING M ({pts})"))
+        conn.execute("ANALYZE bench.trips")
+        for name in ("bench-embed", "bench-next"):
+            conn.execute("DELETE FROM pgtraj.deployment_log WHERE model_name = %s", [name])
+            conn.execute("DELETE FROM pgtraj.model_registry WHERE name = %s", [name])
+        register(conn, "bench-embed", args.embed_checkpoint, "hybrid", pieces)
+        register(conn, "bench-next", args.next_checkpoint, "next_cell", pieces)
+        n_fixes = sum(len(p) for p in pieces)
+    out = {"pieces": len(pieces), "fixes": n_fixes, "threads": 1}
+
+    # raw onnxruntime, outside the database (the limit): same WKB, same steps -------------------------------
+    with connect(dsn) as conn:
+        wkbs = [bytes(w) for (w,) in conn.execute("SELECT pgtraj._wkb(geom) FROM bench.trips ORDER BY id")]
+        mv = registry.load(conn, "bench-embed")
+    from pgtraj.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_json(json.dumps(mv.tokenizer))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    sess = ort.InferenceSession(mv.artifacts["encoder"], opts, providers=["CPUExecutionProvider"])
+    max_len = mv.config["train"]["max_len"]
+    t0 = time.perf_counter()
+    ref = client_embed(wkbs, tok, sess, max_len)
+    raw_s = time.perf_counter() - t0
+
+    # in the database --------------------------------------------------------------------------------------
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pgtraj.warmup('bench-embed')")
+        t0 = time.perf_counter()
+        (arr,) = conn.execute("SELECT pgtraj.embed(array_agg(geom ORDER BY id), 'bench-embed')::text[]"
+                              " FROM bench.trips").fetchone()
+        batch_s = time.perf_counter() - t0
+        got = np.array([json.loads(v) for v in arr])
+        t0 = time.perf_counter()
+        conn.execute("CALL pgtraj.embed_table('bench.trips', 'geom', 'embedding', 'bench-embed', batch_size => 500)")
+        table_s = time.perf_counter() - t0
+    parity = float(np.abs(got - ref).max())
+
+    # the client round trip: fetch, embed in Python, COPY back ------------------------------------------------
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE client_embeddings (id int PRIMARY KEY, embedding vector(128))")
+        t0 = time.perf_counter()
+        rows = conn.execute("SELECT id, ST_AsBinary(ST_Transform(geom, 4326)) FROM bench.trips ORDER BY id").fetchall()
+        emb = client_embed([bytes(w) for _, w in rows], tok, sess, max_len)
+        with conn.cursor().copy("COPY client_embeddings (id, embedding) FROM STDIN") as copy:
+            for (i, _), e in zip(rows, emb):
+                copy.write_row((i, "[" + ",".join(format(float(x), ".9g") for x in e) + "]"))
+        roundtrip_s = time.perf_counter() - t0
+    n = len(pieces)
+    out["embedding_throughput_traj_per_s"] = {
+        "raw onnxruntime outside the database (parse + tokenize + embed)": round(n / raw_s, 1),
+        "in the database, SELECT pgtraj.embed(array)": round(n / batch_s, 1),
+        "in the database, CALL pgtraj.embed_table (with writes)": round(n / table_s, 1),
+        "client round trip (psycopg fetch, embed, COPY back)": round(n / roundtrip_s, 1),
+    }
+    out["ratios"] = {"embed(array) / raw onnxruntime": round(raw_s / batch_s, 3),
+                     "embed_table / raw onnxruntime": round(raw_s / table_s, 3),
+                     "embed_table vs client round trip (speed-up)": round(roundtrip_s / table_s, 3)}
+    out["max_abs_diff_in_db_vs_client"] = parity
+
+    # latency on a warm backend, first call on a new connection ------------------------------------------------
+    ids = np.random.default_rng(0).integers(0, n, args.latency_calls).tolist()
+    lat = {}
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pgtraj.warmup('bench-embed'), pgtraj.warmup('bench-next')")
+        for name, q in (("embed", "SELECT pgtraj.embed(geom, 'bench-embed') FROM bench.trips WHERE id = %s"),
+                        ("predict_next", "SELECT count(*) FROM pgtraj.predict_next((SELECT geom FROM bench.trips"
+                                         " WHERE id = %s), 'bench-next', k => 5)")):
+            times = []
+            for i in ids:
+                t0 = time.perf_counter()
+                conn.execute(q, [i]).fetchall()
+                times.append(time.perf_counter() - t0)
+            lat[name] = percentiles(times)
+    first = []
+    for i in range(5):
+        t0 = time.perf_counter()
+        with psycopg.connect(dsn) as c:
+            c.execute("SELECT pgtraj.embed(geom, 'bench-embed') FROM bench.trips WHERE id = %s", [i]).fetchone()
+        first.append(time.perf_counter() - t0)
+    lat["first call on a new connection (connect + load + embed)"] = {"median_ms": round(1000 * statistics.median(first), 1)}
+    out["latency"] = lat
+
+    # 8 clients at once ------------------------------------------------------------------------------------
+    errors, done = [], [0]
+
+    def client(seed: int) -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as c:
+                for i in np.random.default_rng(seed).integers(0, n, 100).tolist():
+                    c.execute("SELECT pgtraj.embed(geom, 'bench-embed') FROM bench.trips WHERE id = %s", [i]).fetchone()
+                    done[0] += 1
+        except Exception as exc:  # counted, not raised: the point is to see whether any happen
+            errors.append(repr(exc))
+
+    workers = [threading.Thread(target=client, args=(s,)) for s in range(8)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    out["concurrency"] = {"clients": 8, "calls": done[0], "errors": len(errors), "error_examples": errors[:3],
+                          "calls_per_s": round(done[0] / (time.perf_counter() - t0), 1)}
+
+    # HNSW recall@10 against exact search --------------------------------------------------------------------
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pgtraj.create_hnsw_index('bench.trips', 'embedding')")
+        hits, total = 0, 0
+        queries = np.random.default_rng(1).choice(n, min(200, n), replace=False).tolist()
+        for q in queries:
+            approx = {r for (r,) in conn.execute("SELECT id FROM pgtraj.similar('bench.trips', 'embedding', row_id => %s,"
+                                                 " k => 10)", [q])}
+            exact = {r for (r,) in conn.execute(
+                "SELECT t.id::text FROM bench.trips t, bench.trips s WHERE s.id = %s AND t.id <> s.id"
+                " ORDER BY (t.embedding <=> s.embedding) + 0 LIMIT 10", [q])}
+            hits, total = hits + len(approx & exact), total + 10
+        out["hnsw_recall@10"] = {"recall": round(hits / total, 4), "queries": len(queries), "m": 16, "ef_construction": 64,
+                                 "ef_search": 100}
+    path = Path(__file__).parent / "results" / "sql_inference.json"
+    path.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
