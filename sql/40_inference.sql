@@ -80,6 +80,22 @@ DROP TRIGGER IF EXISTS mirror_artifact ON pgtraj.model_artifacts;
 CREATE TRIGGER mirror_artifact AFTER INSERT ON pgtraj.model_artifacts
     FOR EACH ROW EXECUTE FUNCTION pgtraj._mirror_artifact();
 
+-- A trajectory given as its fixes: points (any SRID) and their times, in any order (sorted by time here).
+CREATE OR REPLACE FUNCTION pgtraj.line(points geometry[], times timestamptz[]) RETURNS geometry
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+BEGIN
+    IF cardinality(points) IS DISTINCT FROM cardinality(times) THEN
+        RAISE EXCEPTION 'pgtraj: % points but % times', cardinality(points), cardinality(times)
+              USING ERRCODE = '22023', HINT = 'one time per fix';
+    END IF;
+    RETURN (SELECT ST_SetSRID(ST_MakeLine(ST_MakePointM(ST_X(p), ST_Y(p), extract(epoch FROM t)) ORDER BY t),
+                              ST_SRID(points[1]))
+              FROM unnest(points, times) AS u(p, t));
+END
+$$;
+COMMENT ON FUNCTION pgtraj.line(geometry[], timestamptz[]) IS
+    'A LINESTRING M trajectory (M = epoch seconds) from arrays of point fixes and their times';
+
 -- embeddings ---------------------------------------------------------------------------------------------
 
 CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], model_id bigint, sha256 text, threads text) RETURNS vector[]
@@ -106,6 +122,13 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
     SELECT (pgtraj._embed(ARRAY[pgtraj._wkb(traj)], model))[1]
 $$;
 COMMENT ON FUNCTION pgtraj.embed(tgeompoint, text) IS 'Embedding of a MobilityDB tgeompoint trajectory';
+
+CREATE OR REPLACE FUNCTION pgtraj.embed(points geometry[], times timestamptz[], model text) RETURNS vector
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+    SELECT pgtraj.embed(pgtraj.line(points, times), model)
+$$;
+COMMENT ON FUNCTION pgtraj.embed(geometry[], timestamptz[], text) IS
+    'Embedding of a trajectory given as arrays of point fixes and their times (e.g. array_agg over a table of fixes)';
 
 CREATE OR REPLACE FUNCTION pgtraj.embed(trajs geometry[], model text) RETURNS vector[]
 LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$

@@ -318,3 +318,17 @@ def test_fill_gaps_never_jumps_further_than_the_gap(conn, models):
     longest = max(len(run) for run in "".join("1" if f else "0" for f in x.interpolated).split("0"))
     assert all(h3.grid_distance(a, b) <= longest for a, b in zip(sorted(filled), sorted(path)))
     assert all((r[3] is None) or 0 < r[3] <= 1 for r in rows if r[2])
+
+
+def test_point_arrays_are_a_trajectory_too(conn):
+    t = TRIPS[6]
+    got, want = conn.execute(
+        "SELECT pgtraj.embed(array_agg(ST_SetSRID(ST_MakePoint(x, y), 4326) ORDER BY m DESC),"
+        "                    array_agg(to_timestamp(m) ORDER BY m DESC), 'm')::text,"
+        "       (SELECT pgtraj.embed(geom, 'm')::text FROM trips WHERE id = 6)"
+        "  FROM unnest(%s::float8[], %s::float8[], %s::float8[]) AS u(x, y, m)",
+        [t.lon.tolist(), t.lat.tolist(), t.t.tolist()]).fetchone()
+    assert np.abs(vec(got) - vec(want)).max() < 1e-6  # fixes in any order: sorted by time
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("SELECT pgtraj.embed(ARRAY['SRID=4326;POINT(116 39)'::geometry], ARRAY[now(), now()], 'm')")
+    assert err.value.sqlstate == "22023"

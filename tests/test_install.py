@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import subprocess
 import sys
 import threading
@@ -50,7 +51,8 @@ def test_rerun_is_a_no_op(db, cluster):
     before = schema_snapshot(db)
     result = install(db, python_path=cluster.python_path, **quiet)
     assert result.applied == []
-    assert schema_snapshot(db) == before
+    after = schema_snapshot(db)
+    assert after == before, "\n".join(list(difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm=""))[:60])
 
 
 def test_upgrade_from_every_earlier_schema_version(databases, cluster, db):
