@@ -68,6 +68,17 @@ def test_deploy_only_when_better(conn):
     assert conn.execute("SELECT version FROM pgtraj.deployments WHERE name = 'sq'").fetchone() == (3,)
 
 
+def test_auto_deploy_over_a_version_without_val_loss_or_of_another_objective(conn):
+    train(conn)
+    conn.execute("UPDATE pgtraj.model_registry SET metrics = metrics - 'val_loss', primary_metric = NULL")  # as registered by a client
+    train(conn, config={**TINY, "steps": 1, "lr": 1e-6})
+    outcome = conn.execute("SELECT outcome FROM pgtraj.training_status ORDER BY id DESC LIMIT 1").fetchone()[0]
+    assert outcome == "registered v2, deployed (the deployed v1 has no val_loss to compare with)"
+    train(conn, objective="hybrid")
+    outcome = conn.execute("SELECT outcome FROM pgtraj.training_status ORDER BY id DESC LIMIT 1").fetchone()[0]
+    assert outcome == "registered v3, deployed (the deployed v2 was trained for next_cell)"
+
+
 def test_train_from_a_query_with_hybrid(conn):
     train(conn, name="hq", source="SELECT id, geom, split FROM trips WHERE id < 50", objective="hybrid")
     assert conn.execute("SELECT artifacts FROM pgtraj.models WHERE name = 'hq'").fetchone()[0] == ["encoder", "masked"]

@@ -184,13 +184,20 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
         "SELECT m.version, (m.metrics ->> 'val_loss')::float8 AS val_loss, m.objective FROM pgtraj.deployments d"
         " JOIN pgtraj.model_registry m ON m.id = d.model_id WHERE d.name = $1", ["text"]), [name])
     new_loss = metrics["val_loss"]
-    if deploy == "always" or (deploy == "auto" and (
-            not current.nrows() or current[0]["objective"] != cfg.objective or current[0]["val_loss"] is None
-            or new_loss < current[0]["val_loss"])):
+    live = current[0] if current.nrows() else None
+    if deploy == "always" or live is None:
+        why = ""
+    elif live["objective"] != cfg.objective:
+        why = f" (the deployed v{live['version']} was trained for {live['objective']})"
+    elif live["val_loss"] is None:
+        why = f" (the deployed v{live['version']} has no val_loss to compare with)"
+    elif new_loss < live["val_loss"]:
+        why = f" (val_loss {new_loss:.4f} < {live['val_loss']:.4f} of v{live['version']})"
+    else:
+        why = None  # not better: keep the deployed version
+    if deploy == "always" or (deploy == "auto" and why is not None):
         plpy.execute(plpy.prepare("SELECT pgtraj.deploy($1, $2, $3)", ["text", "text", "text"]),
                      [name, str(row["version"]), f"training run {run_id} ({deploy})"])
-        why = "" if not current.nrows() or deploy == "always" else \
-            f" (val_loss {new_loss:.4f} < {current[0]['val_loss']:.4f} of v{current[0]['version']})"
         outcome += f", deployed{why}"
     elif deploy == "auto":
         outcome += (f", not deployed: val_loss {new_loss:.4f} is not better than {current[0]['val_loss']:.4f}"
