@@ -5,13 +5,16 @@
 
 Same model (the hybrid-pretrained small encoder, and the fine-tuned next-cell model), same trajectories
 (cleaned GeoLife pieces as LINESTRING M rows in bench.trips), one intra-op thread everywhere:
-  * raw onnxruntime outside the database: parse + tokenize + length-sorted batches of 256 (the limit);
+  * raw onnxruntime outside the database (the limit): the runtime's own code (parse, tokenize, length
+    batches; pgtraj.runtime.inference.embed_wkbs) with an onnxruntime session in this process;
   * in the database: SELECT pgtraj.embed(array, model) (one batched call) and CALL pgtraj.embed_table
     (which also writes the vectors back, committing per batch);
-  * the client round trip a user would write: fetch WKB with psycopg, embed in Python, COPY the vectors back;
+  * the client round trip a user would write: fetch WKB with psycopg, embed in Python, COPY the vectors
+    into a staging table and UPDATE the column from it (embed_table ends with the vectors in the column too);
   * latency of pgtraj.embed and pgtraj.predict_next per call on a warm backend (p50/p99), the first call on
     a new connection, and 8 clients calling pgtraj.embed at once;
   * recall@10 of the HNSW index against exact search.
+The four embedding paths run 3 times each, interleaved; the best time of each counts.
 Writes benchmarks/results/sql_inference.json.
 """
 
@@ -33,12 +36,10 @@ from pgtraj.connection import connect, resolve_dsn
 from pgtraj.data import to_tensors
 from pgtraj.export import export_checked
 from pgtraj.features import collate, to_inputs
+from pgtraj.runtime.inference import embed_wkbs, vector_text
+from pgtraj.tokenizer import Tokenizer
 from pgtraj.train import load_checkpoint
-from pgtraj.trajectory import from_wkb
 from pgtraj.workflow import read_split
-
-BATCH = 256
-
 
 def register(conn, name: str, checkpoint: str, objective: str, example_pieces) -> None:
     model, tok, ckpt = load_checkpoint(checkpoint)
@@ -48,26 +49,6 @@ def register(conn, name: str, checkpoint: str, objective: str, example_pieces) -
                            config={"train": ckpt["train_config"], "model": ckpt["model_config"]},
                            metrics={"onnx_max_abs_diff": parity}, embedding_dim=model.cfg.d_model)
     registry.deploy(conn, name, mv.version)
-
-
-def client_embed(wkbs: list, tok, sess, max_len: int) -> np.ndarray:
-    """What the database does, outside it: parse, tokenize, windows of max_len, length-sorted batches."""
-    seqs, owner = [], []
-    for i, w in enumerate(wkbs):
-        inp = to_inputs(tok.encode(from_wkb(i, w)))
-        for s in range(0, len(inp.tokens), max_len):
-            seqs.append(type(inp)(inp.tokens[s:s + max_len], inp.dow[s:s + max_len], inp.minute[s:s + max_len],
-                                  inp.cont[s:s + max_len]))
-            owner.append(i)
-    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j].tokens))
-    out = np.zeros((len(wkbs), sess.get_outputs()[0].shape[1]))
-    for k in range(0, len(order), BATCH):
-        idx = order[k:k + BATCH]
-        b = collate([seqs[j] for j in idx])
-        (emb,) = sess.run(None, {n: getattr(b, n) for n in ("tokens", "dow", "minute", "cont")})
-        for j, e in zip(idx, emb):
-            out[owner[j]] += e
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def percentiles(xs: list[float]) -> dict:
@@ -106,54 +87,77 @@ def main() -> None:
         n_fixes = sum(len(p) for p in pieces)
     out = {"pieces": len(pieces), "fixes": n_fixes, "threads": 1}
 
-    # raw onnxruntime, outside the database (the limit): same WKB, same steps -------------------------------
+    # raw onnxruntime, outside the database (the limit): same WKB, the runtime's own embedding code ---------
     with connect(dsn) as conn:
         wkbs = [bytes(w) for (w,) in conn.execute("SELECT pgtraj._wkb(geom) FROM bench.trips ORDER BY id")]
         mv = registry.load(conn, "bench-embed")
-    from pgtraj.tokenizer import Tokenizer
-
     tok = Tokenizer.from_json(json.dumps(mv.tokenizer))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
     sess = ort.InferenceSession(mv.artifacts["encoder"], opts, providers=["CPUExecutionProvider"])
     max_len = mv.config["train"]["max_len"]
-    t0 = time.perf_counter()
-    ref = client_embed(wkbs, tok, sess, max_len)
-    raw_s = time.perf_counter() - t0
 
-    # in the database --------------------------------------------------------------------------------------
-    with connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pgtraj.warmup('bench-embed')")
-        t0 = time.perf_counter()
+    def raw() -> np.ndarray:
+        return np.stack(embed_wkbs(tok, max_len, sess, wkbs)[0])
+
+    def in_db_select(conn) -> np.ndarray:
         (arr,) = conn.execute("SELECT pgtraj.embed(array_agg(geom ORDER BY id), 'bench-embed')::text[]"
                               " FROM bench.trips").fetchone()
-        batch_s = time.perf_counter() - t0
-        got = np.array([json.loads(v) for v in arr])
-        t0 = time.perf_counter()
+        return arr
+
+    def in_db_table(conn) -> None:
         conn.execute("CALL pgtraj.embed_table('bench.trips', 'geom', 'embedding', 'bench-embed', batch_size => 500)")
-        table_s = time.perf_counter() - t0
+
+    moved = [0]  # payload bytes the round trip sends over the connection (geometries out, vectors back)
+
+    def round_trip(conn) -> None:
+        """What a user would write: fetch, embed in Python, COPY into a staging table, UPDATE the column."""
+        with conn.transaction():
+            conn.execute("CREATE TEMP TABLE client_embeddings (id int PRIMARY KEY, embedding vector(128))"
+                         " ON COMMIT DROP")
+            rows = conn.execute("SELECT id, ST_AsBinary(ST_Transform(geom, 4326)) FROM bench.trips"
+                                " ORDER BY id").fetchall()
+            emb, _ = embed_wkbs(tok, max_len, sess, [bytes(w) for _, w in rows])
+            with conn.cursor().copy("COPY client_embeddings (id, embedding) FROM STDIN") as copy:
+                for (i, _), e in zip(rows, emb):
+                    copy.write_row((i, vector_text(e)))
+            moved[0] = sum(len(w) for _, w in rows) + sum(len(vector_text(e)) for e in emb)
+            conn.execute("UPDATE bench.trips t SET embedding = c.embedding FROM client_embeddings c"
+                         " WHERE t.id = c.id")
+
+    # best of 3, the four ways interleaved so that a noisy moment on this shared machine hits all of them
+    best = {k: float("inf") for k in ("raw", "select", "table", "round_trip")}
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pgtraj.warmup('bench-embed')")
+        for _ in range(3):
+            for key, fn in (("raw", raw), ("select", lambda: in_db_select(conn)), ("table", lambda: in_db_table(conn)),
+                            ("round_trip", lambda: round_trip(conn))):
+                if key == "table":  # embed_table does only rows without an embedding (of this model)
+                    conn.execute("UPDATE bench.trips SET embedding = NULL")
+                    conn.execute("VACUUM bench.trips")
+                t0 = time.perf_counter()
+                result = fn()
+                best[key] = min(best[key], time.perf_counter() - t0)
+                if key == "raw":
+                    ref = result
+                elif key == "select":
+                    got = np.array([json.loads(v) for v in result])
+    raw_s, batch_s, table_s, roundtrip_s = best["raw"], best["select"], best["table"], best["round_trip"]
     parity = float(np.abs(got - ref).max())
 
-    # the client round trip: fetch, embed in Python, COPY back ------------------------------------------------
-    with connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TEMP TABLE client_embeddings (id int PRIMARY KEY, embedding vector(128))")
-        t0 = time.perf_counter()
-        rows = conn.execute("SELECT id, ST_AsBinary(ST_Transform(geom, 4326)) FROM bench.trips ORDER BY id").fetchall()
-        emb = client_embed([bytes(w) for _, w in rows], tok, sess, max_len)
-        with conn.cursor().copy("COPY client_embeddings (id, embedding) FROM STDIN") as copy:
-            for (i, _), e in zip(rows, emb):
-                copy.write_row((i, "[" + ",".join(format(float(x), ".9g") for x in e) + "]"))
-        roundtrip_s = time.perf_counter() - t0
     n = len(pieces)
     out["embedding_throughput_traj_per_s"] = {
         "raw onnxruntime outside the database (parse + tokenize + embed)": round(n / raw_s, 1),
         "in the database, SELECT pgtraj.embed(array)": round(n / batch_s, 1),
         "in the database, CALL pgtraj.embed_table (with writes)": round(n / table_s, 1),
-        "client round trip (psycopg fetch, embed, COPY back)": round(n / roundtrip_s, 1),
+        "client round trip (psycopg fetch, embed, COPY to staging, UPDATE)": round(n / roundtrip_s, 1),
     }
     out["ratios"] = {"embed(array) / raw onnxruntime": round(raw_s / batch_s, 3),
                      "embed_table / raw onnxruntime": round(raw_s / table_s, 3),
                      "embed_table vs client round trip (speed-up)": round(roundtrip_s / table_s, 3)}
+    out["client_round_trip_payload"] = {
+        "megabytes": round(moved[0] / 1e6, 1), "bytes_per_trajectory": round(moved[0] / n),
+        "seconds_on_a_1_gbit_link": round(moved[0] * 8 / 1e9, 2), "seconds_on_a_100_mbit_link": round(moved[0] * 8 / 1e8, 2)}
     out["max_abs_diff_in_db_vs_client"] = parity
 
     # latency on a warm backend, first call on a new connection ------------------------------------------------

@@ -19,10 +19,7 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj._wkb(traj tgeompoint) RETURNS bytea
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    -- instants, discrete sequences and sequence sets all become one LINESTRING M in time order
-    SELECT pgtraj._wkb((SELECT ST_MakeLine(d.geom ORDER BY ST_M(d.geom)) FROM ST_DumpPoints(traj::geometry) d))
-$$;
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$ SELECT pgtraj._wkb(pgtraj.line(traj)) $$;
 
 -- What a model name means now: the model id and the sha256 of its graph `kind`, or an error saying why not.
 CREATE OR REPLACE FUNCTION pgtraj._resolve(model text, kind text, OUT model_id bigint, OUT sha256 text)
@@ -80,22 +77,6 @@ DROP TRIGGER IF EXISTS mirror_artifact ON pgtraj.model_artifacts;
 CREATE TRIGGER mirror_artifact AFTER INSERT ON pgtraj.model_artifacts
     FOR EACH ROW EXECUTE FUNCTION pgtraj._mirror_artifact();
 
--- A trajectory given as its fixes: points (any SRID) and their times, in any order (sorted by time here).
-CREATE OR REPLACE FUNCTION pgtraj.line(points geometry[], times timestamptz[]) RETURNS geometry
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
-BEGIN
-    IF cardinality(points) IS DISTINCT FROM cardinality(times) THEN
-        RAISE EXCEPTION 'pgtraj: % points but % times', cardinality(points), cardinality(times)
-              USING ERRCODE = '22023', HINT = 'one time per fix';
-    END IF;
-    RETURN (SELECT ST_SetSRID(ST_MakeLine(ST_MakePointM(ST_X(p), ST_Y(p), extract(epoch FROM t)) ORDER BY t),
-                              ST_SRID(points[1]))
-              FROM unnest(points, times) AS u(p, t));
-END
-$$;
-COMMENT ON FUNCTION pgtraj.line(geometry[], timestamptz[]) IS
-    'A LINESTRING M trajectory (M = epoch seconds) from arrays of point fixes and their times';
-
 -- embeddings ---------------------------------------------------------------------------------------------
 
 CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], model_id bigint, sha256 text, threads text) RETURNS vector[]
@@ -118,9 +99,7 @@ COMMENT ON FUNCTION pgtraj.embed(geometry, text) IS
     'Embedding (pgvector, unit length) of a LINESTRING M trajectory under a model (''name'' = deployed, ''name@N'' = version N)';
 
 CREATE OR REPLACE FUNCTION pgtraj.embed(traj tgeompoint, model text) RETURNS vector
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
-    SELECT (pgtraj._embed(ARRAY[pgtraj._wkb(traj)], model))[1]
-$$;
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$ SELECT pgtraj.embed(pgtraj.line(traj), model) $$;
 COMMENT ON FUNCTION pgtraj.embed(tgeompoint, text) IS 'Embedding of a MobilityDB tgeompoint trajectory';
 
 CREATE OR REPLACE FUNCTION pgtraj.embed(points geometry[], times timestamptz[], model text) RETURNS vector
@@ -173,12 +152,7 @@ CREATE OR REPLACE FUNCTION pgtraj.predict_next(traj tgeompoint, model text, k in
                                                constrained boolean DEFAULT true)
 RETURNS TABLE (rank integer, cell h3index, geom geometry(Point, 4326), probability double precision,
                expected_seconds double precision)
-LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 AS $$
-    SELECT p.rank, p.cell::h3index, ST_SetSRID(ST_MakePoint(p.lon, p.lat), 4326), p.probability, p.expected_seconds
-      FROM pgtraj._resolve(model, 'next_cell') r,
-           pgtraj._predict_next(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true), k,
-                                constrained) p
-$$;
+LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 AS $$ SELECT * FROM pgtraj.predict_next(pgtraj.line(traj), model, k, constrained) $$;
 COMMENT ON FUNCTION pgtraj.predict_next(tgeompoint, text, integer, boolean) IS
     'The k likeliest next H3 cells of a MobilityDB trajectory';
 
@@ -268,7 +242,7 @@ COMMENT ON FUNCTION pgtraj.score(geometry, text) IS
     'Mean surprise of a trajectory, -log p(next cell | trip so far) in nats per cell: high = unusual (anomaly score)';
 
 CREATE OR REPLACE FUNCTION pgtraj.score(traj tgeompoint, model text) RETURNS double precision
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$ SELECT pgtraj._score(pgtraj._wkb(traj), model) $$;
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$ SELECT pgtraj.score(pgtraj.line(traj), model) $$;
 COMMENT ON FUNCTION pgtraj.score(tgeompoint, text) IS 'Mean surprise of a MobilityDB trajectory';
 
 -- session cache ------------------------------------------------------------------------------------------

@@ -332,3 +332,17 @@ def test_point_arrays_are_a_trajectory_too(conn):
     with pytest.raises(psycopg.Error) as err:
         conn.execute("SELECT pgtraj.embed(ARRAY['SRID=4326;POINT(116 39)'::geometry], ARRAY[now(), now()], 'm')")
     assert err.value.sqlstate == "22023"
+
+
+def test_length_batches_cover_every_sequence_once_within_the_token_budget():
+    from pgtraj.runtime.inference import length_batches
+
+    lengths = np.random.default_rng(0).integers(1, 129, 700).tolist()
+    batches = length_batches(lengths, max_tokens=1024, max_rows=64)
+    assert sorted(i for b in batches for i in b) == list(range(700))
+    for b in batches:
+        assert len(b) <= 64 and len(b) * max(lengths[i] for i in b) <= 1024
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded < 1.1 * sum(lengths)  # similar lengths share a call
+    assert length_batches([5000, 3], max_tokens=1024) == [[1], [0]]  # longer than the budget: alone
+    assert length_batches([]) == []

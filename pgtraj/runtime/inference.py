@@ -27,7 +27,10 @@ from ..tokenizer import SPECIAL_TOKENS, Tokenizer
 from ..trajectory import from_wkb
 
 INPUT_NAMES = ("tokens", "dow", "minute", "cont")
-BATCH = 256  # sequences per ONNX call: past this, larger batches buy nothing on CPU (benchmarks/)
+# Padded tokens per ONNX call. On CPU, 256 to 1,024 run equally fast; larger ones pad more: 4,096 cost 20%
+# more on 500 mixed GeoLife trips, a fixed 256 rows 2.4x the padding (benchmarks/sql_inference.py).
+BATCH_TOKENS = 1024
+BATCH_ROWS = 256
 
 
 class InferenceError(PgtrajError):
@@ -185,11 +188,29 @@ def _threads(raw: str | None) -> int:
 
 def _encode(model: Model, wkb, what: str):
     """Tokens of one trajectory; an unusable one raises InferenceError naming why (SQLSTATE 22023)."""
+    return _encode_with(model.tokenizer, wkb, what)
+
+
+def _encode_with(tokenizer: Tokenizer, wkb, what: str):
     try:
-        x = model.tokenizer.encode(from_wkb(None, wkb))
+        x = tokenizer.encode(from_wkb(None, wkb))
     except PgtrajError as exc:
         raise InferenceError(f"{what}: {exc.message}", sqlstate="22023", hint=exc.hint) from None
     return x
+
+
+def length_batches(lengths: list[int], max_tokens: int = BATCH_TOKENS, max_rows: int = BATCH_ROWS) -> list[list[int]]:
+    """Indices grouped into ONNX calls of similar length: sorted, then cut where a batch padded to its longest
+    member would pass ``max_tokens``. Many short sequences share a call; long ones do not drag short ones
+    to their length."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    out, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[i] > max_tokens or len(cur) == max_rows:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + [cur] if cur else out
 
 
 def _run(session, seqs: list) -> list[np.ndarray]:
@@ -218,38 +239,43 @@ def vector_text(v: np.ndarray) -> str:
 
 # --- embeddings -------------------------------------------------------------------------------------------
 
-def embed_rows(plpy, wkbs: list, model_id: int, sha: str, threads: str | None = None, *,
-               skip_errors: bool = False) -> tuple[Model, list, dict]:
-    """The model, the embeddings (pgvector text; None for None) of trajectories given as WKB, and
-    {index: InferenceError} of those skipped as unusable (with ``skip_errors``; otherwise the first raises).
+def embed_wkbs(tokenizer: Tokenizer, max_len: int, sess, wkbs: list, *,
+               skip_errors: bool = False) -> tuple[list, dict]:
+    """Unit-length embeddings (float32; None for None) of trajectories given as WKB, and {index:
+    InferenceError} of those skipped as unusable (with ``skip_errors``; otherwise the first raises).
 
     A trip longer than the model's context is embedded window by window and the windows' embeddings
-    averaged, then normalised. Sequences run length-sorted in batches of BATCH, so padding stays small."""
-    model, sess = session(plpy, model_id, "encoder", sha, threads)
+    averaged, then normalised. Pure: what the database runs, and what benchmarks/ runs outside it."""
     owner, seqs, errors = [], [], {}
     for i, wkb in enumerate(wkbs):
         if wkb is None:
             continue
         try:
-            x = _encode(model, wkb, f"trajectory {i + 1}")
+            x = _encode_with(tokenizer, wkb, f"trajectory {i + 1}")
         except InferenceError as exc:
             if not skip_errors:
                 raise
             errors[i] = exc
             continue
-        for w in _windows(to_inputs(x), model.max_len):
+        for w in _windows(to_inputs(x), max_len):
             owner.append(i)
             seqs.append(w)
-    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j].tokens))
     sums: dict[int, np.ndarray] = {}
-    for k in range(0, len(order), BATCH):
-        idx = order[k:k + BATCH]
+    for idx in length_batches([len(s.tokens) for s in seqs]):
         (emb,) = _run(sess, [seqs[j] for j in idx])
         for j, e in zip(idx, emb):
             sums[owner[j]] = sums.get(owner[j], 0.0) + e.astype(np.float64)
-    out = [vector_text((sums[i] / max(np.linalg.norm(sums[i]), 1e-12)).astype(np.float32)) if i in sums else None
+    out = [(sums[i] / max(np.linalg.norm(sums[i]), 1e-12)).astype(np.float32) if i in sums else None
            for i in range(len(wkbs))]
-    return model, out, errors
+    return out, errors
+
+
+def embed_rows(plpy, wkbs: list, model_id: int, sha: str, threads: str | None = None, *,
+               skip_errors: bool = False) -> tuple[Model, list, dict]:
+    """The model, the embeddings (pgvector text; None for None) and the skipped rows, as embed_wkbs."""
+    model, sess = session(plpy, model_id, "encoder", sha, threads)
+    embs, errors = embed_wkbs(model.tokenizer, model.max_len, sess, wkbs, skip_errors=skip_errors)
+    return model, [None if e is None else vector_text(e) for e in embs], errors
 
 
 def embed_many(plpy, wkbs: list, model_id: int, sha: str, threads: str | None) -> list:
