@@ -219,7 +219,7 @@ def _run(session, seqs: list) -> list[np.ndarray]:
     return session.run(None, {n: getattr(b, n) for n in INPUT_NAMES})
 
 
-def _windows(inp, max_len: int) -> list:
+def windows(inp, max_len: int) -> list:
     """A sequence cut into consecutive windows of at most ``max_len`` (the model's context)."""
     n = len(inp.tokens)
     if n <= max_len:
@@ -257,7 +257,7 @@ def embed_wkbs(tokenizer: Tokenizer, max_len: int, sess, wkbs: list, *,
                 raise
             errors[i] = exc
             continue
-        for w in _windows(to_inputs(x), max_len):
+        for w in windows(to_inputs(x), max_len):
             owner.append(i)
             seqs.append(w)
     sums: dict[int, np.ndarray] = {}
@@ -460,7 +460,7 @@ def score(plpy, wkb, model_id: int, sha: str, threads: str | None) -> float:
     model, sess = session(plpy, model_id, "token_nll", sha, threads)
     x = _encode(model, wkb, "trajectory")
     total, count = 0.0, 0
-    for w in _windows(to_inputs(x), model.max_len):
+    for w in windows(to_inputs(x), model.max_len):
         if len(w.tokens) < 2:
             continue
         (nll,) = _run(sess, [w])
