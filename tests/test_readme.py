@@ -97,7 +97,10 @@ def test_readme_sql_examples_run_as_written(readme_db, tmp_path):
         assert one("SELECT status FROM pgtraj.training_status WHERE model_name = 'geolife-next'"
                    " ORDER BY id DESC LIMIT 1")[0] == "succeeded"
         assert one("SELECT count(*) FROM cron.job WHERE command LIKE '%pgtraj.train%'")[0] == 0  # unscheduled
-        assert one("SELECT count(*) FROM cron.job WHERE command LIKE '%process_queue%'")[0] == 1
+        assert one("SELECT count(*) FROM cron.job WHERE command LIKE '%process_queue%'")[0] == 0  # unscheduled
+        assert one("SELECT count(*) FROM pgtraj.embedding_targets")[0] == 0  # dropped, vectors kept (above)
+        assert one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'geolife.trajectories'::regclass"
+                   " AND NOT tgisinternal")[0] == 0
     # what the queries printed: the version, k rows where the README asks for k
     assert re.search(r"^ 0\.1\.0$", proc.stdout, re.M)
     assert len(re.findall(r"^\(10 rows\)$", proc.stdout, re.M)) >= 3  # similar x2 and the plain ORDER BY
