@@ -5,7 +5,7 @@
 -- environment's path (pgtraj/install.py, boot_snippet); the function then calls GD['pgtraj'].
 -- No function runs queries from PL/Python on its hot path: parallel workers may not (see 40_inference.sql).
 
-DROP FUNCTION IF EXISTS pgtraj._boot();  -- pgtraj 0.2 loaded the runtime through a query
+DROP FUNCTION IF EXISTS pgtraj._boot();  -- earlier development builds loaded the runtime through a query
 
 CREATE OR REPLACE FUNCTION pgtraj.runtime_info() RETURNS jsonb
 LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$

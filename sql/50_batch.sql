@@ -69,6 +69,21 @@ $$;
 COMMENT ON FUNCTION pgtraj.create_hnsw_index(regclass, name, integer, integer) IS
     'Creates (if missing) an HNSW cosine index on a vector column, named <table>_<column>_hnsw';
 
+-- The column naming a table's rows in search results: its single-column primary key.
+CREATE OR REPLACE FUNCTION pgtraj._key_column(source regclass) RETURNS name
+LANGUAGE plpgsql STABLE STRICT AS $$
+DECLARE
+    key name;
+BEGIN
+    SELECT a.attname INTO key FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
+    IF key IS NULL THEN
+        RAISE EXCEPTION 'pgtraj: % needs a single-column primary key to name its rows', source USING ERRCODE = '42P10';
+    END IF;
+    RETURN key;
+END
+$$;
+
 -- The k rows nearest to a query embedding, by cosine distance, through the HNSW index when there is one.
 -- ef_search (candidates kept while searching, pgvector's hnsw.ef_search) trades speed for recall; it is
 -- set for this transaction only, which is why the function is VOLATILE and PARALLEL UNSAFE.
@@ -83,11 +98,7 @@ BEGIN
         RAISE EXCEPTION 'pgtraj: k must be 1..10000 and ef_search 1..1000 (got %, %)', k, ef_search
               USING ERRCODE = '22023';
     END IF;
-    SELECT a.attname INTO key FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
-    IF key IS NULL THEN
-        RAISE EXCEPTION 'pgtraj: % needs a single-column primary key to name its rows', source USING ERRCODE = '42P10';
-    END IF;
+    key := pgtraj._key_column(source);
     IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = source AND a.attname = embedding_column
                                                   AND NOT a.attisdropped) THEN
         RAISE EXCEPTION 'pgtraj: column % of % does not exist', quote_literal(embedding_column), source
@@ -123,11 +134,7 @@ BEGIN
     IF k < 1 OR k > 10000 THEN
         RAISE EXCEPTION 'pgtraj: k must be 1..10000 (got %)', k USING ERRCODE = '22023';
     END IF;
-    SELECT a.attname INTO key FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
-    IF key IS NULL THEN
-        RAISE EXCEPTION 'pgtraj: % needs a single-column primary key to name its rows', source USING ERRCODE = '42P10';
-    END IF;
+    key := pgtraj._key_column(source);
     EXECUTE format('SELECT %I FROM %s WHERE %I = $1', embedding_column, source, key) INTO q USING row_id;
     IF q IS NULL THEN
         RAISE EXCEPTION 'pgtraj: % has no row % with an embedding in %', source, row_id, embedding_column

@@ -75,37 +75,47 @@ END
 $$;
 COMMENT ON FUNCTION pgtraj.resume_embedding(text) IS 'Workers take this target''s queue again';
 
--- pg_cron: one job per target, named pgtraj-refresh-<target>. pg_cron never runs two instances of a job
--- at once, and SKIP LOCKED keeps even hand-started workers apart.
+-- pg_cron jobs of pgtraj (refresh here, training in 80_training.sql): scheduled by name, so that scheduling
+-- again replaces the job, and pg_cron never runs two instances of one job at once. `instead` completes the
+-- hint for databases without pg_cron: what to run from another scheduler.
+CREATE OR REPLACE FUNCTION pgtraj._cron_schedule(job text, schedule text, command text, instead text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE STRICT AS $$
+BEGIN
+    IF to_regnamespace('cron') IS NULL THEN
+        RAISE EXCEPTION 'pgtraj: pg_cron is not enabled in this database' USING ERRCODE = '0A000',
+              HINT = 'CREATE EXTENSION pg_cron in the database named by cron.database_name (pgtraj install does it'
+                     ' when possible), or ' || instead || ' from any scheduler';
+    END IF;
+    RETURN cron.schedule(job, schedule, command);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj._cron_unschedule(job text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE STRICT AS $$
+BEGIN
+    IF to_regnamespace('cron') IS NULL OR NOT EXISTS (SELECT 1 FROM cron.job j WHERE j.jobname = job) THEN
+        RETURN false;
+    END IF;
+    RETURN cron.unschedule(job);
+END
+$$;
+
+-- One job per target, named pgtraj-refresh-<target>; SKIP LOCKED keeps even hand-started workers apart.
 CREATE OR REPLACE FUNCTION pgtraj.schedule_refresh(name text, schedule text DEFAULT '* * * * *') RETURNS bigint
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pgtraj.embedding_targets t WHERE t.name = schedule_refresh.name) THEN
         RAISE EXCEPTION 'pgtraj: no embedding target named %', quote_literal(name) USING ERRCODE = '42704';
     END IF;
-    IF to_regnamespace('cron') IS NULL THEN
-        RAISE EXCEPTION 'pgtraj: pg_cron is not enabled in this database' USING ERRCODE = '0A000',
-              HINT = 'CREATE EXTENSION pg_cron in the database named by cron.database_name (pgtraj install does it'
-                     ' when possible), or run CALL pgtraj.process_queue() from any scheduler';
-    END IF;
-    RETURN cron.schedule('pgtraj-refresh-' || name, schedule, format('CALL pgtraj.process_queue(%L)', name));
+    RETURN pgtraj._cron_schedule('pgtraj-refresh-' || name, schedule, format('CALL pgtraj.process_queue(%L)', name),
+                                 'run CALL pgtraj.process_queue()');
 END
 $$;
 COMMENT ON FUNCTION pgtraj.schedule_refresh(text, text) IS
     'Runs pgtraj.process_queue for a target on a pg_cron schedule (default every minute); returns the cron job id';
 
 CREATE OR REPLACE FUNCTION pgtraj.unschedule_refresh(name text) RETURNS boolean
-LANGUAGE plpgsql VOLATILE STRICT AS $$
-BEGIN
-    IF to_regnamespace('cron') IS NULL THEN
-        RETURN false;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM cron.job j WHERE j.jobname = 'pgtraj-refresh-' || name) THEN
-        RETURN false;
-    END IF;
-    RETURN cron.unschedule('pgtraj-refresh-' || name);
-END
-$$;
+LANGUAGE sql VOLATILE STRICT AS $$ SELECT pgtraj._cron_unschedule('pgtraj-refresh-' || name) $$;
 COMMENT ON FUNCTION pgtraj.unschedule_refresh(text) IS 'Removes a target''s pg_cron job (false if there was none)';
 
 -- What a person checks: per target, what waits, what is being retried, what failed, and the last run.

@@ -54,16 +54,10 @@ CREATE OR REPLACE FUNCTION pgtraj.schedule_training(name text, schedule text, so
                                                     objective text DEFAULT 'hybrid', config jsonb DEFAULT '{}',
                                                     deploy text DEFAULT 'auto')
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE STRICT AS $$
-BEGIN
-    IF to_regnamespace('cron') IS NULL THEN
-        RAISE EXCEPTION 'pgtraj: pg_cron is not enabled in this database' USING ERRCODE = '0A000',
-              HINT = 'CREATE EXTENSION pg_cron in the database named by cron.database_name (pgtraj install does it'
-                     ' when possible), or CALL pgtraj.train(...) from any scheduler';
-    END IF;
-    RETURN cron.schedule('pgtraj-train-' || name, schedule,
-                         format('CALL pgtraj.train(%L, %L, %L, %L::jsonb, %L)', name, source, objective, config, deploy));
-END
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT pgtraj._cron_schedule('pgtraj-train-' || name, schedule,
+                                 format('CALL pgtraj.train(%L, %L, %L, %L::jsonb, %L)', name, source, objective, config,
+                                        deploy), 'CALL pgtraj.train(...)')
 $$;
 COMMENT ON FUNCTION pgtraj.schedule_training(text, text, text, text, jsonb, text) IS
     'Retrains a model on a pg_cron schedule (job pgtraj-train-<name>); runs never overlap, failures leave the deployed model as it is';
@@ -71,15 +65,7 @@ REVOKE ALL ON FUNCTION pgtraj.schedule_training(text, text, text, text, jsonb, t
 GRANT EXECUTE ON FUNCTION pgtraj.schedule_training(text, text, text, text, jsonb, text) TO pgtraj_admin;
 
 CREATE OR REPLACE FUNCTION pgtraj.unschedule_training(name text) RETURNS boolean
-LANGUAGE plpgsql VOLATILE STRICT AS $$
-BEGIN
-    IF to_regnamespace('cron') IS NULL
-       OR NOT EXISTS (SELECT 1 FROM cron.job j WHERE j.jobname = 'pgtraj-train-' || name) THEN
-        RETURN false;
-    END IF;
-    RETURN cron.unschedule('pgtraj-train-' || name);
-END
-$$;
+LANGUAGE sql VOLATILE STRICT AS $$ SELECT pgtraj._cron_unschedule('pgtraj-train-' || name) $$;
 COMMENT ON FUNCTION pgtraj.unschedule_training(text) IS 'Removes a model''s training schedule (false if there was none)';
 REVOKE ALL ON FUNCTION pgtraj.unschedule_training(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgtraj.unschedule_training(text) TO pgtraj_admin;
