@@ -33,9 +33,8 @@ import psycopg
 
 from pgtraj import registry
 from pgtraj.connection import connect, resolve_dsn
-from pgtraj.data import to_tensors
-from pgtraj.export import export_checked
-from pgtraj.features import collate, to_inputs
+from pgtraj.export import example_batch, export_checked
+from pgtraj.features import to_inputs
 from pgtraj.runtime.inference import BATCH_TOKENS, embed_wkbs, length_batches, vector_text, windows
 from pgtraj.trajectory import from_wkb
 from pgtraj.tokenizer import Tokenizer
@@ -44,7 +43,7 @@ from pgtraj.workflow import read_split
 
 def register(conn, name: str, checkpoint: str, objective: str, example_pieces) -> None:
     model, tok, ckpt = load_checkpoint(checkpoint)
-    example = to_tensors(collate([to_inputs(tok.encode(t)) for t in example_pieces[:4]], max_len=128))
+    example = example_batch(tok, example_pieces, ckpt["train_config"]["max_len"])
     artifacts, parity = export_checked(model, objective, example)
     mv = registry.register(conn, name, objective=objective, tokenizer=json.loads(tok.to_json()), artifacts=artifacts,
                            config={"train": ckpt["train_config"], "model": ckpt["model_config"]},

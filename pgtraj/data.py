@@ -68,8 +68,7 @@ class Batches:
         return n - self.max_len if self.tail else int(self.rng.integers(0, n - self.max_len + 1))
 
     def _window(self, inp: Inputs, s: int) -> Inputs:
-        e = s + self.max_len
-        return Inputs(inp.tokens[s:e], inp.dow[s:e], inp.minute[s:e], inp.cont[s:e])
+        return inp.window(s, s + self.max_len)
 
     def sample(self) -> list[Trajectory]:
         return [self.trajs[i] for i in self.rng.integers(0, len(self.trajs), self.batch_size)]

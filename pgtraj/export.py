@@ -23,8 +23,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .data import to_tensors
+from .features import collate, to_inputs
 from .model import TrajectoryModel
-from .tokenizer import PAD, SPECIAL_TOKENS
+from .tokenizer import PAD, SPECIAL_TOKENS, Tokenizer
 
 N_SPECIAL = len(SPECIAL_TOKENS)
 
@@ -135,6 +137,11 @@ def export(model: TrajectoryModel, kind: str, example: dict[str, torch.Tensor]) 
                           dynamic_axes={**_DYNAMIC, **{o: _OUTPUT_AXES.get(o, {0: "batch"}) for o in outputs}},
                           opset_version=17, dynamo=False)
     return buf.getvalue()
+
+
+def example_batch(tokenizer: Tokenizer, pieces: list, max_len: int) -> dict[str, torch.Tensor]:
+    """What an export traces and checks parity on: the first four trajectories, tokenized and padded."""
+    return to_tensors(collate([to_inputs(tokenizer.encode(t)) for t in pieces[:4]], max_len=max_len))
 
 
 def export_checked(model: TrajectoryModel, objective: str, example: dict[str, torch.Tensor],

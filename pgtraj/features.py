@@ -22,6 +22,10 @@ class Inputs:
     minute: np.ndarray      # int64 (T,) 0-95, 96 for special positions
     cont: np.ndarray        # float32 (T, N_CONTINUOUS)
 
+    def window(self, start: int, stop: int) -> "Inputs":
+        """Positions ``start`` to ``stop`` of one sequence (views, not copies)."""
+        return Inputs(self.tokens[start:stop], self.dow[start:stop], self.minute[start:stop], self.cont[start:stop])
+
 
 def continuous(x: Tokens) -> np.ndarray:
     """Per-token continuous features, scaled to roughly unit range."""

@@ -15,9 +15,7 @@ from psycopg.types.json import Jsonb
 from . import registry
 from .clean import CleaningConfig, CleaningReport, clean
 from .connection import connect
-from .data import to_tensors
-from .export import export_checked
-from .features import collate, to_inputs
+from .export import example_batch, export_checked
 from .io import QuerySource, TrajectoryReader, _table
 from .train import TrainConfig, TrainingError, train
 
@@ -61,8 +59,7 @@ def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_di
             val_set = read_split(conn, table, "val", id_col=id_col, geom_col=geom_col, split_col=split_col, log=log)
             labels = read_labels(conn, table, id_col=id_col, label_col=label_col) if label_col else None
             result = train(train_set, val_set, cfg, out_dir, labels=labels, progress=progress, log=log)
-            example = to_tensors(collate([to_inputs(result.tokenizer.encode(t)) for t in val_set[:4]],
-                                         max_len=cfg.max_len))
+            example = example_batch(result.tokenizer, val_set, cfg.max_len)
             try:
                 artifacts, parity = export_checked(result.model, cfg.objective, example)
             except ValueError as exc:

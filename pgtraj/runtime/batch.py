@@ -19,6 +19,13 @@ VECTOR_TYPES = ("vector",)
 TRAJECTORY_TYPES = ("geometry", "tgeompoint")
 
 
+def resolve_table(plpy, source: str) -> tuple[int, str]:
+    """The oid of a table named by the caller, and its name as regclass prints it (quoted and qualified as
+    needed, so it can go into SQL as is); an unknown table raises 42P01 from the cast."""
+    row = plpy.execute(plpy.prepare("SELECT $1::regclass::oid AS oid, $1::regclass::text AS t", ["text"]), [source])[0]
+    return row["oid"], row["t"]
+
+
 def _column(plpy, oid: int, table: str, name: str) -> dict:
     rows = plpy.execute(plpy.prepare(
         "SELECT attname AS name, atttypid::regtype::text AS type, atttypmod AS typmod,"
@@ -46,8 +53,7 @@ def describe(plpy, source: str, traj_column: str, embedding_column: str) -> dict
     """Where embeddings go, checked: the table (as regclass prints it), its single-column primary key and
     type, the trajectory and vector columns. Raises InferenceError naming what does not fit."""
     q = plpy.quote_ident
-    oid = plpy.execute(plpy.prepare("SELECT $1::regclass::oid AS oid", ["text"]), [source])[0]["oid"]
-    table = plpy.execute(plpy.prepare("SELECT $1::regclass::text AS t", ["oid"]), [oid])[0]["t"]
+    oid, table = resolve_table(plpy, source)
     traj = _column(plpy, oid, table, traj_column)
     if traj["type"] not in TRAJECTORY_TYPES:
         raise InferenceError(f"{table}.{traj_column} is {traj['full']}, not a trajectory", sqlstate="42804",

@@ -186,17 +186,19 @@ def _threads(raw: str | None) -> int:
 
 # --- encoding -------------------------------------------------------------------------------------------
 
-def _encode(model: Model, wkb, what: str):
-    """Tokens of one trajectory; an unusable one raises InferenceError naming why (SQLSTATE 22023)."""
-    return _encode_with(model.tokenizer, wkb, what)
-
-
-def _encode_with(tokenizer: Tokenizer, wkb, what: str):
+def _read(tokenizer: Tokenizer, wkb, what: str):
+    """One trajectory (parsed once) and its tokens; an unusable one raises InferenceError naming why
+    (SQLSTATE 22023)."""
     try:
-        x = tokenizer.encode(from_wkb(None, wkb))
+        traj = from_wkb(None, wkb)
+        return traj, tokenizer.encode(traj)
     except PgtrajError as exc:
         raise InferenceError(f"{what}: {exc.message}", sqlstate="22023", hint=exc.hint) from None
-    return x
+
+
+def _encode(tokenizer: Tokenizer, wkb, what: str):
+    """The tokens of one trajectory, as _read."""
+    return _read(tokenizer, wkb, what)[1]
 
 
 def length_batches(lengths: list[int], max_tokens: int = BATCH_TOKENS, max_rows: int = BATCH_ROWS) -> list[list[int]]:
@@ -224,12 +226,11 @@ def windows(inp, max_len: int) -> list:
     n = len(inp.tokens)
     if n <= max_len:
         return [inp]
-    return [Inputs(inp.tokens[s:s + max_len], inp.dow[s:s + max_len], inp.minute[s:s + max_len],
-                   inp.cont[s:s + max_len]) for s in range(0, n, max_len)]
+    return [inp.window(s, s + max_len) for s in range(0, n, max_len)]
 
 
 def _tail(inp, max_len: int):
-    return Inputs(inp.tokens[-max_len:], inp.dow[-max_len:], inp.minute[-max_len:], inp.cont[-max_len:])
+    return inp.window(max(len(inp.tokens) - max_len, 0), len(inp.tokens))
 
 
 def vector_text(v: np.ndarray) -> str:
@@ -251,7 +252,7 @@ def embed_wkbs(tokenizer: Tokenizer, max_len: int, sess, wkbs: list, *,
         if wkb is None:
             continue
         try:
-            x = _encode_with(tokenizer, wkb, f"trajectory {i + 1}")
+            x = _encode(tokenizer, wkb, f"trajectory {i + 1}")
         except InferenceError as exc:
             if not skip_errors:
                 raise
@@ -292,7 +293,7 @@ def predict_next(plpy, wkb, model_id: int, sha: str, threads: str | None, k: int
     if k < 1:
         raise InferenceError(f"k must be at least 1, not {k}", sqlstate="22023")
     model, sess = session(plpy, model_id, "next_cell", sha, threads)
-    x = _encode(model, wkb, "trajectory")
+    x = _encode(model.tokenizer, wkb, "trajectory")
     probs, log1p_dt = _run(sess, [_tail(to_inputs(x), model.max_len)])
     p = probs[0].astype(np.float64)
     p[: len(SPECIAL_TOKENS)] = -1.0  # PAD/MASK/UNK/BOS/EOS are not places
@@ -326,7 +327,7 @@ def predict_destination(plpy, wkb, model_id: int, sha: str, threads: str | None,
     if k < 1:
         raise InferenceError(f"k must be at least 1, not {k}", sqlstate="22023")
     model, sess = session(plpy, model_id, "destination", sha, threads)
-    x = _encode(model, wkb, "trajectory")
+    x = _encode(model.tokenizer, wkb, "trajectory")
     (probs,) = _run(sess, [_tail(to_inputs(x), model.max_len)])
     return _cell_rows(model, probs[0], np.argsort(-probs[0], kind="stable"), k)
 
@@ -362,8 +363,7 @@ def predict_path(plpy, wkb, model_id: int, sha: str, threads: str | None, steps:
     if not 1 <= steps <= 100 or not 1 <= beam <= 16:
         raise InferenceError(f"steps must be 1..100 and beam 1..16 (got {steps}, {beam})", sqlstate="22023")
     model, sess = session(plpy, model_id, "next_cell", sha, threads)
-    traj = from_wkb(None, wkb)
-    x = _encode(model, wkb, "trajectory")
+    traj, x = _read(model.tokenizer, wkb, "trajectory")
     beams = [(0.0, x, [])]  # (log probability, tokens so far, step probabilities)
     for _ in range(steps):
         probs, log1p_dt = _run(sess, [_tail(to_inputs(b[1]), model.max_len) for b in beams])
@@ -403,8 +403,7 @@ def fill_gaps(plpy, wkb, model_id: int, sha: str, threads: str | None) -> list[t
     from ..tokenizer import MASK
 
     model, sess = session(plpy, model_id, "masked", sha, threads)
-    traj = from_wkb(None, wkb)
-    x = _encode(model, wkb, "trajectory")
+    traj, x = _read(model.tokenizer, wkb, "trajectory")
     rows = [(float(a), float(o), float(t), False, None) for a, o, t in zip(traj.lat, traj.lon, traj.t)]
     inp = to_inputs(x)
     gaps = np.flatnonzero(x.interpolated) + 1  # +1: the BOS position
@@ -458,7 +457,7 @@ def score(plpy, wkb, model_id: int, sha: str, threads: str | None) -> float:
     high for trips unlike anything the model learnt (anomaly detection). Long trips are scored window by
     window, each window read from its own start."""
     model, sess = session(plpy, model_id, "token_nll", sha, threads)
-    x = _encode(model, wkb, "trajectory")
+    x = _encode(model.tokenizer, wkb, "trajectory")
     total, count = 0.0, 0
     for w in windows(to_inputs(x), model.max_len):
         if len(w.tokens) < 2:

@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 
+from .batch import resolve_table
 from .inference import InferenceError
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
@@ -28,8 +29,7 @@ def _split_source(plpy, source: str, opts: dict) -> str:
     if re.match(r"^\s*(select|with)\b", source, re.IGNORECASE):
         return (f"SELECT q.id::text AS id, pgtraj._wkb(q.traj) AS w, q.split::text AS split"
                 f" FROM ({source}) AS q(id, traj, split)")
-    oid = plpy.execute(plpy.prepare("SELECT $1::regclass::oid AS oid", ["text"]), [source])[0]["oid"]
-    table = plpy.execute(plpy.prepare("SELECT $1::regclass::text AS t", ["oid"]), [oid])[0]["t"]
+    oid, table = resolve_table(plpy, source)
     cols = {r["attname"]: r["t"] for r in plpy.execute(plpy.prepare(
         "SELECT attname, atttypid::regtype::text AS t FROM pg_attribute WHERE attrelid = $1 AND attnum > 0"
         " AND NOT attisdropped", ["oid"]), [oid])}
@@ -145,10 +145,8 @@ def _run(plpy, name, source, source_opts, cfg, deploy) -> dict:
 def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy, out_dir) -> dict:
     from dataclasses import asdict
 
-    from ..data import to_tensors
     from ..errors import PgtrajError
-    from ..export import export_checked
-    from ..features import collate, to_inputs
+    from ..export import example_batch, export_checked
     from ..train import train
 
     splits, dropped = read_splits(plpy, source, source_opts)
@@ -168,8 +166,7 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
                        log=lambda m: plpy.notice(f"pgtraj.train {name}: {m}"), on_step=on_step)
     except PgtrajError as exc:
         raise InferenceError(exc.message, sqlstate="22023", hint=exc.hint) from None
-    example = to_tensors(collate([to_inputs(result.tokenizer.encode(t)) for t in splits["val"][:4]],
-                                 max_len=cfg.max_len))
+    example = example_batch(result.tokenizer, splits["val"], cfg.max_len)
     artifacts, parity = export_checked(result.model, cfg.objective, example)
     metrics = {**result.metrics, "onnx_max_abs_diff": parity, "data": dropped}
     row = plpy.execute(plpy.prepare(
