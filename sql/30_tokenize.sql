@@ -36,10 +36,25 @@ COMMENT ON FUNCTION pgtraj.line(tgeompoint) IS
 -- A trajectory given as its fixes: points (any SRID) and their times, in any order (sorted by time here).
 CREATE OR REPLACE FUNCTION pgtraj.line(points geometry[], times timestamptz[]) RETURNS geometry
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    bad record;
 BEGIN
     IF cardinality(points) IS DISTINCT FROM cardinality(times) THEN
         RAISE EXCEPTION 'pgtraj: % points but % times', cardinality(points), cardinality(times)
               USING ERRCODE = '22023', HINT = 'one time per fix';
+    END IF;
+    -- a fix that is not a point, has no time or another SRID is refused by name, never dropped quietly
+    SELECT u.i, CASE WHEN u.p IS NULL THEN 'its point is NULL'
+                     WHEN u.t IS NULL THEN 'its time is NULL'
+                     WHEN GeometryType(u.p) <> 'POINT' THEN 'it is a ' || GeometryType(u.p) || ', not a POINT'
+                     ELSE format('its SRID is %s, the first fix''s %s', ST_SRID(u.p), ST_SRID(points[1])) END AS why
+      INTO bad
+      FROM unnest(points, times) WITH ORDINALITY AS u(p, t, i)
+     WHERE u.p IS NULL OR u.t IS NULL OR GeometryType(u.p) <> 'POINT' OR ST_SRID(u.p) <> ST_SRID(points[1])
+     ORDER BY u.i LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pgtraj: fix % of the trajectory cannot be used: %', bad.i, bad.why USING ERRCODE = '22023',
+              HINT = 'one point geometry (same SRID throughout) and one time per fix; filter out NULLs first';
     END IF;
     RETURN (SELECT ST_SetSRID(ST_MakeLine(ST_MakePointM(ST_X(p), ST_Y(p), extract(epoch FROM t)) ORDER BY t),
                               ST_SRID(points[1]))

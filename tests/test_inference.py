@@ -334,6 +334,23 @@ def test_point_arrays_are_a_trajectory_too(conn):
     assert err.value.sqlstate == "22023"
 
 
+P = "'SRID=4326;POINT(116.3 39.9)'::geometry"
+
+
+@pytest.mark.parametrize("points, times, words", [
+    (f"ARRAY[{P}, NULL]", "ARRAY[now(), now() + interval '1 min']", "fix 2 of the trajectory cannot be used: its point is NULL"),
+    (f"ARRAY[{P}, {P}]", "ARRAY[now(), NULL]", "fix 2 of the trajectory cannot be used: its time is NULL"),
+    ("ARRAY['SRID=4326;LINESTRING(0 0, 1 1)'::geometry]", "ARRAY[now()]", "fix 1 of the trajectory cannot be used: it is a LINESTRING"),
+    (f"ARRAY[{P}, 'SRID=3857;POINT(0 0)'::geometry]", "ARRAY[now(), now()]", "its SRID is 3857, the first fix's 4326"),
+])
+def test_point_arrays_refuse_fixes_they_cannot_use(conn, points, times, words):
+    """A NULL or foreign fix is an error naming it, never a fix dropped from the trajectory."""
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(f"SELECT pgtraj.embed({points}, {times}, 'm')")
+    assert err.value.sqlstate == "22023" and words in err.value.diag.message_primary
+    assert err.value.diag.message_hint
+
+
 def test_length_batches_cover_every_sequence_once_within_the_token_budget():
     from pgtraj.runtime.inference import length_batches
 
