@@ -113,17 +113,20 @@ def install(dsn: str, *, python_path: str | None = None, log=print,
         result.runtime = probe_runtime(cur, python_path)
         log(f"PL/Python runtime: Python {result.runtime['python']}, numpy {result.runtime['numpy']}, "
             f"onnxruntime {result.runtime['onnxruntime']}, h3 {result.runtime['h3']}")
+        python_path = python_path or result.runtime.get("found_at")  # where the server found it, kept
         result.applied = apply_migrations(cur, migrations, log)
         cur.execute(
             """INSERT INTO pgtraj.installation (version, python_path) VALUES (%s, %s)
                ON CONFLICT (singleton) DO UPDATE
                SET version = excluded.version, python_path = excluded.python_path, upgraded_at = now()""",
             [__version__, python_path])
-        # ONNX graphs and tokenizers are mirrored to files here, so parallel workers can load them
-        cur.execute("SELECT current_setting('data_directory') || '/pgtraj_cache'")
-        cache_dir = cur.fetchone()[0]
+        schemas = extension_schemas(cur)
+        # types in signatures resolve here; bodies run under their own pinned search_path
+        cur.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.SQL(", ").join(
+            sql.Identifier(s) for s in dict.fromkeys(["pg_catalog", "pgtraj", *schemas.values()]))))
         for f in sorted(resource_dir("sql").glob("*.sql")):
-            cur.execute(render_sql(f.read_text(), python_path, cache_dir))
+            cur.execute(render_sql(f.read_text(), python_path, schemas))
+        result.notes += scheduling_notes(cur)
         for note in result.notes:
             log(f"note: {note}")
     log(f"pgtraj {__version__} installed ({len(result.applied)} migration(s) applied)")
@@ -202,12 +205,12 @@ if _path and _path not in sys.path:
     sys.path[:] = [p for p in sys.path if p not in _before] + _before"""
 
 
-def boot_snippet(python_path: str | None, cache_dir: str) -> str:
-    """What every PL/Python function of pgtraj runs first (the ``@BOOT@`` line of sql/*.sql): load the
-    runtime into this backend once. The path is written into the function body at install time rather
+def boot_snippet(python_path: str | None) -> str:
+    """What every PL/Python function of pgtraj runs first: load the runtime into this backend once and bind
+    it to the local name ``pgtraj``. The path is written into the function body at install time rather
     than read from a table, because a parallel worker may not run queries from PL/Python (SPI opens a
     subtransaction, which parallel mode forbids) and a setting could be changed by any role."""
-    body = "\n".join("    " + line for line in (path_setup(python_path) + f"""
+    body = "\n".join("    " + line for line in (path_setup(python_path) + """
 try:
     import pgtraj.runtime
 except ImportError as exc:
@@ -215,13 +218,57 @@ except ImportError as exc:
                detail="python_path = %r, sys.executable = %r" % (_path, sys.executable),
                hint="re-run `pgtraj install` (it checks and records the runtime environment)",
                sqlstate="58P01")
-pgtraj.runtime.CACHE_DIR = {cache_dir!r}
 GD['pgtraj'] = pgtraj.runtime""").splitlines())
-    return "if 'pgtraj' not in GD:\n" + body
+    return "if 'pgtraj' not in GD:\n" + body + "\npgtraj = GD['pgtraj']"
 
 
-def render_sql(text: str, python_path: str | None, cache_dir: str) -> str:
-    return text.replace("@BOOT@", boot_snippet(python_path, cache_dir))
+def plpython_body(python_path: str | None, body: str) -> str:
+    """A PL/Python function body as installed: the boot snippet, then the body under a handler that turns
+    pgtraj's errors (and SQL errors from queries it ran) into SQL errors with their SQLSTATE, message and
+    hint, raised from the body itself so that no traceback of the runtime's frames reaches CONTEXT."""
+    indented = "\n".join("    " + line if line.strip() else line for line in body.rstrip().splitlines())
+    return (f"{boot_snippet(python_path)}\ntry:\n{indented}\n"
+            "except pgtraj.REPORTED as _exc:\n"
+            "    raise pgtraj.sql_error(plpy, _exc).with_traceback(None) from None\n")
+
+
+def render_sql(text: str, python_path: str | None, schemas: dict[str, str]) -> str:
+    """sql/*.sql as installed: ``@extschema:NAME@`` is the quoted schema of extension NAME (as in PostgreSQL
+    16's extension scripts), and each ``@BOOT@`` body becomes plpython_body()."""
+    def schema(m: re.Match) -> str:
+        if m.group(1) not in schemas:
+            raise DatabaseSetupError(f"sql/ refers to extension {m.group(1)}, which is not installed")
+        return '"' + schemas[m.group(1)].replace('"', '""') + '"'
+
+    text = re.sub(r"@extschema:([a-z0-9_]+)@", schema, text)
+    return re.sub(r"@BOOT@\n(.*?)(?=^\$\$)", lambda m: plpython_body(python_path, m.group(1)), text,
+                  flags=re.S | re.M)
+
+
+def extension_schemas(cur: psycopg.Cursor) -> dict[str, str]:
+    cur.execute("SELECT e.extname, n.nspname FROM pg_catalog.pg_extension e"
+                " JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace")
+    return dict(cur.fetchall())
+
+
+def scheduling_notes(cur: psycopg.Cursor) -> list[str]:
+    """What keeps pg_cron from running pgtraj's jobs on this server. With cron.use_background_workers off,
+    pg_cron connects over libpq as each job's role, which fails unless the server lets it in without a
+    password (trust/peer for cron.host in pg_hba.conf, or a .pgpass of the server's OS user)."""
+    cur.execute("SELECT to_regnamespace('cron') IS NOT NULL, current_setting('cron.use_background_workers', true),"
+                " current_setting('max_worker_processes')::int")
+    enabled, workers, max_workers = cur.fetchone()
+    if not enabled:
+        return []
+    if workers != "on":
+        return ["pg_cron runs jobs over libpq connections here (cron.use_background_workers = off): pgtraj's "
+                "scheduled jobs fail unless pg_hba.conf lets each job's role in from cron.host without a password. "
+                "Set cron.use_background_workers = on (and max_worker_processes >= 16) in postgresql.conf and "
+                "restart, as `pgtraj db start` does"]
+    if max_workers < 16:
+        return [f"max_worker_processes is {max_workers}: pg_cron's background workers share it with parallel "
+                "query; raise it to 16 or more so scheduled jobs are not refused"]
+    return []
 
 
 _PROBE = """
@@ -235,8 +282,9 @@ for name in ("numpy", "onnxruntime", "h3", "pgtraj.runtime"):
     except Exception as exc:
         out["errors"][name] = "%s: %s" % (type(exc).__name__, exc)
 if not out["errors"]:
-    import pgtraj.runtime
+    import os, pgtraj.runtime
     out.update(pgtraj.runtime.info())
+    out["found_at"] = os.path.dirname(os.path.dirname(os.path.dirname(pgtraj.runtime.__file__)))
 return json.dumps(out)
 $$
 """

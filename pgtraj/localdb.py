@@ -214,6 +214,10 @@ class LocalCluster:
             "unix_socket_directories": "''",  # TCP only: no socket paths to share or outgrow
             "shared_preload_libraries": "'postgis-3,pg_cron'",
             "cron.database_name": f"'{self.dbname}'",
+            # pg_cron runs each job in a background worker as the job's role: over libpq it would need a
+            # password-less login, which this cluster (scram only, TCP only) rightly refuses
+            "cron.use_background_workers": "on",
+            "max_worker_processes": "24",  # pg_cron's workers share them with parallel query
             "max_locks_per_transaction": "128",  # MobilityDB's recommendation
             **self.settings,
         }

@@ -119,7 +119,9 @@ def in_sql(conn, out_dir: Path, log) -> dict:
         + ", ".join(f"#{r[0]} {r[1]} p={r[2]}" for r in rows))
     surprise = conn.execute("""
         SELECT traj_id, round(pgtraj.score(geom, 'geolife-next')::numeric, 3) AS surprise
-          FROM geolife.trajectories WHERE split = 'test' ORDER BY 2 DESC LIMIT 3""").fetchall()
+          FROM geolife.trajectories
+         WHERE split = 'test' AND ST_DistanceSphere(ST_StartPoint(geom), ST_EndPoint(geom)) > 1000
+         ORDER BY 2 DESC LIMIT 3""").fetchall()
     log(f"in SQL: the 3 most surprising test trips (pgtraj.score, nats per cell): {surprise}")
     out.update(embedded=embedded, similar_to={str(query_id): similar}, prediction=[r[:4] for r in rows],
                most_surprising=surprise)

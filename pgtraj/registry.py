@@ -40,21 +40,16 @@ def register(conn: psycopg.Connection, name: str, *, objective: str, tokenizer: 
     if primary_metric is not None and primary_metric not in (metrics or {}):
         raise RegistryError(f"model {name!r}: primary_metric {primary_metric!r} is not among its metrics",
                             hint=f"metrics has: {sorted(metrics or {})}")
-    with conn.transaction(), conn.cursor() as cur:
-        # serialise version numbering per name
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('pgtraj.register'), hashtext(%s))", [name])
-        cur.execute("SELECT coalesce(max(version), 0) + 1 FROM pgtraj.model_registry WHERE name = %s", [name])
-        version = cur.fetchone()[0]
-        cur.execute(
-            """INSERT INTO pgtraj.model_registry (name, version, objective, config, tokenizer, metrics,
-                   primary_metric, higher_is_better, embedding_dim, training_run_id, description)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
-            [name, version, objective, Jsonb(config or {}), Jsonb(tokenizer), Jsonb(metrics or {}),
-             primary_metric, higher_is_better, embedding_dim, training_run_id, description])
-        model_id = cur.fetchone()[0]
-        for kind, data in artifacts.items():
-            cur.execute("INSERT INTO pgtraj.model_artifacts (model_id, kind, bytes, sha256) VALUES (%s, %s, %s, %s)",
-                        [model_id, kind, data, hashlib.sha256(data).hexdigest()])
+    # pgtraj._register is the one write path into the registry: it checks every graph and numbers the
+    # version under a lock, and needs pgtraj_admin
+    kinds = list(artifacts)
+    with conn.transaction():
+        model_id, version = conn.execute(
+            """SELECT model_id, version FROM pgtraj._register(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text[],
+                                                               %s::bytea[])""",
+            [name, objective, Jsonb(config or {}), Jsonb(tokenizer), Jsonb(metrics or {}), primary_metric,
+             higher_is_better, embedding_dim, training_run_id, description, kinds,
+             [artifacts[k] for k in kinds]]).fetchone()
     return ModelVersion(model_id, name, version, objective, tokenizer, config or {}, metrics or {},
                         embedding_dim, dict(artifacts))
 

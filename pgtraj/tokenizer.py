@@ -26,12 +26,16 @@ import h3
 import h3.api.numpy_int as h3i
 import numpy as np
 
-from .errors import PgtrajError, config_from_dict
+from .errors import ConfigError, PgtrajError, config_from_dict
 from .trajectory import EARTH_RADIUS_M, Trajectory, bearing_deg, haversine_m
 
 PAD, MASK, UNK, BOS, EOS = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = ("[PAD]", "[MASK]", "[UNK]", "[BOS]", "[EOS]")
 FORMAT = "pgtraj.tokenizer/1"
+# bounds on what a tokenizer may ask for: one from a caller (pgtraj.tokenize(traj, tokenizer)) must not be
+# able to turn a short trajectory into millions of tokens, or a JSON document into gigabytes
+MAX_INTERPOLATION_CELLS = 64
+MAX_VOCAB = 10_000_000
 _M_PER_DEG = np.pi / 180.0 * EARTH_RADIUS_M
 # H3 index layout: resolution in bits 52-55, then one 3-bit digit per resolution, res 15 in bits 0-2
 _RES_SHIFT, _RES_MASK = np.uint64(52), np.uint64(0xF << 52)
@@ -51,12 +55,21 @@ class TokenizerConfig:
     timezone: str = "UTC"              # for day-of-week and minute-of-day features
 
     def __post_init__(self):
+        for name, kind in (("resolution", int), ("min_count", int), ("coarsest_resolution", int),
+                           ("max_interpolation_cells", int), ("interpolate", bool), ("timezone", str)):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise TokenizerError(f"tokenizer {name} must be {'an integer' if kind is int else kind.__name__},"
+                                     f" not {value!r}")
         if not 7 <= self.resolution <= 10:
             raise TokenizerError(f"resolution must be 7-10, not {self.resolution}")
         if not 0 <= self.coarsest_resolution <= self.resolution:
             raise TokenizerError(f"coarsest_resolution must be 0-{self.resolution}, not {self.coarsest_resolution}")
         if self.min_count < 1:
             raise TokenizerError(f"min_count must be >= 1, not {self.min_count}")
+        if not 0 <= self.max_interpolation_cells <= MAX_INTERPOLATION_CELLS:
+            raise TokenizerError(f"max_interpolation_cells must be 0-{MAX_INTERPOLATION_CELLS}, not"
+                                 f" {self.max_interpolation_cells}", hint="a longer jump stays a jump")
         try:
             zoneinfo.ZoneInfo(self.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
@@ -198,8 +211,12 @@ class Tokenizer:
         return int(self.vocab[token - len(SPECIAL_TOKENS)])
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, traj: Trajectory) -> Tokens:
+    def encode(self, traj: Trajectory, check=None) -> Tokens:
+        """The tokens of a trajectory. ``check``, when given, is called now and then on long inputs (inside
+        PostgreSQL: to serve a pending cancel or timeout)."""
+        check = check or (lambda: None)
         cells = self._cells(traj)
+        check()
         run_cells, starts = self._collapse(cells)
         ends = np.concatenate([starts[1:], [len(cells)]]) - 1
         n_fix = (ends - starts + 1).astype(np.float64)
@@ -209,7 +226,9 @@ class Tokenizer:
         lon = np.add.reduceat(traj.lon, starts) / n_fix
         interp = np.zeros(len(run_cells), bool)
         if self.config.interpolate and len(run_cells) > 1:
-            run_cells, t, dwell, lat, lon, interp = self._interpolate(run_cells, t, traj.t[ends], dwell, lat, lon)
+            run_cells, t, dwell, lat, lon, interp = self._interpolate(run_cells, t, traj.t[ends], dwell, lat, lon,
+                                                                      check)
+        check()
         centre = np.array([h3i.cell_to_latlng(c) for c in run_cells], dtype=np.float64).reshape(-1, 2)
         edge = h3.average_hexagon_edge_length(self.config.resolution, unit="m")
         offset = np.stack([(lon - centre[:, 1]) * np.cos(np.radians(centre[:, 0])) * _M_PER_DEG / edge,
@@ -239,11 +258,13 @@ class Tokenizer:
         starts = np.flatnonzero(np.concatenate([[True], cells[1:] != cells[:-1]]))
         return cells[starts], starts
 
-    def _interpolate(self, cells, t, t_last, dwell, lat, lon):
+    def _interpolate(self, cells, t, t_last, dwell, lat, lon, check):
         """Insert the cells skipped between consecutive tokens, entered at evenly spaced times between
         leaving the previous cell and entering the next; positioned at their centres, dwell 0."""
         at, new_cells, new_t = [], [], []
         for i in range(1, len(cells)):
+            if i % 4096 == 0:
+                check()
             path = self._grid_path(int(cells[i - 1]), int(cells[i]))
             if path:
                 at += [i] * len(path)
@@ -280,9 +301,45 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, text: str | dict) -> "Tokenizer":
-        d = json.loads(text) if isinstance(text, str) else text
+        """A tokenizer from its JSON (to_json), checked: a malformed one raises TokenizerError naming what is
+        wrong, never a KeyError or TypeError from deep inside."""
+        try:
+            d = json.loads(text) if isinstance(text, str) else text
+        except ValueError as exc:
+            raise TokenizerError(f"tokenizer is not JSON ({exc})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise TokenizerError(f"not a pgtraj tokenizer (format {d.get('format') if isinstance(d, dict) else None!r})",
-                                 hint=f"expected format {FORMAT!r}")
-        vocab = np.array([h3.str_to_int(c) for c in d["vocab"]], dtype=np.uint64)
-        return cls(config_from_dict(TokenizerConfig, d["config"], "tokenizer"), np.sort(vocab), d.get("coverage", {}))
+                                 hint=f"expected format {FORMAT!r}, as written by Tokenizer.to_json or pgtraj train")
+        if not isinstance(d.get("config"), dict):
+            raise TokenizerError("tokenizer has no config object")
+        try:
+            config = config_from_dict(TokenizerConfig, d["config"], "tokenizer")
+        except ConfigError as exc:
+            raise TokenizerError(exc.message, hint=exc.hint) from None
+        vocab = d.get("vocab")
+        if not isinstance(vocab, list) or not all(isinstance(c, str) for c in vocab):
+            raise TokenizerError("tokenizer vocab must be a list of H3 cell strings")
+        if len(vocab) > MAX_VOCAB:
+            raise TokenizerError(f"tokenizer vocab has {len(vocab)} cells, more than {MAX_VOCAB}")
+        try:
+            cells = np.array([h3.str_to_int(c) for c in vocab], dtype=np.uint64)
+        except (h3.H3BaseException, ValueError):
+            bad = next(c for c in vocab if not _is_cell(c))
+            raise TokenizerError(f"tokenizer vocab holds {bad[:32]!r}, not an H3 cell") from None
+        res = (cells >> _RES_SHIFT) & np.uint64(0xF)
+        off = (res < config.coarsest_resolution) | (res > config.resolution)
+        if off.any():
+            raise TokenizerError(f"tokenizer vocab cell {vocab[int(np.argmax(off))]} is not at a resolution from"
+                                 f" {config.coarsest_resolution} to {config.resolution}")
+        cells = np.sort(cells)
+        if len(cells) > 1 and not (cells[1:] > cells[:-1]).all():
+            raise TokenizerError("tokenizer vocab lists a cell twice")
+        coverage = d.get("coverage", {})
+        return cls(config, cells, coverage if isinstance(coverage, dict) else {})
+
+
+def _is_cell(text: str) -> bool:
+    try:
+        return h3.is_valid_cell(text)
+    except (h3.H3BaseException, ValueError, TypeError):
+        return False

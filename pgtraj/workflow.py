@@ -51,9 +51,9 @@ def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_di
         train(*splits, cfg, out_dir, labels=labels, progress=False, log=lambda m: None)
         return None
     with connect(dsn, autocommit=True) as conn:
-        run_id = conn.execute(
-            "INSERT INTO pgtraj.training_runs (model_name, source, objective, config) VALUES (%s, %s, %s, %s)"
-            " RETURNING id", [name, table, cfg.objective, Jsonb(asdict(cfg))]).fetchone()[0]
+        # the run is opened and closed by this connection's backend (pgtraj._run_start/_run_finish)
+        run_id = conn.execute("SELECT pgtraj._run_start(%s, %s, %s, %s)",
+                              [name, table, cfg.objective, Jsonb(asdict(cfg))]).fetchone()[0]
         try:
             train_set = read_split(conn, table, "train", id_col=id_col, geom_col=geom_col, split_col=split_col, log=log)
             val_set = read_split(conn, table, "val", id_col=id_col, geom_col=geom_col, split_col=split_col, log=log)
@@ -72,13 +72,13 @@ def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_di
                                                  "classes": result.classes, "label_column": label_col},
                     metrics=metrics, primary_metric="val_loss", higher_is_better=False,
                     embedding_dim=result.model_config.d_model, training_run_id=run_id)
-                conn.execute("UPDATE pgtraj.training_runs SET status = 'succeeded', finished_at = now(), metrics = %s,"
-                             " device = %s WHERE id = %s", [Jsonb(metrics), result.device, run_id])
-            if deploy:
-                registry.deploy(conn, name, mv.version, note=f"training run {run_id}")
-            log(f"registered {name} v{mv.version} (training run {run_id}); ONNX parity {parity}")
-            return mv
+                conn.execute("SELECT pgtraj._run_finish(%s, 'succeeded', NULL, %s, %s, %s)",
+                             [run_id, Jsonb(metrics), f"registered v{mv.version}", result.device])
         except BaseException as exc:  # the run row must say what happened, whatever it was
-            conn.execute("UPDATE pgtraj.training_runs SET status = %s, finished_at = now(), error = %s WHERE id = %s",
-                         ["cancelled" if isinstance(exc, KeyboardInterrupt) else "failed", str(exc)[:4000], run_id])
+            conn.execute("SELECT pgtraj._run_finish(%s, %s, %s, NULL, 'nothing registered', NULL)",
+                         [run_id, "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed", str(exc)[:4000]])
             raise
+        if deploy:
+            registry.deploy(conn, name, mv.version, note=f"training run {run_id}")
+        log(f"registered {name} v{mv.version} (training run {run_id}); ONNX parity {parity}")
+        return mv

@@ -2,36 +2,36 @@
 --
 -- Models are named as in the registry: 'name' is the deployed version, 'name@3' version 3. Each call
 -- resolves the name in plain SQL (pgtraj._resolve, one indexed lookup), so a redeploy is visible to every
--- backend at its next call, and hands (model id, graph sha256) to PL/Python, which caches ONNX sessions
--- per backend by sha256. SET pgtraj.threads = n (default 1) for intra-op threads.
+-- backend at its next call, and hands PL/Python the model id, the sha256 of the graph, the sha256 of the
+-- model's tokenizer and config, and the thread count (SET pgtraj.threads = n, default 1). The runtime
+-- caches by those digests, per backend and in files under the server's data directory, so nothing cached
+-- can be served for another model, version or database.
 -- Registry-reading functions are STABLE (never IMMUTABLE: a redeploy changes their result), STRICT
 -- (a NULL trajectory gives NULL) and PARALLEL SAFE: the PL/Python side runs no query on its hot path (a
--- parallel worker may not), loading models from the files mirrored in the data directory.
+-- parallel worker may not), loading models from the cached files when it has to.
 --
--- Trajectories: PostGIS LINESTRING M (M = epoch seconds; any SRID, transformed to WGS84; SRID 0 is read
--- as WGS84 and out-of-range coordinates are refused) or MobilityDB tgeompoint. Unusable input (no M,
--- not a line, NaN, ...) raises SQLSTATE 22023 naming the problem.
+-- Trajectories: PostGIS LINESTRING M (M = epoch seconds; any SRID PostGIS knows, transformed to WGS84; SRID
+-- 0 is read as WGS84 and out-of-range coordinates are refused) or MobilityDB tgeompoint. Unusable input (no
+-- M, not a line, NaN, time going backwards, ...) raises SQLSTATE 22023 naming the problem.
 
--- The one wire format of the runtime: WKB of a WGS84 LINESTRING M.
-CREATE OR REPLACE FUNCTION pgtraj._wkb(traj geometry) RETURNS bytea
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT ST_AsBinary(CASE WHEN ST_SRID(traj) = 0 THEN traj ELSE ST_Transform(traj, 4326) END)
-$$;
-
-CREATE OR REPLACE FUNCTION pgtraj._wkb(traj tgeompoint) RETURNS bytea
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$ SELECT pgtraj._wkb(pgtraj.line(traj)) $$;
-
--- What a model name means now: the model id and the sha256 of its graph `kind`, or an error saying why not.
-CREATE OR REPLACE FUNCTION pgtraj._resolve(model text, kind text, OUT model_id bigint, OUT sha256 text)
-LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE AS $$
+-- What a model name means now, or an error saying why not.
+CREATE OR REPLACE FUNCTION pgtraj._resolve(model text, kind text, OUT model_id bigint, OUT sha256 text,
+                                           OUT meta_sha256 text, OUT threads integer)
+LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 #variable_conflict use_column
 DECLARE
     m text[] := regexp_match(model, '^([A-Za-z][A-Za-z0-9_.-]{0,62})(?:@([0-9]{1,9}))?$');
+    n text := coalesce(nullif(current_setting('pgtraj.threads', true), ''), '1');
 BEGIN
     IF m IS NULL THEN
         RAISE EXCEPTION 'pgtraj: invalid model name %', quote_literal(model) USING ERRCODE = '22023',
               HINT = 'a registered name (''trips'') or a name and version (''trips@3'')';
     END IF;
+    IF n !~ '^[0-9]{1,2}$' OR n::int NOT BETWEEN 1 AND 64 THEN
+        RAISE EXCEPTION 'pgtraj: pgtraj.threads must be an integer from 1 to 64, not %', quote_literal(n)
+              USING ERRCODE = '22023', HINT = 'SET pgtraj.threads = 1';
+    END IF;
+    _resolve.threads := n::int;
     IF m[2] IS NULL THEN
         SELECT d.model_id INTO _resolve.model_id FROM pgtraj.deployment_log d
          WHERE d.model_name = m[1] ORDER BY d.id DESC LIMIT 1;
@@ -50,7 +50,8 @@ BEGIN
                   HINT = format('SELECT version FROM pgtraj.models WHERE name = %L lists its versions', m[1]);
         END IF;
     END IF;
-    SELECT a.sha256 INTO _resolve.sha256 FROM pgtraj.model_artifacts a
+    SELECT a.sha256, r.meta_sha256 INTO _resolve.sha256, _resolve.meta_sha256
+      FROM pgtraj.model_artifacts a JOIN pgtraj.model_registry r ON r.id = a.model_id
      WHERE a.model_id = _resolve.model_id AND a.kind = _resolve.kind;
     IF _resolve.sha256 IS NULL THEN
         RAISE EXCEPTION 'pgtraj: model % has no % graph (it has: %)', quote_literal(model), quote_literal(kind),
@@ -59,19 +60,18 @@ BEGIN
               USING ERRCODE = '0A000',
                     HINT = CASE kind
                         WHEN 'destination' THEN 'fine-tune one: pgtraj train NAME --objective destination --init-from CHECKPOINT'
-                        WHEN 'token_nll' THEN 'models registered before pgtraj 0.3 lack it: retrain the model'
+                        WHEN 'token_nll' THEN 'retrain the model: versions without this graph cannot score'
                         ELSE 'use a model trained for this task' END;
     END IF;
 END
 $$;
 
--- Registration mirrors each graph (and its model's tokenizer) to files, so that parallel workers, which
--- may not query from PL/Python, can load a model no backend has used yet.
+-- Registration writes each graph (and its model's tokenizer and config) to the runtime's file cache, so
+-- that parallel workers, which may not query from PL/Python, can load a model no backend has used yet.
 CREATE OR REPLACE FUNCTION pgtraj._mirror_artifact() RETURNS trigger
-LANGUAGE plpython3u AS $$
+LANGUAGE plpython3u SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-new = TD["new"]
-GD['pgtraj'].inference.mirror_artifact(plpy, new["model_id"], new["sha256"], new["bytes"])
+pgtraj.models.mirror_artifact(plpy, TD["new"]["model_id"], TD["new"]["sha256"], TD["new"]["bytes"])
 $$;
 DROP TRIGGER IF EXISTS mirror_artifact ON pgtraj.model_artifacts;
 CREATE TRIGGER mirror_artifact AFTER INSERT ON pgtraj.model_artifacts
@@ -79,38 +79,40 @@ CREATE TRIGGER mirror_artifact AFTER INSERT ON pgtraj.model_artifacts
 
 -- embeddings ---------------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], model_id bigint, sha256 text, threads text) RETURNS vector[]
-LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], model_id bigint, sha256 text, meta_sha256 text, threads integer)
+RETURNS vector[]
+LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return GD['pgtraj'].inference.call(plpy, 'embed_many', wkbs, model_id, sha256, threads)
+return pgtraj.inference.embed_many(plpy, wkbs, pgtraj.models.Ref(model_id, 'encoder', sha256, meta_sha256, threads))
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], model text) RETURNS vector[]
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
-    SELECT pgtraj._embed(wkbs, r.model_id, r.sha256, current_setting('pgtraj.threads', true))
-      FROM pgtraj._resolve(model, 'encoder') r
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT pgtraj._embed(wkbs, r.model_id, r.sha256, r.meta_sha256, r.threads) FROM pgtraj._resolve(model, 'encoder') r
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.embed(traj geometry, model text) RETURNS vector
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT (pgtraj._embed(ARRAY[pgtraj._wkb(traj)], model))[1]
 $$;
 COMMENT ON FUNCTION pgtraj.embed(geometry, text) IS
     'Embedding (pgvector, unit length) of a LINESTRING M trajectory under a model (''name'' = deployed, ''name@N'' = version N)';
 
 CREATE OR REPLACE FUNCTION pgtraj.embed(traj tgeompoint, model text) RETURNS vector
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$ SELECT pgtraj.embed(pgtraj.line(traj), model) $$;
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT pgtraj.embed(pgtraj.line(traj), model)
+$$;
 COMMENT ON FUNCTION pgtraj.embed(tgeompoint, text) IS 'Embedding of a MobilityDB tgeompoint trajectory';
 
 CREATE OR REPLACE FUNCTION pgtraj.embed(points geometry[], times timestamptz[], model text) RETURNS vector
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT pgtraj.embed(pgtraj.line(points, times), model)
 $$;
 COMMENT ON FUNCTION pgtraj.embed(geometry[], timestamptz[], text) IS
     'Embedding of a trajectory given as arrays of point fixes and their times (e.g. array_agg over a table of fixes)';
 
 CREATE OR REPLACE FUNCTION pgtraj.embed(trajs geometry[], model text) RETURNS vector[]
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT pgtraj._embed(ARRAY(SELECT pgtraj._wkb(u.g) FROM unnest(trajs) WITH ORDINALITY AS u(g, i) ORDER BY u.i),
                          model)
 $$;
@@ -118,32 +120,35 @@ COMMENT ON FUNCTION pgtraj.embed(geometry[], text) IS
     'Embeddings of many trajectories in one batched model call, in input order (NULL in, NULL out)';
 
 CREATE OR REPLACE FUNCTION pgtraj.similarity(a geometry, b geometry, model text) RETURNS double precision
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
-    SELECT 1 - (e[1] <=> e[2]) FROM pgtraj._embed(ARRAY[pgtraj._wkb(a), pgtraj._wkb(b)], model) AS e
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT 1 - (e[1] OPERATOR(@extschema:vector@.<=>) e[2])
+      FROM pgtraj._embed(ARRAY[pgtraj._wkb(a), pgtraj._wkb(b)], model) AS e
 $$;
 COMMENT ON FUNCTION pgtraj.similarity(geometry, geometry, text) IS
     'Cosine similarity of two trajectories'' embeddings (1 = the same trip as the model sees it)';
 
 -- next location ------------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION pgtraj._predict_next(wkb bytea, model_id bigint, sha256 text, threads text, k integer,
-                                                constrained boolean)
+CREATE OR REPLACE FUNCTION pgtraj._predict_next(wkb bytea, model_id bigint, sha256 text, meta_sha256 text,
+                                                threads integer, k integer, constrained boolean)
 RETURNS TABLE (rank integer, cell text, lat double precision, lon double precision, probability double precision,
                expected_seconds double precision)
-LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return GD['pgtraj'].inference.call(plpy, 'predict_next', wkb, model_id, sha256, threads, k, constrained)
+return pgtraj.inference.predict_next(plpy, wkb, pgtraj.models.Ref(model_id, 'next_cell', sha256, meta_sha256, threads),
+                                     k, constrained)
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.predict_next(traj geometry, model text, k integer DEFAULT 5,
                                                constrained boolean DEFAULT true)
 RETURNS TABLE (rank integer, cell h3index, geom geometry(Point, 4326), probability double precision,
                expected_seconds double precision)
-LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 AS $$
-    SELECT p.rank, p.cell::h3index, ST_SetSRID(ST_MakePoint(p.lon, p.lat), 4326), p.probability, p.expected_seconds
+LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 SET search_path = pg_catalog, pgtraj AS $$
+    SELECT p.rank, p.cell::@extschema:h3@.h3index,
+           @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakePoint(p.lon, p.lat), 4326),
+           p.probability, p.expected_seconds
       FROM pgtraj._resolve(model, 'next_cell') r,
-           pgtraj._predict_next(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true), k,
-                                constrained) p
+           pgtraj._predict_next(pgtraj._wkb(traj), r.model_id, r.sha256, r.meta_sha256, r.threads, k, constrained) p
 $$;
 COMMENT ON FUNCTION pgtraj.predict_next(geometry, text, integer, boolean) IS
     'The k likeliest next H3 cells of a trajectory (rank, cell, centre point, probability, expected seconds until it); constrained: grid neighbours of the current cell first';
@@ -152,70 +157,78 @@ CREATE OR REPLACE FUNCTION pgtraj.predict_next(traj tgeompoint, model text, k in
                                                constrained boolean DEFAULT true)
 RETURNS TABLE (rank integer, cell h3index, geom geometry(Point, 4326), probability double precision,
                expected_seconds double precision)
-LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 AS $$ SELECT * FROM pgtraj.predict_next(pgtraj.line(traj), model, k, constrained) $$;
+LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 SET search_path = pg_catalog, pgtraj AS $$
+    SELECT * FROM pgtraj.predict_next(pgtraj.line(traj), model, k, constrained)
+$$;
 COMMENT ON FUNCTION pgtraj.predict_next(tgeompoint, text, integer, boolean) IS
     'The k likeliest next H3 cells of a MobilityDB trajectory';
 
-CREATE OR REPLACE FUNCTION pgtraj._predict_destination(wkb bytea, model_id bigint, sha256 text, threads text, k integer)
+CREATE OR REPLACE FUNCTION pgtraj._predict_destination(wkb bytea, model_id bigint, sha256 text, meta_sha256 text,
+                                                       threads integer, k integer)
 RETURNS TABLE (rank integer, cell text, lat double precision, lon double precision, probability double precision)
-LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return GD['pgtraj'].inference.call(plpy, 'predict_destination', wkb, model_id, sha256, threads, k)
+return pgtraj.inference.predict_destination(
+    plpy, wkb, pgtraj.models.Ref(model_id, 'destination', sha256, meta_sha256, threads), k)
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.predict_destination(traj geometry, model text, k integer DEFAULT 5)
 RETURNS TABLE (rank integer, cell h3index, geom geometry(Point, 4326), probability double precision)
-LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 AS $$
-    SELECT p.rank, p.cell::h3index, ST_SetSRID(ST_MakePoint(p.lon, p.lat), 4326), p.probability
+LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 SET search_path = pg_catalog, pgtraj AS $$
+    SELECT p.rank, p.cell::@extschema:h3@.h3index,
+           @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakePoint(p.lon, p.lat), 4326), p.probability
       FROM pgtraj._resolve(model, 'destination') r,
-           pgtraj._predict_destination(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true), k) p
+           pgtraj._predict_destination(pgtraj._wkb(traj), r.model_id, r.sha256, r.meta_sha256, r.threads, k) p
 $$;
 COMMENT ON FUNCTION pgtraj.predict_destination(geometry, text, integer) IS
     'The k likeliest destinations (last H3 cell) of a trip in progress; needs a model fine-tuned with the destination objective';
 
-CREATE OR REPLACE FUNCTION pgtraj._predict_path(wkb bytea, model_id bigint, sha256 text, threads text, steps integer,
-                                                beam integer)
+CREATE OR REPLACE FUNCTION pgtraj._predict_path(wkb bytea, model_id bigint, sha256 text, meta_sha256 text,
+                                                threads integer, steps integer, beam integer)
 RETURNS TABLE (step integer, cell text, lat double precision, lon double precision, t double precision,
                probability double precision)
-LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return GD['pgtraj'].inference.call(plpy, 'predict_path', wkb, model_id, sha256, threads, steps, beam)
+return pgtraj.inference.predict_path(plpy, wkb, pgtraj.models.Ref(model_id, 'next_cell', sha256, meta_sha256, threads),
+                                     steps, beam)
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.predict_path(traj geometry, model text, steps integer DEFAULT 10, beam integer DEFAULT 4)
 RETURNS geometry
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
-    SELECT ST_SetSRID(ST_MakeLine(ST_MakePointM(p.lon, p.lat, p.t) ORDER BY p.step), 4326)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakeLine(
+               @extschema:postgis@.ST_MakePointM(p.lon, p.lat, p.t) ORDER BY p.step), 4326)
       FROM pgtraj._resolve(model, 'next_cell') r,
-           pgtraj._predict_path(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true),
-                                steps, beam) p
+           pgtraj._predict_path(pgtraj._wkb(traj), r.model_id, r.sha256, r.meta_sha256, r.threads, steps, beam) p
 $$;
 COMMENT ON FUNCTION pgtraj.predict_path(geometry, text, integer, integer) IS
     'The likeliest continuation of a trip (beam search over grid-neighbour moves) as a LINESTRING M from its last fix, M = predicted epoch seconds';
 
-CREATE OR REPLACE FUNCTION pgtraj._fill_gaps(wkb bytea, model_id bigint, sha256 text, threads text)
+CREATE OR REPLACE FUNCTION pgtraj._fill_gaps(wkb bytea, model_id bigint, sha256 text, meta_sha256 text, threads integer)
 RETURNS TABLE (lat double precision, lon double precision, t double precision, filled boolean,
                probability double precision)
-LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return GD['pgtraj'].inference.call(plpy, 'fill_gaps', wkb, model_id, sha256, threads)
+return pgtraj.inference.fill_gaps(plpy, wkb, pgtraj.models.Ref(model_id, 'masked', sha256, meta_sha256, threads))
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.fill_gaps(traj geometry, model text) RETURNS geometry
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
-    SELECT ST_SetSRID(ST_MakeLine(ST_MakePointM(p.lon, p.lat, p.t) ORDER BY p.t, p.filled), 4326)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakeLine(
+               @extschema:postgis@.ST_MakePointM(p.lon, p.lat, p.t) ORDER BY p.t, p.filled), 4326)
       FROM pgtraj._resolve(model, 'masked') r,
-           pgtraj._fill_gaps(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true)) p
+           pgtraj._fill_gaps(pgtraj._wkb(traj), r.model_id, r.sha256, r.meta_sha256, r.threads) p
 $$;
 COMMENT ON FUNCTION pgtraj.fill_gaps(geometry, text) IS
     'The trajectory (WGS84 LINESTRING M) with the H3 cells it skipped between sparse fixes recovered by a masked-span model, instead of a straight line';
 
 CREATE OR REPLACE FUNCTION pgtraj.fill_gaps_detail(traj geometry, model text)
 RETURNS TABLE (geom geometry(PointM, 4326), filled boolean, probability double precision)
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
-    SELECT ST_SetSRID(ST_MakePointM(p.lon, p.lat, p.t), 4326), p.filled, p.probability
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakePointM(p.lon, p.lat, p.t), 4326),
+           p.filled, p.probability
       FROM pgtraj._resolve(model, 'masked') r,
-           pgtraj._fill_gaps(pgtraj._wkb(traj), r.model_id, r.sha256, current_setting('pgtraj.threads', true)) p
+           pgtraj._fill_gaps(pgtraj._wkb(traj), r.model_id, r.sha256, r.meta_sha256, r.threads) p
      ORDER BY p.t, p.filled
 $$;
 COMMENT ON FUNCTION pgtraj.fill_gaps_detail(geometry, text) IS
@@ -223,38 +236,44 @@ COMMENT ON FUNCTION pgtraj.fill_gaps_detail(geometry, text) IS
 
 -- surprise -----------------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION pgtraj._score(wkb bytea, model_id bigint, sha256 text, threads text)
+CREATE OR REPLACE FUNCTION pgtraj._score(wkb bytea, model_id bigint, sha256 text, meta_sha256 text, threads integer)
 RETURNS double precision
-LANGUAGE plpython3u STABLE PARALLEL SAFE AS $$
+LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return GD['pgtraj'].inference.call(plpy, 'score', wkb, model_id, sha256, threads)
+return pgtraj.inference.score(plpy, wkb, pgtraj.models.Ref(model_id, 'token_nll', sha256, meta_sha256, threads))
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj._score(wkb bytea, model text) RETURNS double precision
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$
-    SELECT pgtraj._score(wkb, r.model_id, r.sha256, current_setting('pgtraj.threads', true))
-      FROM pgtraj._resolve(model, 'token_nll') r
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT pgtraj._score(wkb, r.model_id, r.sha256, r.meta_sha256, r.threads) FROM pgtraj._resolve(model, 'token_nll') r
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.score(traj geometry, model text) RETURNS double precision
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$ SELECT pgtraj._score(pgtraj._wkb(traj), model) $$;
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT pgtraj._score(pgtraj._wkb(traj), model)
+$$;
 COMMENT ON FUNCTION pgtraj.score(geometry, text) IS
     'Mean surprise of a trajectory, -log p(next cell | trip so far) in nats per cell: high = unusual (anomaly score)';
 
 CREATE OR REPLACE FUNCTION pgtraj.score(traj tgeompoint, model text) RETURNS double precision
-LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$ SELECT pgtraj.score(pgtraj.line(traj), model) $$;
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT pgtraj.score(pgtraj.line(traj), model)
+$$;
 COMMENT ON FUNCTION pgtraj.score(tgeompoint, text) IS 'Mean surprise of a MobilityDB trajectory';
 
 -- session cache ------------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION pgtraj.warmup(model text) RETURNS jsonb
 -- PARALLEL RESTRICTED: the point is to load the model in this backend, not in a parallel worker
-LANGUAGE plpython3u STABLE STRICT PARALLEL RESTRICTED AS $$
+CREATE OR REPLACE FUNCTION pgtraj._warmup(model_id bigint, meta_sha256 text, threads integer) RETURNS jsonb
+LANGUAGE plpython3u STABLE STRICT PARALLEL RESTRICTED SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
 import json
-r = plpy.execute(plpy.prepare("SELECT model_id FROM pgtraj._resolve($1, 'encoder')", ["text"]), [model])[0]
-return json.dumps(GD['pgtraj'].inference.call(plpy, 'warmup', r["model_id"], plpy.execute(
-    "SELECT current_setting('pgtraj.threads', true) AS t")[0]["t"]))
+return json.dumps(pgtraj.models.warmup(plpy, model_id, meta_sha256, threads))
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj.warmup(model text) RETURNS jsonb
+LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED SET search_path = pg_catalog, pgtraj AS $$
+    SELECT pgtraj._warmup(r.model_id, r.meta_sha256, r.threads) FROM pgtraj._resolve(model, 'encoder') r
 $$;
 COMMENT ON FUNCTION pgtraj.warmup(text) IS
     'Loads every ONNX graph of a model into this backend''s cache (the first inference call pays it otherwise)';

@@ -1,15 +1,109 @@
--- pgtraj SQL API, part 5: batch embedding of whole tables, with its bookkeeping.
+-- pgtraj SQL API, part 5: batch embedding of whole tables, with its bookkeeping, and similarity search.
 
-GRANT SELECT, INSERT, UPDATE ON pgtraj.jobs TO pgtraj_user;
-GRANT SELECT, INSERT, UPDATE, DELETE ON pgtraj.embedding_errors TO pgtraj_user;
+-- The bookkeeping of batch work, written only through these SECURITY DEFINER functions: a job row is
+-- opened for a table column the caller may write, and only the backend that opened it updates it; failed
+-- rows are recorded for a column the caller may write. Nobody can forge another role's jobs or errors,
+-- or attach them to a table they cannot write.
+CREATE OR REPLACE FUNCTION pgtraj._check_column_rights(caller name, source regclass, key_column name,
+                                                       traj_column name, embedding_column name)
+RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    col  name;
+    priv text;
+BEGIN
+    FOR col, priv IN VALUES (key_column, 'SELECT'), (traj_column, 'SELECT'), (embedding_column, 'UPDATE') LOOP
+        IF col IS NOT NULL AND NOT has_column_privilege(caller, source, col, priv) THEN
+            RAISE EXCEPTION 'pgtraj: role % may not % %.%', caller, lower(priv), source, quote_ident(col)
+                  USING ERRCODE = '42501',
+                        HINT = format('GRANT %s (%I) ON %s TO %I', priv, col, source, caller);
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj._job_start(kind text, source regclass, embedding_column name, model text,
+                                             model_id bigint, total bigint, details jsonb DEFAULT '{}',
+                                             target text DEFAULT NULL, caller name DEFAULT current_user)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    who name := pgtraj._acting_for(caller);
+    id  bigint;
+BEGIN
+    IF kind IS NULL OR kind NOT IN ('embed_table', 'refresh') THEN
+        RAISE EXCEPTION 'pgtraj: unknown job kind %', quote_literal(kind) USING ERRCODE = '22023';
+    END IF;
+    PERFORM pgtraj._check_column_rights(who, source, NULL, NULL, embedding_column);
+    IF target IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pgtraj.embedding_targets t WHERE t.name = target
+                                             AND t.table_name = source AND t.embedding_column = _job_start.embedding_column) THEN
+        RAISE EXCEPTION 'pgtraj: embedding target % does not fill %.%', quote_literal(target), source,
+              quote_ident(embedding_column) USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO pgtraj.jobs (kind, args, status, total, started_at, pid, created_by)
+    VALUES (kind, coalesce(details, '{}') || jsonb_build_object('table', source::text, 'embedding_column', embedding_column,
+                                                                'model', model, 'model_id', model_id, 'target', target),
+            'running', total, now(), pg_backend_pid(), who)
+    RETURNING jobs.id INTO id;
+    RETURN id;
+END
+$$;
+
+-- Progress of a running job (status NULL), or its end ('succeeded', 'failed', 'cancelled').
+CREATE OR REPLACE FUNCTION pgtraj._job_update(job bigint, done bigint, progress jsonb, status text DEFAULT NULL,
+                                              error text DEFAULT NULL, total bigint DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+BEGIN
+    IF status IS NOT NULL AND status NOT IN ('succeeded', 'failed', 'cancelled') THEN
+        RAISE EXCEPTION 'pgtraj: a job ends succeeded, failed or cancelled, not %', quote_literal(status)
+              USING ERRCODE = '22023';
+    END IF;
+    UPDATE pgtraj.jobs j
+       SET done = coalesce(_job_update.done, j.done), progress = coalesce(_job_update.progress, j.progress),
+           total = coalesce(_job_update.total, j.total), status = coalesce(_job_update.status, j.status),
+           error = coalesce(_job_update.error, j.error),
+           finished_at = CASE WHEN _job_update.status IS NOT NULL THEN now() END
+     WHERE j.id = job AND j.pid = pg_backend_pid() AND j.status = 'running';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgtraj: job % is not running in this session', job USING ERRCODE = '42501';
+    END IF;
+END
+$$;
+
+-- Failed rows of a column: the keys that worked leave pgtraj.embedding_errors, the failures are recorded
+-- (attempts counted up by one, or set to `attempts` when the queue gives up on a row).
+CREATE OR REPLACE FUNCTION pgtraj._record_errors(source regclass, embedding_column name, model_id bigint,
+                                                 ok_keys text[], bad_keys text[], sqlstates text[], messages text[],
+                                                 attempts integer DEFAULT NULL, caller name DEFAULT current_user)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+#variable_conflict use_column
+DECLARE
+    who name := pgtraj._acting_for(caller);
+BEGIN
+    PERFORM pgtraj._check_column_rights(who, source, NULL, NULL, _record_errors.embedding_column);
+    IF cardinality(ok_keys) > 0 THEN
+        DELETE FROM pgtraj.embedding_errors e
+         WHERE e.table_name = source AND e.embedding_column = _record_errors.embedding_column AND e.key = ANY (ok_keys);
+    END IF;
+    IF cardinality(bad_keys) > 0 THEN
+        INSERT INTO pgtraj.embedding_errors AS e (table_name, embedding_column, key, model_id, sqlstate, error, attempts)
+        SELECT source, _record_errors.embedding_column, u.k, _record_errors.model_id, u.s, left(u.m, 4000),
+               coalesce(_record_errors.attempts, 1)
+          FROM unnest(bad_keys, sqlstates, messages) AS u(k, s, m)
+        ON CONFLICT (table_name, embedding_column, key) DO UPDATE
+           SET attempts = coalesce(_record_errors.attempts, e.attempts + 1), last_failed_at = now(),
+               sqlstate = excluded.sqlstate, error = excluded.error, model_id = excluded.model_id;
+    END IF;
+END
+$$;
 
 CREATE OR REPLACE PROCEDURE pgtraj.embed_table(source regclass, traj_column name, embedding_column name,
                                                model text, batch_size integer DEFAULT 500)
 LANGUAGE plpython3u AS $$
 @BOOT@
-rt = GD['pgtraj']
-threads = plpy.execute("SELECT current_setting('pgtraj.threads', true) AS t")[0]["t"]
-rt.inference.call(plpy, rt.batch.embed_table, source, traj_column, embedding_column, model, batch_size, threads)
+pgtraj.batch.embed_table(plpy, source, traj_column, embedding_column, model, batch_size)
 $$;
 COMMENT ON PROCEDURE pgtraj.embed_table(regclass, name, name, text, integer) IS
     'Fills a vector column with a model''s embeddings, batch by batch (each committed): only rows with no embedding or one from another model version; unusable rows go to pgtraj.embedding_errors';
@@ -17,7 +111,7 @@ COMMENT ON PROCEDURE pgtraj.embed_table(regclass, name, name, text, integer) IS
 -- Jobs as people want to read them: a 'running' job whose backend is gone was interrupted.
 CREATE OR REPLACE VIEW pgtraj.job_status AS
 SELECT j.id, j.kind, j.args ->> 'table' AS "table", j.args ->> 'model' AS model,
-       CASE WHEN j.status = 'running' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = j.pid)
+       CASE WHEN j.status = 'running' AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = j.pid)
             THEN 'interrupted' ELSE j.status END AS status,
        j.done, j.total,
        round(100.0 * j.done / nullif(j.total, 0), 1) AS percent,
@@ -26,7 +120,6 @@ SELECT j.id, j.kind, j.args ->> 'table' AS "table", j.args ->> 'model' AS model,
        j.started_at, j.finished_at, j.error, j.created_by
   FROM pgtraj.jobs j;
 COMMENT ON VIEW pgtraj.job_status IS 'Batch jobs with progress; status interrupted = its backend ended while running';
-GRANT SELECT ON pgtraj.job_status TO pgtraj_user;
 
 -- similarity search ----------------------------------------------------------------------------------------
 
@@ -36,20 +129,21 @@ GRANT SELECT ON pgtraj.job_status TO pgtraj_user;
 CREATE OR REPLACE FUNCTION pgtraj.create_hnsw_index(source regclass, embedding_column name, m integer DEFAULT 16,
                                                     ef_construction integer DEFAULT 64)
 RETURNS regclass
-LANGUAGE plpgsql VOLATILE STRICT AS $$
+LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$
 DECLARE
     typ   text;
+    oid   oid;
     dims  integer;
     rel   name;
     nsp   name;
     idx   name;
 BEGIN
-    SELECT format_type(a.atttypid, a.atttypmod), a.atttypmod INTO typ, dims
+    SELECT format_type(a.atttypid, a.atttypmod), a.atttypid, a.atttypmod INTO typ, oid, dims
       FROM pg_attribute a WHERE a.attrelid = source AND a.attname = embedding_column AND NOT a.attisdropped;
     IF typ IS NULL THEN
         RAISE EXCEPTION 'pgtraj: column % of % does not exist', quote_literal(embedding_column), source
               USING ERRCODE = '42703';
-    ELSIF typ NOT LIKE 'vector%' OR dims <= 0 THEN
+    ELSIF oid <> '@extschema:vector@.vector'::regtype OR dims <= 0 THEN
         RAISE EXCEPTION 'pgtraj: %.% is %, an HNSW index needs vector(n)', source, embedding_column, typ
               USING ERRCODE = '42804',
                     HINT = format('ALTER TABLE %s ALTER COLUMN %I TYPE vector(<the model''s dimension>)',
@@ -61,8 +155,8 @@ BEGIN
     SELECT c.relname, n.nspname INTO rel, nsp FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = source;
     idx := left(rel || '_' || embedding_column, 58) || '_hnsw';
-    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s USING hnsw (%I vector_cosine_ops) WITH (m = %s, ef_construction = %s)',
-                   idx, source, embedding_column, m, ef_construction);
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s USING hnsw (%I @extschema:vector@.vector_cosine_ops)'
+                   ' WITH (m = %s, ef_construction = %s)', idx, source, embedding_column, m, ef_construction);
     RETURN format('%I.%I', nsp, idx)::regclass;
 END
 $$;
@@ -71,7 +165,7 @@ COMMENT ON FUNCTION pgtraj.create_hnsw_index(regclass, name, integer, integer) I
 
 -- The column naming a table's rows in search results: its single-column primary key.
 CREATE OR REPLACE FUNCTION pgtraj._key_column(source regclass) RETURNS name
-LANGUAGE plpgsql STABLE STRICT AS $$
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pgtraj AS $$
 DECLARE
     key name;
 BEGIN
@@ -85,12 +179,14 @@ END
 $$;
 
 -- The k rows nearest to a query embedding, by cosine distance, through the HNSW index when there is one.
--- ef_search (candidates kept while searching, pgvector's hnsw.ef_search) trades speed for recall; it is
--- set for this transaction only, which is why the function is VOLATILE and PARALLEL UNSAFE.
+-- ef_search (candidates kept while searching, pgvector's hnsw.ef_search, at most 1,000) trades speed for
+-- recall; for k above it, pgvector's iterative scan keeps searching until k rows are found, in exact
+-- distance order. Both are set for this transaction only, which is why the function is VOLATILE and
+-- PARALLEL UNSAFE.
 CREATE OR REPLACE FUNCTION pgtraj.similar(source regclass, embedding_column name, query vector, k integer DEFAULT 10,
                                           ef_search integer DEFAULT 100)
 RETURNS TABLE (id text, distance double precision)
-LANGUAGE plpgsql VOLATILE STRICT AS $$
+LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$
 DECLARE
     key name;
 BEGIN
@@ -104,10 +200,14 @@ BEGIN
         RAISE EXCEPTION 'pgtraj: column % of % does not exist', quote_literal(embedding_column), source
               USING ERRCODE = '42703';
     END IF;
-    PERFORM set_config('hnsw.ef_search', greatest(ef_search, k)::text, true);
-    RETURN QUERY EXECUTE format('SELECT %I::text, (%I <=> $1)::float8 FROM %s WHERE %I IS NOT NULL'
-                                ' ORDER BY %I <=> $1 LIMIT $2', key, embedding_column, source, embedding_column,
-                                embedding_column)
+    PERFORM set_config('hnsw.ef_search', least(greatest(ef_search, k), 1000)::text, true);
+    IF k > 1000 THEN
+        PERFORM set_config('hnsw.iterative_scan', 'strict_order', true);
+        PERFORM set_config('hnsw.max_scan_tuples', greatest(20000, 10 * k)::text, true);
+    END IF;
+    RETURN QUERY EXECUTE format('SELECT %I::text, (%I OPERATOR(@extschema:vector@.<=>) $1)::float8 FROM %s'
+                                ' WHERE %I IS NOT NULL ORDER BY %I OPERATOR(@extschema:vector@.<=>) $1 LIMIT $2',
+                                key, embedding_column, source, embedding_column, embedding_column)
         USING query, k;
 END
 $$;
@@ -117,7 +217,7 @@ COMMENT ON FUNCTION pgtraj.similar(regclass, name, vector, integer, integer) IS
 CREATE OR REPLACE FUNCTION pgtraj.similar(source regclass, embedding_column name, query geometry, model text,
                                           k integer DEFAULT 10, ef_search integer DEFAULT 100)
 RETURNS TABLE (id text, distance double precision)
-LANGUAGE sql VOLATILE STRICT AS $$
+LANGUAGE sql VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$
     SELECT * FROM pgtraj.similar(source, embedding_column, pgtraj.embed(query, model), k, ef_search)
 $$;
 COMMENT ON FUNCTION pgtraj.similar(regclass, name, geometry, text, integer, integer) IS
@@ -126,10 +226,10 @@ COMMENT ON FUNCTION pgtraj.similar(regclass, name, geometry, text, integer, inte
 CREATE OR REPLACE FUNCTION pgtraj.similar(source regclass, embedding_column name, row_id bigint, k integer DEFAULT 10,
                                           ef_search integer DEFAULT 100)
 RETURNS TABLE (id text, distance double precision)
-LANGUAGE plpgsql VOLATILE STRICT AS $$
+LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$
 DECLARE
     key name;
-    q   vector;
+    q   @extschema:vector@.vector;
 BEGIN
     IF k < 1 OR k > 10000 THEN
         RAISE EXCEPTION 'pgtraj: k must be 1..10000 (got %)', k USING ERRCODE = '22023';

@@ -1,23 +1,149 @@
 -- pgtraj SQL API, part 6: keeping embeddings fresh (targets, trigger-fed queue, workers, pg_cron).
-
-GRANT SELECT ON pgtraj.embedding_targets, pgtraj.embedding_queue TO pgtraj_user;
-GRANT INSERT, UPDATE, DELETE ON pgtraj.embedding_targets, pgtraj.embedding_queue TO pgtraj_user;
+--
+-- A target, its queue and its dead letters are written only through the SECURITY DEFINER functions below,
+-- each of which checks that the caller may read the table's key and trajectory and write its embedding
+-- column: nobody can point a target at a table they could not fill themselves, queue keys of such a
+-- table, or make a more privileged worker (an administrator, pg_cron) write where they could not.
 
 -- Trigger side: the row's key goes (back) into the queue. SECURITY DEFINER: whoever writes the table may
--- not have rights on pgtraj's tables, and must not need them.
+-- not have rights on pgtraj's tables, and must not need them. The trigger's argument names the target;
+-- a trigger naming a target of another table is refused, so no one can feed another table's queue.
 CREATE OR REPLACE FUNCTION pgtraj._enqueue() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
 DECLARE
+    t pgtraj.embedding_targets;
     k text;
 BEGIN
-    EXECUTE format('SELECT ($1).%I::text', TG_ARGV[1]) INTO k USING NEW;
-    INSERT INTO pgtraj.embedding_queue AS q (target, key) VALUES (TG_ARGV[0], k)
+    SELECT * INTO t FROM pgtraj.embedding_targets x WHERE x.name = TG_ARGV[0];
+    IF NOT FOUND THEN
+        RETURN NULL;  -- its target is gone (drop_embedding_target removes the triggers too)
+    END IF;
+    IF t.table_name::oid <> TG_RELID THEN
+        RAISE EXCEPTION 'pgtraj: trigger % on % names embedding target %, which fills another table',
+              quote_ident(TG_NAME), TG_RELID::regclass, quote_literal(TG_ARGV[0]) USING ERRCODE = '42501';
+    END IF;
+    EXECUTE format('SELECT ($1).%I::text', t.key_column) INTO k USING NEW;
+    INSERT INTO pgtraj.embedding_queue AS q (target, key) VALUES (t.name, k)
     ON CONFLICT (target, key) DO UPDATE
         SET enqueued_at = now(), attempts = 0, next_attempt_at = now(), last_error = NULL;
     RETURN NULL;
 END
 $$;
-REVOKE ALL ON FUNCTION pgtraj._enqueue() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION pgtraj._target(name text, caller name) RETURNS pgtraj.embedding_targets
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    t pgtraj.embedding_targets;
+BEGIN
+    SELECT * INTO t FROM pgtraj.embedding_targets x WHERE x.name = _target.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgtraj: no embedding target named %', quote_literal(name) USING ERRCODE = '42704',
+              HINT = 'SELECT name FROM pgtraj.embedding_targets lists them';
+    END IF;
+    PERFORM pgtraj._check_column_rights(caller, t.table_name, t.key_column, t.traj_column, t.embedding_column);
+    RETURN t;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj._target_add(name text, source regclass, key_column name, traj_column name,
+                                              embedding_column name, model text, batch_size integer,
+                                              max_attempts integer, caller name DEFAULT current_user)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    who name := pgtraj._acting_for(caller);
+BEGIN
+    PERFORM pgtraj._check_writable('create an embedding target');
+    PERFORM pgtraj._check_column_rights(who, source, key_column, traj_column, embedding_column);
+    IF NOT has_table_privilege(who, source, 'TRIGGER') THEN
+        RAISE EXCEPTION 'pgtraj: role % may not create triggers on %', who, source USING ERRCODE = '42501',
+              HINT = format('the table''s owner can GRANT TRIGGER ON %s TO %I', source, who);
+    END IF;
+    IF key_column IS DISTINCT FROM pgtraj._key_column(source) THEN
+        RAISE EXCEPTION 'pgtraj: % is not the primary key of %', quote_ident(key_column), source USING ERRCODE = '42P10';
+    END IF;
+    INSERT INTO pgtraj.embedding_targets (name, table_name, key_column, traj_column, embedding_column, model,
+                                          batch_size, max_attempts, created_by)
+    VALUES (name, source, key_column, traj_column, embedding_column, model, batch_size, max_attempts, who);
+END
+$$;
+
+-- Removing a target is for the table's owner (who alone can drop its triggers) or the target's creator.
+CREATE OR REPLACE FUNCTION pgtraj._target_remove(name text, caller name DEFAULT current_user) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    who name := pgtraj._acting_for(caller);
+    t   pgtraj.embedding_targets;
+BEGIN
+    SELECT * INTO t FROM pgtraj.embedding_targets x WHERE x.name = _target_remove.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgtraj: no embedding target named %', quote_literal(name) USING ERRCODE = '42704';
+    END IF;
+    IF t.created_by <> who AND NOT pg_has_role(who, (SELECT c.relowner FROM pg_class c WHERE c.oid = t.table_name),
+                                               'MEMBER') THEN
+        RAISE EXCEPTION 'pgtraj: only the owner of % or the creator of target % may drop it', t.table_name,
+              quote_literal(name) USING ERRCODE = '42501';
+    END IF;
+    DELETE FROM pgtraj.embedding_targets x WHERE x.name = _target_remove.name;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj._target_pause(name text, paused boolean, caller name DEFAULT current_user)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+BEGIN
+    PERFORM pgtraj._target(name, pgtraj._acting_for(caller));
+    UPDATE pgtraj.embedding_targets x SET paused = _target_pause.paused WHERE x.name = _target_pause.name;
+END
+$$;
+
+-- The queue, for workers: keys in (backfill), due keys out (locked for this transaction, skipping those
+-- another worker holds), and the outcome of a batch in one call.
+CREATE OR REPLACE FUNCTION pgtraj._queue_add(target text, keys text[], caller name DEFAULT current_user) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM pgtraj._target(target, pgtraj._acting_for(caller));
+    INSERT INTO pgtraj.embedding_queue (target, key) SELECT _queue_add.target, k FROM unnest(keys) AS u(k)
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj._queue_take(target text, n integer, caller name DEFAULT current_user)
+RETURNS TABLE (key text, attempts integer)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+BEGIN
+    PERFORM pgtraj._target(target, pgtraj._acting_for(caller));
+    RETURN QUERY SELECT q.key, q.attempts FROM pgtraj.embedding_queue q
+                  WHERE q.target = _queue_take.target AND q.next_attempt_at <= now()
+                  ORDER BY q.next_attempt_at, q.key LIMIT n FOR UPDATE SKIP LOCKED;
+END
+$$;
+
+-- done: embedded, or gone from the table; retry: failed, to be tried again after a backoff of 10 s, 20 s,
+-- 40 s, ... (at most an hour); dead: failed for the last time, moved to pgtraj.embedding_errors.
+CREATE OR REPLACE FUNCTION pgtraj._queue_done(target text, model_id bigint, done_keys text[], retry_keys text[],
+                                              retry_messages text[], dead_keys text[], dead_sqlstates text[],
+                                              dead_messages text[], caller name DEFAULT current_user)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    who name := pgtraj._acting_for(caller);
+    t   pgtraj.embedding_targets := pgtraj._target(target, who);
+BEGIN
+    UPDATE pgtraj.embedding_queue q
+       SET attempts = q.attempts + 1, last_error = left(u.m, 4000),
+           next_attempt_at = now() + make_interval(secs => least(3600, 10 * 2 ^ q.attempts))
+      FROM unnest(retry_keys, retry_messages) AS u(k, m)
+     WHERE q.target = t.name AND q.key = u.k;
+    DELETE FROM pgtraj.embedding_queue q WHERE q.target = t.name AND (q.key = ANY (done_keys) OR q.key = ANY (dead_keys));
+    PERFORM pgtraj._record_errors(t.table_name, t.embedding_column, model_id, done_keys, dead_keys, dead_sqlstates,
+                                  dead_messages, t.max_attempts, who);
+END
+$$;
 
 CREATE OR REPLACE FUNCTION pgtraj.create_embedding_target(name text, source regclass, traj_column name,
                                                           embedding_column name, model text,
@@ -25,101 +151,110 @@ CREATE OR REPLACE FUNCTION pgtraj.create_embedding_target(name text, source regc
                                                           max_attempts integer DEFAULT 5,
                                                           backfill boolean DEFAULT true)
 RETURNS bigint
-LANGUAGE plpython3u VOLATILE STRICT AS $$
+LANGUAGE plpython3u VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-rt = GD['pgtraj']
-threads = plpy.execute("SELECT current_setting('pgtraj.threads', true) AS t")[0]["t"]
-return rt.inference.call(plpy, rt.queue.create_target, name, source, traj_column, embedding_column, model,
-                         batch_size, max_attempts, backfill, threads)
+return pgtraj.queue.create_target(plpy, name, source, traj_column, embedding_column, model, batch_size, max_attempts,
+                                  backfill)
 $$;
 COMMENT ON FUNCTION pgtraj.create_embedding_target(text, regclass, name, name, text, integer, integer, boolean) IS
     'Keeps a vector column embedded: triggers queue inserted rows and rows whose trajectory changed (returns the rows queued by backfill)';
 
 CREATE OR REPLACE FUNCTION pgtraj.drop_embedding_target(name text) RETURNS void
-LANGUAGE plpython3u VOLATILE STRICT AS $$
+LANGUAGE plpython3u VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-rt = GD['pgtraj']
-rt.inference.call(plpy, rt.queue.drop_target, name)
+pgtraj.queue.drop_target(plpy, name)
 $$;
 COMMENT ON FUNCTION pgtraj.drop_embedding_target(text) IS 'Removes a target, its triggers and its queue (embeddings stay)';
 
 CREATE OR REPLACE PROCEDURE pgtraj.process_queue(target text DEFAULT NULL, max_batches integer DEFAULT NULL)
 LANGUAGE plpython3u AS $$
 @BOOT@
-rt = GD['pgtraj']
-threads = plpy.execute("SELECT current_setting('pgtraj.threads', true) AS t")[0]["t"]
-rt.inference.call(plpy, rt.queue.process_queue, target, max_batches, threads)
+pgtraj.queue.process_queue(plpy, target, max_batches)
 $$;
 COMMENT ON PROCEDURE pgtraj.process_queue(text, integer) IS
-    'Embeds queued rows of a target (NULL: every target not paused), batch by batch; safe to run many at once';
+    'Embeds queued rows of a target (NULL: every target not paused that this role may fill), batch by batch; safe to run many at once';
 
 CREATE OR REPLACE FUNCTION pgtraj.pause_embedding(name text) RETURNS void
-LANGUAGE plpgsql VOLATILE STRICT AS $$
-BEGIN
-    UPDATE pgtraj.embedding_targets t SET paused = true WHERE t.name = pause_embedding.name;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'pgtraj: no embedding target named %', quote_literal(name) USING ERRCODE = '42704';
-    END IF;
-END
-$$;
+LANGUAGE sql VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$ SELECT pgtraj._target_pause(name, true) $$;
 COMMENT ON FUNCTION pgtraj.pause_embedding(text) IS 'Workers skip this target (triggers still queue changes)';
 
 CREATE OR REPLACE FUNCTION pgtraj.resume_embedding(name text) RETURNS void
-LANGUAGE plpgsql VOLATILE STRICT AS $$
-BEGIN
-    UPDATE pgtraj.embedding_targets t SET paused = false WHERE t.name = resume_embedding.name;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'pgtraj: no embedding target named %', quote_literal(name) USING ERRCODE = '42704';
-    END IF;
-END
-$$;
+LANGUAGE sql VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$ SELECT pgtraj._target_pause(name, false) $$;
 COMMENT ON FUNCTION pgtraj.resume_embedding(text) IS 'Workers take this target''s queue again';
 
 -- pg_cron jobs of pgtraj (refresh here, training in 80_training.sql): scheduled by name, so that scheduling
--- again replaces the job, and pg_cron never runs two instances of one job at once. `instead` completes the
--- hint for databases without pg_cron: what to run from another scheduler.
-CREATE OR REPLACE FUNCTION pgtraj._cron_schedule(job text, schedule text, command text, instead text) RETURNS bigint
-LANGUAGE plpgsql VOLATILE STRICT AS $$
+-- again replaces the job, and pg_cron never runs two instances of one job at once. A job runs as the role
+-- that scheduled it, and only pgtraj's own command: pg_cron's schema stays private, and nobody schedules
+-- anything they could not run themselves. These helpers are owned by the installing superuser (pg_cron
+-- lets only a superuser name the role a job runs as) and called only by the schedule functions below.
+CREATE OR REPLACE FUNCTION pgtraj._cron_schedule(job text, schedule text, command text, who name, instead text)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgtraj AS $$
 BEGIN
     IF to_regnamespace('cron') IS NULL THEN
         RAISE EXCEPTION 'pgtraj: pg_cron is not enabled in this database' USING ERRCODE = '0A000',
               HINT = 'CREATE EXTENSION pg_cron in the database named by cron.database_name (pgtraj install does it'
                      ' when possible), or ' || instead || ' from any scheduler';
     END IF;
-    RETURN cron.schedule(job, schedule, command);
+    PERFORM pgtraj._check_writable('schedule a job');
+    RETURN cron.schedule_in_database(job, schedule, command, current_database(), who);
 END
 $$;
 
-CREATE OR REPLACE FUNCTION pgtraj._cron_unschedule(job text) RETURNS boolean
-LANGUAGE plpgsql VOLATILE STRICT AS $$
+CREATE OR REPLACE FUNCTION pgtraj._cron_unschedule(job text, who name) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    id   bigint;
+    done boolean := false;
 BEGIN
-    IF to_regnamespace('cron') IS NULL OR NOT EXISTS (SELECT 1 FROM cron.job j WHERE j.jobname = job) THEN
+    IF to_regnamespace('cron') IS NULL THEN
         RETURN false;
     END IF;
-    RETURN cron.unschedule(job);
+    FOR id IN SELECT j.jobid FROM cron.job j JOIN pg_roles r ON r.rolname = j.username
+               WHERE j.jobname = job AND j.database = current_database() AND pg_has_role(who, r.oid, 'MEMBER') LOOP
+        PERFORM cron.unschedule(id);
+        done := true;
+    END LOOP;
+    RETURN done;
 END
 $$;
 
--- One job per target, named pgtraj-refresh-<target>; SKIP LOCKED keeps even hand-started workers apart.
-CREATE OR REPLACE FUNCTION pgtraj.schedule_refresh(name text, schedule text DEFAULT '* * * * *') RETURNS bigint
-LANGUAGE plpgsql VOLATILE STRICT AS $$
+-- One job per target, named pgtraj-refresh-<target>, run as the caller; SKIP LOCKED keeps even
+-- hand-started workers apart.
+CREATE OR REPLACE FUNCTION pgtraj._schedule_refresh(name text, schedule text, caller name DEFAULT current_user)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    who name := pgtraj._acting_for(caller);
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pgtraj.embedding_targets t WHERE t.name = schedule_refresh.name) THEN
-        RAISE EXCEPTION 'pgtraj: no embedding target named %', quote_literal(name) USING ERRCODE = '42704';
-    END IF;
+    PERFORM pgtraj._target(name, who);
     RETURN pgtraj._cron_schedule('pgtraj-refresh-' || name, schedule, format('CALL pgtraj.process_queue(%L)', name),
-                                 'run CALL pgtraj.process_queue()');
+                                 who, 'run CALL pgtraj.process_queue()');
 END
 $$;
+
+CREATE OR REPLACE FUNCTION pgtraj._unschedule(job text, caller name DEFAULT current_user) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+BEGIN
+    IF job !~ '^pgtraj-(refresh|train)-' THEN
+        RAISE EXCEPTION 'pgtraj: % is not a pgtraj job', quote_literal(job) USING ERRCODE = '42501';
+    END IF;
+    RETURN pgtraj._cron_unschedule(job, pgtraj._acting_for(caller));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj.schedule_refresh(name text, schedule text DEFAULT '* * * * *') RETURNS bigint
+LANGUAGE sql VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$ SELECT pgtraj._schedule_refresh(name, schedule) $$;
 COMMENT ON FUNCTION pgtraj.schedule_refresh(text, text) IS
-    'Runs pgtraj.process_queue for a target on a pg_cron schedule (default every minute); returns the cron job id';
+    'Runs pgtraj.process_queue for a target on a pg_cron schedule (default every minute), as the calling role; returns the cron job id';
 
 CREATE OR REPLACE FUNCTION pgtraj.unschedule_refresh(name text) RETURNS boolean
-LANGUAGE sql VOLATILE STRICT AS $$ SELECT pgtraj._cron_unschedule('pgtraj-refresh-' || name) $$;
+LANGUAGE sql VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$ SELECT pgtraj._unschedule('pgtraj-refresh-' || name) $$;
 COMMENT ON FUNCTION pgtraj.unschedule_refresh(text) IS 'Removes a target''s pg_cron job (false if there was none)';
 
 -- What a person checks: per target, what waits, what is being retried, what failed, and the last run.
-CREATE OR REPLACE VIEW pgtraj.embedding_status AS
+-- security_invoker: a role sees only the targets of tables it may read (the tables' row security).
+CREATE OR REPLACE VIEW pgtraj.embedding_status WITH (security_invoker = true) AS
 SELECT t.name, t.table_name, t.embedding_column, t.model, t.paused,
        count(q.key) FILTER (WHERE q.attempts = 0)  AS pending,
        count(q.key) FILTER (WHERE q.attempts > 0)  AS retrying,
@@ -134,4 +269,19 @@ SELECT t.name, t.table_name, t.embedding_column, t.model, t.paused,
                       WHERE j.kind = 'refresh' AND j.args ->> 'target' = t.name ORDER BY j.id DESC LIMIT 1) r ON true
  GROUP BY t.name, t.table_name, t.embedding_column, t.model, t.paused, r.status, r.finished_at, r.progress, r.error;
 COMMENT ON VIEW pgtraj.embedding_status IS 'Per embedding target: pending, retrying and failed rows, and the last worker run';
-GRANT SELECT ON pgtraj.embedding_status TO pgtraj_user;
+
+-- A dropped table takes its targets and dead letters with it: a stored OID must never come to name a new
+-- table. Errors here are reported, never allowed to block the DROP.
+CREATE OR REPLACE FUNCTION pgtraj._forget_dropped() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+BEGIN
+    DELETE FROM pgtraj.embedding_targets t USING pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND t.table_name::oid = d.objid;
+    DELETE FROM pgtraj.embedding_errors e USING pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND e.table_name::oid = d.objid;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'pgtraj: could not forget the embedding targets of a dropped table: %', SQLERRM;
+END
+$$;
+DROP EVENT TRIGGER IF EXISTS pgtraj_forget_dropped_tables;
+CREATE EVENT TRIGGER pgtraj_forget_dropped_tables ON sql_drop EXECUTE FUNCTION pgtraj._forget_dropped();

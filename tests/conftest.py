@@ -104,9 +104,20 @@ def login_role(cluster):
             for role in member_of:
                 conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(name)))
         created.append(name)
-        return lambda dsn: psycopg.conninfo.make_conninfo(dsn, user=name, password="secret")
+
+        def dsn_for(dsn: str) -> str:
+            return psycopg.conninfo.make_conninfo(dsn, user=name, password="secret")
+
+        dsn_for.role = name
+        return dsn_for
 
     yield make
     with psycopg.connect(cluster.url("postgres"), autocommit=True) as conn:
-        for name in created:  # they only ever receive role memberships, so nothing blocks the drop
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+        for name in created:
+            try:
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+            except psycopg.errors.DependentObjectsStillRemain:  # it owns or was granted something somewhere
+                for (dbname,) in conn.execute("SELECT datname FROM pg_database WHERE datallowconn").fetchall():
+                    with psycopg.connect(cluster.url(dbname), autocommit=True) as other:
+                        other.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))

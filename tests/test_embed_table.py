@@ -148,7 +148,8 @@ def test_a_role_without_update_rights_cannot_fill(conn, db, login_role):
 
 def test_one_run_per_column_at_a_time(conn, db):
     with psycopg.connect(db, autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(hashtext('pgtraj.embed_table'), hashtext('trips.embedding'))")
+        other.execute("SELECT pg_advisory_lock(hashtext('pgtraj.embed_table'),"
+                      " hashtext('trips'::regclass::oid || '.embedding'))")
         with pytest.raises(psycopg.Error) as err:
             conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')")
         assert err.value.sqlstate == "55P03"

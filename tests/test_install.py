@@ -230,9 +230,11 @@ def test_database_from_a_newer_pgtraj_is_refused(db, cluster):
 def test_registry_survives_pg_dump_and_restore(db, databases, cluster):
     from pgtraj import registry
 
-    payload = bytes(range(256)) * 1000
+    from .graphs import TOKENIZER, encoder
+
+    payload = encoder("dumped")
     with psycopg.connect(db) as conn:
-        mv = registry.register(conn, "dumped", objective="test", tokenizer={"cells": [1, 2]},
+        mv = registry.register(conn, "dumped", objective="test", tokenizer=TOKENIZER,
                                artifacts={"encoder": payload}, metrics={"acc": 0.5}, primary_metric="acc")
         registry.deploy(conn, "dumped", mv.version)
     target = databases.create()

@@ -12,13 +12,15 @@ from pgtraj import registry
 from pgtraj.errors import NotSuperuserError, RegistryError
 from pgtraj.install import install
 
+from .graphs import TOKENIZER, encoder
+
 quiet = {"log": lambda m: None}
 
 
 def reg(conn, name="m", acc=None, **kw):
     metrics = {"acc": acc} if acc is not None else {}
-    return registry.register(conn, name, objective="next_cell", tokenizer={"res": 8},
-                             artifacts={"encoder": f"onnx-{name}-{acc}".encode()}, metrics=metrics,
+    return registry.register(conn, name, objective="next_cell", tokenizer=TOKENIZER,
+                             artifacts={"encoder": encoder(f"{name}-{acc}")}, metrics=metrics,
                              primary_metric="acc" if acc is not None else None, **kw)
 
 
@@ -32,8 +34,8 @@ def test_versions_increment_and_load_round_trips(db):
         a, b = reg(conn, acc=0.1), reg(conn, acc=0.2)
         assert (a.version, b.version) == (1, 2)
         loaded = registry.load(conn, "m", "latest")
-        assert loaded.version == 2 and loaded.artifacts == {"encoder": b"onnx-m-0.2"}
-        assert loaded.tokenizer == {"res": 8}
+        assert loaded.version == 2 and loaded.artifacts == {"encoder": encoder("m-0.2")}
+        assert loaded.tokenizer == TOKENIZER
         with pytest.raises(RegistryError, match="no deployed version"):
             registry.load(conn, "m")
 
@@ -59,7 +61,7 @@ def test_deploy_strategies_and_rollback_chain(db):
 def test_best_with_lower_is_better(db):
     with psycopg.connect(db) as conn:
         for loss in (2.0, 1.0, 3.0):
-            registry.register(conn, "l", objective="mlm", tokenizer={}, artifacts={"encoder": b"x"},
+            registry.register(conn, "l", objective="mlm", tokenizer=TOKENIZER, artifacts={"encoder": encoder(str(loss))},
                                metrics={"loss": loss}, primary_metric="loss", higher_is_better=False)
         assert registry.deploy(conn, "l", "best")["version"] == 2
 
@@ -90,10 +92,11 @@ def test_registration_is_validated(db):
         with pytest.raises(RegistryError, match="nothing to register"):
             registry.register(conn, "m", objective="x", tokenizer={}, artifacts={})
         with pytest.raises(RegistryError, match="primary_metric 'mrr' is not among its metrics"):
-            registry.register(conn, "m", objective="x", tokenizer={}, artifacts={"encoder": b"x"},
+            registry.register(conn, "m", objective="x", tokenizer=TOKENIZER, artifacts={"encoder": encoder()},
                               metrics={"acc": 1}, primary_metric="mrr")
         with pytest.raises(psycopg.errors.CheckViolation):
-            registry.register(conn, "bad name; drop table", objective="x", tokenizer={}, artifacts={"e": b"x"})
+            registry.register(conn, "bad name; drop table", objective="x", tokenizer=TOKENIZER,
+                              artifacts={"encoder": encoder()})
 
 
 def test_artifact_digest_is_enforced_by_the_table(db):
@@ -103,7 +106,7 @@ def test_artifact_digest_is_enforced_by_the_table(db):
             conn.execute("UPDATE pgtraj.model_artifacts SET bytes = 'tampered' WHERE model_id = %s", [mv.id])
         conn.rollback()
         stored = conn.execute("SELECT sha256 FROM pgtraj.model_artifacts WHERE model_id = %s", [mv.id]).fetchone()[0]
-        assert stored == hashlib.sha256(b"onnx-m-None").hexdigest()
+        assert stored == hashlib.sha256(encoder("m-None")).hexdigest()
 
 
 def test_user_role_may_use_but_not_train_deploy_or_install(db, login_role):
@@ -115,7 +118,7 @@ def test_user_role_may_use_but_not_train_deploy_or_install(db, login_role):
         assert conn.execute("SELECT pgtraj.version()").fetchone()[0]
         assert conn.execute("SELECT pgtraj.runtime_info() ->> 'pgtraj'").fetchone()[0]
         assert conn.execute("SELECT count(*) FROM pgtraj.models WHERE deployed").fetchone()[0] == 1
-        assert registry.load(conn, "m").artifacts["encoder"] == b"onnx-m-0.5"
+        assert registry.load(conn, "m").artifacts["encoder"] == encoder("m-0.5")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT pgtraj.deploy('m', '1')")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -50,7 +50,9 @@ def test_import_onnx_checks_the_graphs(conn, models):  # noqa: F811
     assert conn.execute("SELECT embedding_dim FROM pgtraj.models WHERE name = 'ext'").fetchone() == (32,)
     got = conn.execute("SELECT pgtraj.embed(geom, 'ext@1') = pgtraj.embed(geom, 'm') FROM trips WHERE id = 3").fetchone()
     assert got == (True,)
-    for graphs, words in [({"encoder": b64(b"not onnx")}, "cannot load"),
+    for graphs, words in [({"encoder": b64(b"not onnx")}, "not an ONNX model"),
+                          ({"encoder": b64(enc[: len(enc) // 2])}, "not an ONNX model (truncated"),
+                          ({"encoder": b64(b"\x3a\x00")}, "onnxruntime cannot load it"),  # an empty graph
                           ({"next_cell": b64(enc)}, "outputs, expected 2"),
                           ({"teleport": b64(enc)}, "unknown kind"),
                           ({"encoder": "%%%"}, "base64")]:

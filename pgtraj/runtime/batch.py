@@ -1,46 +1,102 @@
-"""Batch embedding inside PostgreSQL: ``CALL pgtraj.embed_table(...)``.
+"""Batch embedding inside PostgreSQL: ``CALL pgtraj.embed_table(...)``, and what it shares with the refresh
+queue (runtime/queue.py): the checked description of a table to fill, reading a batch so that one bad row
+is set aside rather than failing the batch, and the job row's lifecycle.
 
 Fills a pgvector column in batches, incrementally: only rows whose embedding is missing or was made by
 another model version (the ``<embedding column>_model`` column says which) are embedded. Every batch is
 committed on its own, so an interrupted run (cancel, crash, timeout) keeps what it finished and the next
-run picks up the rest. A row that cannot be embedded is recorded in pgtraj.embedding_errors and skipped;
-the others in its batch are kept. Progress goes to NOTICEs and to the job's row in pgtraj.jobs.
+run picks up the rest. A row that cannot be embedded, whatever the reason (unusable geometry, an SRID
+PostGIS does not know, a time no calendar has), is recorded in pgtraj.embedding_errors under its key and
+skipped; the others in its batch are kept. Progress goes to NOTICEs and to the job's row in pgtraj.jobs.
+
+Procedures that commit cannot pin search_path with a SET clause, so every name in the SQL below is
+qualified (pg_catalog., pgtraj., the extension's schema): nothing a role plants on the caller's
+search_path is ever called from here.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 from . import inference
-from .inference import InferenceError
+from .models import Ref
+from .server import InferenceError, sqlstate_of
 
-VECTOR_TYPES = ("vector",)
 TRAJECTORY_TYPES = ("geometry", "tgeompoint")
+# SQLSTATE classes that are about the statement or the session (cancel, shutdown, resources, locks,
+# privileges, transaction state), never about one row: they end the job instead of being recorded
+_NOT_ROW_CLASSES = ("08", "25", "28", "2D", "3B", "40", "42", "44", "53", "55", "57", "58")
+_schemas: dict[str, str] = {}
 
 
-def resolve_table(plpy, source: str) -> tuple[int, str]:
-    """The oid of a table named by the caller, and its name as regclass prints it (quoted and qualified as
-    needed, so it can go into SQL as is); an unknown table raises 42P01 from the cast."""
-    row = plpy.execute(plpy.prepare("SELECT $1::regclass::oid AS oid, $1::regclass::text AS t", ["text"]), [source])[0]
-    return row["oid"], row["t"]
+def extension_schema(plpy, extension: str) -> str:
+    """The quoted schema of an installed extension, for qualified names of its types."""
+    if extension not in _schemas:
+        rows = plpy.execute(plpy.prepare(
+            "SELECT pg_catalog.quote_ident(n.nspname) AS s FROM pg_catalog.pg_extension e"
+            " JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = $1", ["name"]), [extension])
+        if not rows.nrows():
+            raise InferenceError(f"extension {extension} is not installed in this database", sqlstate="42704")
+        _schemas[extension] = rows[0]["s"]
+    return _schemas[extension]
 
 
-def _column(plpy, oid: int, table: str, name: str) -> dict:
+def begin_procedure(plpy, what: str) -> None:
+    """What a committing procedure checks first: it is not inside a transaction block (it could not commit
+    its batches) and the server is not a read-only standby."""
+    try:
+        plpy.commit()  # nothing to commit yet; refused inside BEGIN ... COMMIT
+    except plpy.SPIError as exc:
+        if sqlstate_of(exc) != "2D000":
+            raise
+        raise InferenceError(f"{what} commits as it goes, so it cannot run inside a transaction block",
+                             sqlstate="2D000",
+                             hint="CALL it on its own (autocommit), not between BEGIN and COMMIT") from None
+    if plpy.execute("SELECT pg_catalog.pg_is_in_recovery() AS r")[0]["r"]:
+        raise InferenceError(f"cannot run {what} on a hot standby (this server is read-only)", sqlstate="25006",
+                             hint="run it on the primary; a standby serves embed, predict_*, score and similar")
+
+
+def resolve(plpy, model: str, kind: str) -> Ref:
+    r = plpy.execute(plpy.prepare("SELECT * FROM pgtraj._resolve($1, $2)", ["text", "text"]), [model, kind])[0]
+    return Ref(r["model_id"], kind, r["sha256"], r["meta_sha256"], r["threads"])
+
+
+@dataclass
+class Table:
+    """A table to fill, checked: its OID, its name as SQL (regclass output, quoted and qualified as this
+    session needs), its single-column primary key and the trajectory and vector columns."""
+
+    oid: int
+    sql: str
+    key: str
+    key_type: str
+    traj: str
+    emb: str
+    emb_typmod: int
+    vector: str  # the vector type, qualified
+
+    @property
+    def version_column(self) -> str:
+        return f"{self.emb}_model"
+
+
+def _columns(plpy, oid: int) -> dict:
     rows = plpy.execute(plpy.prepare(
-        "SELECT attname AS name, atttypid::regtype::text AS type, atttypmod AS typmod,"
-        " format_type(atttypid, atttypmod) AS full"
-        " FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
-        ["oid", "name"]), [oid, name])
-    if not rows.nrows():
-        raise InferenceError(f"column {name!r} of {table} does not exist", sqlstate="42703")
-    return dict(rows[0])
+        "SELECT a.attname AS name, t.typname AS type, a.atttypmod AS typmod,"
+        " pg_catalog.format_type(a.atttypid, a.atttypmod) AS full"
+        " FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid"
+        " WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped", ["oid"]), [oid])
+    return {r["name"]: dict(r) for r in rows}
 
 
-def _primary_key(plpy, oid: int, table: str) -> tuple[str, str]:
+def primary_key(plpy, oid: int, table: str) -> tuple[str, str]:
+    """The single-column primary key of a table and its type (as SQL)."""
     rows = plpy.execute(plpy.prepare(
-        "SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type FROM pg_index i"
-        " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
+        "SELECT a.attname AS name, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type FROM pg_catalog.pg_index i"
+        " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
         " WHERE i.indrelid = $1 AND i.indisprimary", ["oid"]), [oid])
     if rows.nrows() != 1:
         raise InferenceError(f"{table} needs a single-column primary key to be embedded in batches"
@@ -49,137 +105,194 @@ def _primary_key(plpy, oid: int, table: str) -> tuple[str, str]:
     return rows[0]["name"], rows[0]["type"]
 
 
-def describe(plpy, source: str, traj_column: str, embedding_column: str) -> dict:
-    """Where embeddings go, checked: the table (as regclass prints it), its single-column primary key and
-    type, the trajectory and vector columns. Raises InferenceError naming what does not fit."""
-    q = plpy.quote_ident
+def resolve_table(plpy, source: str) -> tuple[int, str]:
+    """The oid of a table named by the caller, and its name as regclass prints it in this session; an
+    unknown table raises 42P01 from the cast."""
+    row = plpy.execute(plpy.prepare("SELECT $1::pg_catalog.regclass::pg_catalog.oid AS oid,"
+                                    " $1::pg_catalog.regclass::pg_catalog.text AS t", ["text"]), [source])[0]
+    return row["oid"], row["t"]
+
+
+def describe(plpy, source: str, traj_column: str, embedding_column: str) -> Table:
+    """Where embeddings go, checked; raises InferenceError naming what does not fit."""
     oid, table = resolve_table(plpy, source)
-    traj = _column(plpy, oid, table, traj_column)
+    cols = _columns(plpy, oid)
+    for name in (traj_column, embedding_column):
+        if name not in cols:
+            raise InferenceError(f"column {name!r} of {table} does not exist", sqlstate="42703")
+    traj, emb = cols[traj_column], cols[embedding_column]
     if traj["type"] not in TRAJECTORY_TYPES:
         raise InferenceError(f"{table}.{traj_column} is {traj['full']}, not a trajectory", sqlstate="42804",
                              hint="a geometry (LINESTRING M, M = epoch seconds) or tgeompoint column")
-    emb = _column(plpy, oid, table, embedding_column)
-    if emb["type"] not in VECTOR_TYPES:
+    if emb["type"] != "vector":
         raise InferenceError(f"{table}.{embedding_column} is {emb['full']}, not a pgvector vector", sqlstate="42804",
-                             hint=f"ALTER TABLE {table} ADD COLUMN {q(embedding_column)} vector")
-    key, key_type = _primary_key(plpy, oid, table)
-    return {"oid": oid, "table": table, "key": key, "key_type": key_type, "emb": emb,
-            "version_column": f"{embedding_column}_model"}
+                             hint=f"ALTER TABLE {table} ADD COLUMN {plpy.quote_ident(embedding_column)} vector")
+    key, key_type = primary_key(plpy, oid, table)
+    return Table(oid, table, key, key_type, traj_column, embedding_column, emb["typmod"],
+                 extension_schema(plpy, "vector") + ".vector")
 
 
-def resolve_encoder(plpy, model: str, where: dict, threads: str | None) -> tuple[int, str]:
-    """(model id, encoder sha256) of ``model``, checked against the vector column's dimension."""
-    resolved = plpy.execute(plpy.prepare("SELECT model_id, sha256 FROM pgtraj._resolve($1, 'encoder')", ["text"]),
-                            [model])[0]
-    model_id, sha = resolved["model_id"], resolved["sha256"]
-    m, sess = inference.session(plpy, model_id, "encoder", sha, threads)
-    dim, emb = sess.get_outputs()[0].shape[1], where["emb"]
-    if emb["typmod"] > 0 and emb["typmod"] != dim:
-        column = f"{where['table']}.{emb['name']}"
-        raise InferenceError(f"model {m.label} embeds in {dim} dimensions but {column} is {emb['full']}",
-                             sqlstate="42804",
-                             hint=f"ALTER TABLE {where['table']} ALTER COLUMN {plpy.quote_ident(emb['name'])} TYPE"
+def check_dimensions(plpy, ref: Ref, where: Table) -> None:
+    """The model's embeddings fit the vector column."""
+    from . import models
+
+    _, sess = models.session(plpy, ref)
+    dim = sess.get_outputs()[0].shape[1]
+    if where.emb_typmod > 0 and where.emb_typmod != dim:
+        raise InferenceError(f"model {models.label(plpy, ref.model_id)} embeds in {dim} dimensions but"
+                             f" {where.sql}.{where.emb} is vector({where.emb_typmod})", sqlstate="42804",
+                             hint=f"ALTER TABLE {where.sql} ALTER COLUMN {plpy.quote_ident(where.emb)} TYPE"
                                   f" vector({dim}) USING NULL, or use a model of that size")
-    return model_id, sha
 
 
-def ensure_version_column(plpy, where: dict) -> None:
+def ensure_version_column(plpy, where: Table) -> None:
     """The <embedding column>_model column (bigint): the model version of each embedding."""
-    if plpy.execute(plpy.prepare("SELECT 1 FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND NOT"
-                                 " attisdropped", ["oid", "name"]), [where["oid"], where["version_column"]]).nrows():
+    if where.version_column in _columns(plpy, where.oid):
         return
-    plpy.notice(f"pgtraj: adding column {where['version_column']} to {where['table']} (the model version of each"
+    plpy.notice(f"pgtraj: adding column {where.version_column} to {where.sql} (the model version of each"
                 " embedding, so that refreshes redo only stale rows)")
-    plpy.execute(f"ALTER TABLE {where['table']} ADD COLUMN {plpy.quote_ident(where['version_column'])} bigint")
+    plpy.execute(f"ALTER TABLE {where.sql} ADD COLUMN IF NOT EXISTS {plpy.quote_ident(where.version_column)}"
+                 " pg_catalog.int8")
 
 
-def embed_table(plpy, source: str, traj_column: str, embedding_column: str, model: str, batch_size: int,
-                threads: str | None) -> dict:
+class Reader:
+    """Reads trajectories of a batch of keys as WKB. A row whose trajectory cannot even be turned into WKB
+    (PostGIS or MobilityDB refusing it) fails the batch query; the batch is then read key by key, and each
+    key that fails is set aside with the error it raised, so that one bad row never stalls a batch."""
+
+    def __init__(self, plpy, where: Table):
+        q = plpy.quote_ident
+        K, G, kt = q(where.key), q(where.traj), where.key_type
+        self.plpy = plpy
+        self.many = plpy.prepare(f"SELECT {K}::pg_catalog.text AS key, pgtraj._wkb({G}) AS w FROM {where.sql}"
+                                 f" WHERE {K} = ANY ($1::pg_catalog.text[]::{kt}[])", ["text[]"])
+        self.one = plpy.prepare(f"SELECT {K}::pg_catalog.text AS key, pgtraj._wkb({G}) AS w FROM {where.sql}"
+                                f" WHERE {K} = $1::pg_catalog.text::{kt}", ["text"])
+
+    def read(self, keys: list[str]) -> tuple[dict, dict]:
+        """{key: WKB or None} of the keys still in the table, and {key: (sqlstate, message)} of those that
+        could not be read."""
+        try:
+            return {r["key"]: r["w"] for r in self.plpy.execute(self.many, [keys])}, {}
+        except self.plpy.SPIError as exc:
+            if not _about_a_row(exc):
+                raise
+        rows, failed = {}, {}
+        for k in keys:
+            try:
+                for r in self.plpy.execute(self.one, [k]):
+                    rows[r["key"]] = r["w"]
+            except self.plpy.SPIError as exc:
+                if not _about_a_row(exc):
+                    raise
+                failed[k] = (sqlstate_of(exc) or "XX000", f"trajectory {k!r}: {exc.args[0] if exc.args else exc}")
+        return rows, failed
+
+
+def _about_a_row(exc) -> bool:
+    return (sqlstate_of(exc) or "XX000")[:2] not in _NOT_ROW_CLASSES
+
+
+class Job:
+    """A row of pgtraj.jobs, written through pgtraj._job_start/_job_update (which only this backend may
+    update), for embed_table and the refresh workers alike."""
+
+    def __init__(self, plpy, kind: str, where: Table, model: str, ref: Ref, total: int | None, details: dict,
+                 target: str | None = None):
+        self.plpy, self.state, self.done = plpy, {}, 0
+        self.id = plpy.execute(plpy.prepare(
+            "SELECT pgtraj._job_start($1, $2::pg_catalog.oid::pg_catalog.regclass, $3, $4, $5, $6, $7, $8) AS id",
+            ["text", "oid", "name", "text", "int8", "int8", "jsonb", "text"]),
+            [kind, where.oid, where.emb, model, ref.model_id, total, json.dumps(details), target])[0]["id"]
+        plpy.commit()  # visible as running from now on
+        self.t0 = time.perf_counter()
+
+    def update(self, done: int, state: dict, status: str | None = None, error: str | None = None,
+               total: int | None = None) -> None:
+        self.done, self.state = done, state
+        self.plpy.execute(self.plpy.prepare("SELECT pgtraj._job_update($1, $2, $3, $4, $5, $6)",
+                                            ["int8", "int8", "jsonb", "text", "text", "int8"]),
+                          [self.id, done, json.dumps(state), status, error, total])
+
+    def fail(self, exc: BaseException) -> None:
+        """After an error: the open batch is lost, the committed ones stay; the job row says which error."""
+        self.plpy.rollback()
+        cancelled = sqlstate_of(exc) == "57014"
+        message = getattr(exc, "message", None) or (exc.args[0] if exc.args else str(exc))
+        self.update(self.done, self.state, "cancelled" if cancelled else "failed", str(message)[:4000])
+        self.plpy.commit()
+
+
+def embed_table(plpy, source: str, traj_column: str, embedding_column: str, model: str, batch_size: int) -> dict:
+    begin_procedure(plpy, "pgtraj.embed_table")
     if not 1 <= batch_size <= 100_000:
         raise InferenceError(f"batch_size must be from 1 to 100000, not {batch_size}", sqlstate="22023")
     q = plpy.quote_ident
     where = describe(plpy, source, traj_column, embedding_column)
-    table, key, key_type = where["table"], where["key"], where["key_type"]
-    model_id, sha = resolve_encoder(plpy, model, where, threads)
-    ensure_version_column(plpy, where)
-    version_column = where["version_column"]
-    T, K, E, V, G = table, q(key), q(embedding_column), q(version_column), q(traj_column)
-    stale = f"{G} IS NOT NULL AND ({E} IS NULL OR {V} IS DISTINCT FROM $1)"
-    lock = plpy.execute(plpy.prepare("SELECT pg_try_advisory_lock(hashtext('pgtraj.embed_table'),"
-                                     " hashtext($1)) AS ok", ["text"]), [f"{table}.{embedding_column}"])[0]["ok"]
-    if not lock:
-        raise InferenceError(f"another pgtraj.embed_table is filling {table}.{embedding_column}", sqlstate="55P03",
+    ref = resolve(plpy, model, "encoder")
+    check_dimensions(plpy, ref, where)
+    lock = plpy.prepare("SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pgtraj.embed_table'),"
+                        " pg_catalog.hashtext($1)) AS ok", ["text"])
+    unlock = plpy.prepare("SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pgtraj.embed_table'),"
+                          " pg_catalog.hashtext($1))", ["text"])
+    lock_key = f"{where.oid}.{embedding_column}"
+    if not plpy.execute(lock, [lock_key])[0]["ok"]:
+        raise InferenceError(f"another pgtraj.embed_table is filling {where.sql}.{embedding_column}", sqlstate="55P03",
                              hint="SELECT * FROM pgtraj.job_status WHERE status = 'running' shows it")
     try:
-        total = plpy.execute(plpy.prepare(f"SELECT count(*) AS n FROM {T} WHERE {stale}", ["int8"]),
-                             [model_id])[0]["n"]
-        args = {"table": table, "traj_column": traj_column, "embedding_column": embedding_column, "model": model,
-                "model_id": model_id, "batch_size": batch_size}
-        job = plpy.execute(plpy.prepare(
-            "INSERT INTO pgtraj.jobs (kind, args, status, total, started_at, pid)"
-            " VALUES ('embed_table', $1, 'running', $2, now(), pg_backend_pid()) RETURNING id",
-            ["jsonb", "int8"]), [json.dumps(args), total])[0]["id"]
-        plpy.commit()
-        return _run(plpy, job, model_id, sha, threads, total, batch_size, table, embedding_column, key_type,
-                    select=plpy.prepare(f"SELECT {K} AS k, {K}::text AS key, pgtraj._wkb({G}) AS w FROM {T}"
-                                        f" WHERE {stale} AND ($2::{key_type} IS NULL OR {K} > $2) ORDER BY {K}"
-                                        " LIMIT $3", ["int8", key_type, "int4"]),
-                    update=plpy.prepare(f"UPDATE {T} AS t SET {E} = u.e::vector, {V} = $1 FROM unnest($2::{key_type}[],"
-                                        f" $3::text[]) AS u(k, e) WHERE t.{K} = u.k", ["int8", f"{key_type}[]", "text[]"]))
+        ensure_version_column(plpy, where)
+        T, K, E, V, G = where.sql, q(where.key), q(embedding_column), q(where.version_column), q(traj_column)
+        stale = f"{G} IS NOT NULL AND ({E} IS NULL OR {V} IS DISTINCT FROM $1::pg_catalog.int8)"
+        total = plpy.execute(plpy.prepare(f"SELECT pg_catalog.count(*) AS n FROM {T} WHERE {stale}", ["int8"]),
+                             [ref.model_id])[0]["n"]
+        job = Job(plpy, "embed_table", where, model, ref, total,
+                  {"traj_column": traj_column, "batch_size": batch_size})
+        keys = plpy.prepare(f"SELECT {K}::pg_catalog.text AS key FROM {T} WHERE {stale} AND ($2::{where.key_type} IS"
+                            f" NULL OR {K} > $2::{where.key_type}) ORDER BY {K} LIMIT $3", ["int8", "text", "int4"])
+        update = plpy.prepare(f"UPDATE {T} AS t SET {E} = u.e::{where.vector}, {V} = $1 FROM ROWS FROM ("
+                              f"pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[])) AS u(k, e)"
+                              f" WHERE t.{K} = u.k::{where.key_type}", ["int8", "text[]", "text[]"])
+        try:
+            _run(plpy, job, ref, where, total, batch_size, keys, update)
+        except BaseException as exc:
+            job.fail(exc)
+            raise
+        return {"job": job.id, "total": total, **job.state}
     finally:
-        plpy.execute(plpy.prepare("SELECT pg_advisory_unlock(hashtext('pgtraj.embed_table'), hashtext($1))",
-                                  ["text"]), [f"{table}.{embedding_column}"])
+        plpy.execute(unlock, [lock_key])
 
 
-def _run(plpy, job, model_id, sha, threads, total, batch_size, table, column, key_type, *, select, update) -> dict:
-    forget = plpy.prepare("DELETE FROM pgtraj.embedding_errors WHERE table_name = $1 AND embedding_column = $2"
-                          " AND key = ANY ($3)", ["text", "name", "text[]"])
-    record = plpy.prepare(
-        "INSERT INTO pgtraj.embedding_errors AS e (table_name, embedding_column, key, model_id, sqlstate, error)"
-        " SELECT $1, $2, u.k, $3, u.s, u.m FROM unnest($4::text[], $5::text[], $6::text[]) AS u(k, s, m)"
-        " ON CONFLICT (table_name, embedding_column, key) DO UPDATE SET attempts = e.attempts + 1,"
-        " last_failed_at = now(), sqlstate = excluded.sqlstate, error = excluded.error, model_id = excluded.model_id",
-        ["text", "name", "int8", "text[]", "text[]", "text[]"])
-    progress = plpy.prepare("UPDATE pgtraj.jobs SET done = $2, progress = $3 WHERE id = $1", ["int8", "int8", "jsonb"])
-    finish = plpy.prepare("UPDATE pgtraj.jobs SET status = $2, error = $3, finished_at = now(), progress = $4"
-                          " WHERE id = $1", ["int8", "text", "text", "jsonb"])
+def _run(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, keys, update) -> None:
+    reader = Reader(plpy, where)
+    record = plpy.prepare("SELECT pgtraj._record_errors($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5, $6,"
+                          " $7)", ["oid", "name", "int8", "text[]", "text[]", "text[]", "text[]"])
     done = failed = batches = 0
     last = None
-    t0 = time.perf_counter()
-    state = {}
-    try:
-        while True:
-            rows = plpy.execute(select, [model_id, last, batch_size])
-            if not rows.nrows():
-                break
-            _, embs, errors = inference.embed_rows(plpy, [r["w"] for r in rows], model_id, sha, threads,
-                                                   skip_errors=True)
-            ok = [i for i, e in enumerate(embs) if e is not None]
-            bad = sorted(errors)
-            plpy.execute(update, [model_id, [rows[i]["k"] for i in ok], [embs[i] for i in ok]])
-            plpy.execute(forget, [table, column, [rows[i]["key"] for i in ok]])
-            if bad:
-                plpy.execute(record, [table, column, model_id, [rows[i]["key"] for i in bad],
-                                      [errors[i].sqlstate for i in bad], [errors[i].message for i in bad]])
-            done, failed, batches = done + len(ok), failed + len(bad), batches + 1
-            last = rows[rows.nrows() - 1]["k"]
-            elapsed = time.perf_counter() - t0
-            state = {"embedded": done, "failed": failed, "batches": batches, "seconds": round(elapsed, 3),
-                     "rows_per_second": round(done / elapsed, 1) if elapsed > 0 else None}
-            plpy.execute(progress, [job, done + failed, json.dumps(state)])
-            plpy.commit()  # this batch is safe from here on
-            plpy.notice(f"pgtraj.embed_table {table}.{column}: {done + failed}/{total} rows"
-                        f" ({state['rows_per_second']} rows/s){f', {failed} failed' if failed else ''}")
-    except Exception as exc:
-        # the open batch is lost, the committed ones stay; say so in the job row, then fail as asked
-        cancelled = isinstance(exc, plpy.SPIError) and getattr(exc, "sqlstate", None) == "57014"
-        plpy.rollback()
-        plpy.execute(finish, [job, "cancelled" if cancelled else "failed", str(exc)[:4000], json.dumps(state)])
-        plpy.commit()
-        raise
-    plpy.execute(finish, [job, "succeeded", None, json.dumps(state)])
+    while True:
+        batch = [r["key"] for r in plpy.execute(keys, [ref.model_id, last, batch_size])]
+        if not batch:
+            break
+        rows, unreadable = reader.read(batch)
+        todo = [k for k in batch if rows.get(k) is not None]
+        embs, errors = inference.embed_rows(plpy, [rows[k] for k in todo], ref,
+                                            labels=todo, skip_errors=True)
+        ok = [k for k, e in zip(todo, embs) if e is not None]
+        bad = {**unreadable, **{todo[i]: (e.sqlstate, e.message) for i, e in errors.items()}}
+        plpy.execute(update, [ref.model_id, ok, [e for e in embs if e is not None]])
+        plpy.execute(record, [where.oid, where.emb, ref.model_id, ok, list(bad), [s for s, _ in bad.values()],
+                              [m for _, m in bad.values()]])
+        done, failed, batches = done + len(ok), failed + len(bad), batches + 1
+        last = batch[-1]
+        elapsed = time.perf_counter() - job.t0
+        state = {"embedded": done, "failed": failed, "batches": batches, "seconds": round(elapsed, 3),
+                 "rows_per_second": round(done / elapsed, 1) if elapsed > 0 else None}
+        job.update(done + failed, state)
+        plpy.commit()  # this batch is safe from here on
+        plpy.notice(f"pgtraj.embed_table {where.sql}.{where.emb}: {done + failed}/{total} rows"
+                    f" ({state['rows_per_second']} rows/s){f', {failed} failed' if failed else ''}")
+    job.update(job.done, job.state, "succeeded")
     plpy.commit()
     if failed:
-        plpy.warning(f"pgtraj.embed_table {table}.{column}: {failed} row(s) could not be embedded",
-                     hint=f"SELECT key, error FROM pgtraj.embedding_errors WHERE table_name = '{table}'")
-    return {"job": job, "total": total, **state}
+        plpy.warning(f"pgtraj.embed_table {where.sql}.{where.emb}: {failed} row(s) could not be embedded",
+                     hint="SELECT key, error FROM pgtraj.embedding_errors WHERE table_name ="
+                          f" {plpy.quote_literal(where.sql)}::regclass")

@@ -16,8 +16,8 @@ import re
 import shutil
 import time
 
-from .batch import resolve_table
-from .inference import InferenceError
+from .batch import begin_procedure, resolve_table
+from .server import InferenceError, check_interrupts, sqlstate_of
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 _SOURCE_KEYS = ("id_column", "traj_column", "split_column")
@@ -27,16 +27,16 @@ DEPLOY_POLICIES = ("auto", "always", "never")
 def _split_source(plpy, source: str, opts: dict) -> str:
     """SQL giving (id text, wkb bytea, split text) for a table name or a query."""
     if re.match(r"^\s*(select|with)\b", source, re.IGNORECASE):
-        return (f"SELECT q.id::text AS id, pgtraj._wkb(q.traj) AS w, q.split::text AS split"
-                f" FROM ({source}) AS q(id, traj, split)")
+        return (f"SELECT q.id::pg_catalog.text AS id, r.w, r.reason, q.split::pg_catalog.text AS split"
+                f" FROM ({source}) AS q(id, traj, split), pgtraj._wkb_or_reason(q.traj) r")
     oid, table = resolve_table(plpy, source)
     cols = {r["attname"]: r["t"] for r in plpy.execute(plpy.prepare(
-        "SELECT attname, atttypid::regtype::text AS t FROM pg_attribute WHERE attrelid = $1 AND attnum > 0"
-        " AND NOT attisdropped", ["oid"]), [oid])}
+        "SELECT a.attname, t.typname AS t FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t"
+        " ON t.oid = a.atttypid WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped", ["oid"]), [oid])}
     traj = opts.get("traj_column") or next((c for c, t in cols.items() if t in ("geometry", "tgeompoint")), None)
     key = opts.get("id_column") or next((r["attname"] for r in plpy.execute(plpy.prepare(
-        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
-        " WHERE i.indrelid = $1 AND i.indisprimary", ["oid"]), [oid])), None)
+        "SELECT a.attname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid"
+        " AND a.attnum = i.indkey[0] WHERE i.indrelid = $1 AND i.indisprimary", ["oid"]), [oid])), None)
     split = opts.get("split_column", "split")
     for what, col in (("trajectory", traj), ("id", key), ("split", split)):
         if col is None or col not in cols:
@@ -44,8 +44,8 @@ def _split_source(plpy, source: str, opts: dict) -> str:
                                  sqlstate="42703",
                                  hint='name it in config: {"id_column": ..., "traj_column": ..., "split_column": ...}')
     q = plpy.quote_ident
-    return (f"SELECT {q(key)}::text AS id, pgtraj._wkb({q(traj)}) AS w, {q(split)}::text AS split FROM {table}"
-            f" ORDER BY {q(key)}")
+    return (f"SELECT t.{q(key)}::pg_catalog.text AS id, r.w, r.reason, t.{q(split)}::pg_catalog.text AS split"
+            f" FROM {table} t, pgtraj._wkb_or_reason(t.{q(traj)}) r ORDER BY t.{q(key)}")
 
 
 def read_splits(plpy, source: str, opts: dict) -> tuple[dict, dict]:
@@ -57,23 +57,31 @@ def read_splits(plpy, source: str, opts: dict) -> tuple[dict, dict]:
     splits = {"train": [], "val": []}
     report, rejected = CleaningReport(), {}
     cursor = plpy.cursor(_split_source(plpy, source, opts))
-    while True:
-        rows = cursor.fetch(500)
-        if not rows:
-            break
-        for r in rows:
-            if r["split"] not in splits or r["w"] is None:
-                continue
-            try:
-                tr = from_wkb(r["id"], r["w"])
-            except TrajectoryError as exc:
-                rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
-                continue
-            splits[r["split"]] += clean(tr, CleaningConfig(), report)
+    try:  # closed before anything commits or rolls back: an open cursor would pin its portal
+        while True:
+            rows = cursor.fetch(500)
+            if not rows:
+                break
+            for r in rows:
+                if r["split"] not in splits:
+                    continue
+                if r["w"] is None:
+                    if r["reason"]:  # PostGIS or MobilityDB refused the row's trajectory
+                        rejected[r["reason"]] = rejected.get(r["reason"], 0) + 1
+                    continue
+                try:
+                    tr = from_wkb(r["id"], r["w"])
+                except TrajectoryError as exc:
+                    rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
+                    continue
+                splits[r["split"]] += clean(tr, CleaningConfig(), report)
+    finally:
+        cursor.close()
     return splits, {"rejected": rejected, "cleaning": dict(report.counts)}
 
 
 def train(plpy, name: str, source: str, objective: str, config: str, deploy: str) -> dict:
+    begin_procedure(plpy, "pgtraj.train")
     if not _NAME.match(name or ""):
         raise InferenceError(f"invalid model name {name!r}", sqlstate="22023",
                              hint="a letter, then letters, digits, '_', '.' or '-' (at most 63)")
@@ -97,44 +105,44 @@ def train(plpy, name: str, source: str, objective: str, config: str, deploy: str
         cfg = TrainConfig.from_dict({**opts, "objective": objective})
     except PgtrajError as exc:
         raise InferenceError(exc.message, sqlstate="22023", hint=exc.hint) from None
-    locked = plpy.execute(plpy.prepare("SELECT pg_try_advisory_lock(hashtext('pgtraj.train'), hashtext($1)) AS ok",
-                                       ["text"]), [name])[0]["ok"]
+    locked = plpy.execute(plpy.prepare("SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pgtraj.train'),"
+                                       " pg_catalog.hashtext($1)) AS ok", ["text"]), [name])[0]["ok"]
     if not locked:
         raise InferenceError(f"model {name!r} is being trained by another session", sqlstate="55P03",
                              hint="SELECT * FROM pgtraj.training_status WHERE status = 'running'")
     try:
         return _run(plpy, name, source, source_opts, cfg, deploy)
     finally:
-        plpy.execute(plpy.prepare("SELECT pg_advisory_unlock(hashtext('pgtraj.train'), hashtext($1))", ["text"]),
-                     [name])
+        plpy.execute(plpy.prepare("SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pgtraj.train'),"
+                                  " pg_catalog.hashtext($1))", ["text"]), [name])
 
 
 def _run(plpy, name, source, source_opts, cfg, deploy) -> dict:
     from dataclasses import asdict
 
-    from . import CACHE_DIR
+    from .models import cache_dir
 
-    run_id = plpy.execute(plpy.prepare(
-        "INSERT INTO pgtraj.training_runs (model_name, source, objective, config, pid, deploy_policy)"
-        " VALUES ($1, $2, $3, $4, pg_backend_pid(), $5) RETURNING id", ["text", "text", "text", "jsonb", "text"]),
-        [name, source, cfg.objective, json.dumps({**asdict(cfg), **source_opts}), deploy])[0]["id"]
+    run_id = plpy.execute(plpy.prepare("SELECT pgtraj._run_start($1, $2, $3, $4, $5) AS id",
+                                       ["text", "text", "text", "jsonb", "text"]),
+                          [name, source, cfg.objective, json.dumps({**asdict(cfg), **source_opts}), deploy])[0]["id"]
     plpy.commit()  # visible as 'running' from now on
-    finish = plpy.prepare("UPDATE pgtraj.training_runs SET status = $2, finished_at = now(), error = $3,"
-                          " metrics = coalesce($4, metrics), outcome = $5, device = coalesce($6, device)"
-                          " WHERE id = $1", ["int8", "text", "text", "jsonb", "text", "text"])
-    db = plpy.execute("SELECT current_database() AS d")[0]["d"]
-    out_dir = os.path.join(CACHE_DIR or "/tmp", "runs", db, f"{name}-{run_id}")
+    finish = plpy.prepare("SELECT pgtraj._run_finish($1, $2, $3, $4, $5, $6)",
+                          ["int8", "text", "text", "jsonb", "text", "text"])
+    db = plpy.execute("SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()")[0]["oid"]
+    out_dir = os.path.join(cache_dir(), "runs", str(db), f"run-{run_id}")  # no name from the caller in a path
     try:
         out = _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy, out_dir)
         plpy.execute(finish, [run_id, "succeeded", None, json.dumps(out["metrics"]), out["outcome"], out["device"]])
         plpy.commit()
         plpy.notice(f"pgtraj.train {name}: {out['outcome']}")
         return out
-    except Exception as exc:
-        cancelled = isinstance(exc, plpy.SPIError) and getattr(exc, "sqlstate", None) == "57014"
+    except BaseException as exc:
+        # a cancel may surface from a query (SPIError) or from a NOTICE being sent (plpy.Error): either
+        # way it carries SQLSTATE 57014
+        cancelled = sqlstate_of(exc) == "57014"
         plpy.rollback()  # nothing registered, the deployed model untouched
-        message = exc.message if isinstance(exc, InferenceError) else str(exc)
-        plpy.execute(finish, [run_id, "cancelled" if cancelled else "failed", message[:4000], None,
+        message = getattr(exc, "message", None) or (exc.args[0] if exc.args else str(exc))
+        plpy.execute(finish, [run_id, "cancelled" if cancelled else "failed", str(message)[:4000], None,
                               "nothing registered", None])
         plpy.commit()
         raise
@@ -155,7 +163,7 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
     last = [time.perf_counter()]
 
     def on_step(step, model, metrics):
-        plpy.execute("SELECT 1")  # lets a cancel (pg_cancel_backend, statement_timeout) stop training here
+        check_interrupts(plpy)  # a cancel (pg_cancel_backend, statement_timeout) stops training here
         if time.perf_counter() - last[0] > 10 or step == cfg.steps:
             last[0] = time.perf_counter()
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -178,8 +186,9 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
          f"trained in the database from {source}", list(artifacts), list(artifacts.values())])[0]
     outcome = f"registered v{row['version']}"
     current = plpy.execute(plpy.prepare(
-        "SELECT m.version, (m.metrics ->> 'val_loss')::float8 AS val_loss, m.objective FROM pgtraj.deployments d"
-        " JOIN pgtraj.model_registry m ON m.id = d.model_id WHERE d.name = $1", ["text"]), [name])
+        "SELECT m.version, (m.metrics OPERATOR(pg_catalog.->>) 'val_loss')::pg_catalog.float8 AS val_loss, m.objective"
+        " FROM pgtraj.deployments d JOIN pgtraj.model_registry m ON m.id = d.model_id WHERE d.name = $1", ["text"]),
+        [name])
     new_loss = metrics["val_loss"]
     live = current[0] if current.nrows() else None
     if deploy == "always" or live is None:
@@ -193,7 +202,7 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
     else:
         why = None  # not better: keep the deployed version
     if deploy == "always" or (deploy == "auto" and why is not None):
-        plpy.execute(plpy.prepare("SELECT pgtraj.deploy($1, $2, $3)", ["text", "text", "text"]),
+        plpy.execute(plpy.prepare("SELECT 1 FROM pgtraj.deploy($1, $2, $3)", ["text", "text", "text"]),
                      [name, str(row["version"]), f"training run {run_id} ({deploy})"])
         outcome += f", deployed{why}"
     elif deploy == "auto":

@@ -1,0 +1,208 @@
+"""What a graph must be before the registry stores it: an ONNX model that onnxruntime loads from its own
+bytes, that reads no file (no external data), uses no custom operator, and takes pgtraj's inputs and gives
+the outputs of its kind.
+
+Whoever serves a registered graph later may be a superuser's query or a pg_cron job: a graph whose
+initializer names an external data file ("../../etc/passwd") would be read by onnxruntime as the server's
+OS user, so the file references are found in the protobuf itself, before onnxruntime ever sees the bytes.
+The runtime has no ``onnx`` package (numpy + onnxruntime + h3 only): the few fields that matter are read
+from the protobuf wire format directly.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import PgtrajError
+from .server import InferenceError
+
+INPUT_NAMES = ("tokens", "dow", "minute", "cont")
+# what each graph kind must output: (rank, width) with width 'V' = vocabulary size, None = any
+GRAPH_OUTPUTS = {"encoder": [(2, None)], "next_cell": [(2, "V"), (1, None)], "token_nll": [(2, None)],
+                 "destination": [(2, "V")], "travel_time": [(1, None)], "classify": [(2, None)],
+                 "masked": [(2, None), (2, None)]}
+# operator domains onnxruntime implements itself; anything else is a custom operator library
+STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
+
+# protobuf field numbers (onnx.proto3): which sub-messages may hold tensors, graphs or operator domains
+_MODEL_GRAPH, _MODEL_OPSET, _MODEL_TRAINING, _MODEL_FUNCTIONS = 7, 8, 20, 25
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE = 1, 5, 15
+_NODE_ATTRIBUTE, _NODE_DOMAIN = 5, 7
+_ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_OPSET_DOMAIN = 1
+_FUNCTION_NODE, _FUNCTION_DOMAIN = 7, 10
+
+
+class GraphError(PgtrajError, ValueError):
+    """Bytes that are not a graph pgtraj may store."""
+
+
+def _fields(buf: memoryview):
+    """(field number, wire type, value) of one protobuf message: ints for varints and fixed widths,
+    memoryviews for length-delimited fields."""
+    i, n = 0, len(buf)
+
+    def varint():
+        nonlocal i
+        shift = value = 0
+        while True:
+            if i >= n or shift > 63:
+                raise GraphError("not an ONNX model (truncated or malformed protobuf)")
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                return value
+            shift += 7
+
+    while i < n:
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            yield field, wire, varint()
+        elif wire == 1 or wire == 5:
+            width = 8 if wire == 1 else 4
+            if i + width > n:
+                raise GraphError("not an ONNX model (truncated protobuf)")
+            yield field, wire, int.from_bytes(buf[i:i + width], "little")
+            i += width
+        elif wire == 2:
+            length = varint()
+            if i + length > n:
+                raise GraphError("not an ONNX model (truncated protobuf)")
+            yield field, wire, buf[i:i + length]
+            i += length
+        else:  # groups (3, 4) are not used by ONNX; anything else is not protobuf
+            raise GraphError("not an ONNX model (unexpected protobuf wire type)")
+
+
+def _text(v) -> str:
+    return bytes(v).decode("utf-8", "replace")
+
+
+def _tensor(buf, where: str) -> None:
+    for f, w, v in _fields(buf):
+        if (f == _TENSOR_DATA_LOCATION and w == 0 and v == 1) or (f == _TENSOR_EXTERNAL_DATA and w == 2):
+            raise GraphError(f"{where} keeps its data in an external file",
+                             hint="save the model with its weights inside: onnx.save_model(m, path,"
+                                  " save_as_external_data=False)")
+
+
+def _sparse(buf, where: str) -> None:
+    for f, w, v in _fields(buf):
+        if f in (_SPARSE_VALUES, _SPARSE_INDICES) and w == 2:
+            _tensor(v, where)
+
+
+def _graph(buf, domains: set, depth: int) -> None:
+    if depth > 32:
+        raise GraphError("graph nesting is too deep")
+    for f, w, v in _fields(buf):
+        if w != 2:
+            continue
+        if f == _GRAPH_INITIALIZER:
+            _tensor(v, "an initializer")
+        elif f == _GRAPH_SPARSE:
+            _sparse(v, "a sparse initializer")
+        elif f == _GRAPH_NODE:
+            _node(v, domains, depth)
+
+
+def _node(buf, domains: set, depth: int) -> None:
+    for f, w, v in _fields(buf):
+        if f == _NODE_DOMAIN and w == 2:
+            domains.add(_text(v))
+        elif f == _NODE_ATTRIBUTE and w == 2:
+            for af, aw, av in _fields(v):
+                if aw != 2:
+                    continue
+                if af in (_ATTR_T, _ATTR_TENSORS):
+                    _tensor(av, "a node attribute")
+                elif af in (_ATTR_SPARSE, _ATTR_SPARSES):
+                    _sparse(av, "a node attribute")
+                elif af in (_ATTR_G, _ATTR_GRAPHS):
+                    _graph(av, domains, depth + 1)
+
+
+def scan(data: bytes) -> None:
+    """Raise GraphError if ``data`` is not an ONNX model that is safe to load: one with a graph, no tensor
+    kept in an external file, and only standard operator domains (model-local functions may define their
+    own, built from standard operators)."""
+    buf = memoryview(data)
+    domains, local, has_graph = set(), set(), False
+    for f, w, v in _fields(buf):
+        if w != 2:
+            continue
+        if f == _MODEL_GRAPH:
+            has_graph = True
+            _graph(v, domains, 0)
+        elif f == _MODEL_TRAINING:  # TrainingInfoProto: its graphs (fields 1 and 2) may hold tensors too
+            for tf, tw, tv in _fields(v):
+                if tf in (1, 2) and tw == 2:
+                    _graph(tv, domains, 1)
+        elif f == _MODEL_OPSET:
+            domains.update(_text(ov) for of, ow, ov in _fields(v) if of == _OPSET_DOMAIN and ow == 2)
+        elif f == _MODEL_FUNCTIONS:
+            for ff, fw, fv in _fields(v):
+                if ff == _FUNCTION_DOMAIN and fw == 2:
+                    local.add(_text(fv))
+                elif ff == _FUNCTION_NODE and fw == 2:
+                    _node(fv, domains, 1)
+    if not has_graph:
+        raise GraphError("not an ONNX model (no graph)")
+    custom = sorted(domains - STANDARD_DOMAINS - local)
+    if custom:
+        raise GraphError(f"uses operators of custom domain(s) {custom}, which onnxruntime cannot run without"
+                         " loading a library", hint="export with standard ONNX operators only")
+
+
+def check(kind: str, data: bytes, vocab_size: int):
+    """The onnxruntime session of a graph that can serve as ``kind`` under a vocabulary of ``vocab_size``;
+    raise GraphError saying why not."""
+    import onnxruntime as ort
+
+    if kind not in GRAPH_OUTPUTS:
+        raise GraphError(f"unknown kind (known: {', '.join(sorted(GRAPH_OUTPUTS))})")
+    scan(data)
+    try:
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unparsable models
+        raise GraphError(f"onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+    names = [i.name for i in sess.get_inputs()]
+    if names != list(INPUT_NAMES):
+        raise GraphError(f"inputs are {names}, expected {list(INPUT_NAMES)}")
+    outs, want = sess.get_outputs(), GRAPH_OUTPUTS[kind]
+    if len(outs) != len(want):
+        raise GraphError(f"{len(outs)} outputs, expected {len(want)}")
+    for o, (rank, width) in zip(outs, want):
+        if len(o.shape) != rank:
+            raise GraphError(f"output {o.name} has rank {len(o.shape)}, expected {rank}")
+        if width == "V" and o.shape[-1] != vocab_size:
+            raise GraphError(f"output {o.name} has width {o.shape[-1]}, the tokenizer has {vocab_size} tokens")
+    return sess
+
+
+def check_all(kinds: list[str], graphs: list[bytes], tokenizer: str | dict) -> int | None:
+    """pgtraj._check_graphs: every graph of a model version checked against its kind and tokenizer; the
+    encoder's output width (the embedding dimension) or None without an encoder."""
+    from ..tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer.from_json(json.loads(tokenizer) if isinstance(tokenizer, str) else tokenizer)
+    except PgtrajError as exc:
+        raise InferenceError(f"the tokenizer is not a pgtraj tokenizer: {exc.message}", sqlstate="22023",
+                             hint=exc.hint) from None
+    width = None
+    for kind, data in zip(kinds, graphs):
+        try:
+            sess = check(kind, bytes(data), tok.vocab_size)
+        except GraphError as exc:
+            raise InferenceError(f"graph {kind!r}: {exc.message}", sqlstate="22023",
+                                 hint=exc.hint or "export with pgtraj/export.py, or match its inputs (tokens, dow,"
+                                                  " minute, cont) and outputs") from None
+        if kind == "encoder":
+            w = sess.get_outputs()[0].shape[-1]
+            width = w if isinstance(w, int) else None
+    return width
