@@ -160,7 +160,7 @@ class LocalCluster:
                                      hint="choose another one with --data-dir or $PGTRAJ_HOME") from exc
         if self.server_user != pwd.getpwuid(os.geteuid()).pw_name:
             # the server runs as 'postgres': every ancestor of pgdata must be searchable by it
-            if self._as_server(["test", "-x", str(self.home)], check=False).returncode != 0:
+            if self.as_server(["test", "-x", str(self.home)], check=False).returncode != 0:
                 raise DataDirectoryError(
                     f"data directory {self.home} is not reachable by the server user '{self.server_user}' "
                     "(a parent directory is private, e.g. /root)",
@@ -180,7 +180,7 @@ class LocalCluster:
         if os.geteuid() == 0:
             shutil_chown(pwfile, self.server_user)
         try:
-            proc = self._as_server(
+            proc = self.as_server(
                 [str(PG_BINDIR / "initdb"), "-D", str(self.pgdata), "-U", SUPERUSER, "--auth=scram-sha-256",
                  f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8"], check=False)
         finally:
@@ -223,7 +223,7 @@ class LocalCluster:
         }
         text = "".join(f"{k} = {v}\n" for k, v in settings.items())
         conf = self.pgdata / "pgtraj.conf"
-        self._as_server(["tee", str(conf)], input=text)
+        self.as_server(["tee", str(conf)], input=text)
 
     def _allow_remote_clients(self) -> None:
         """When listening beyond loopback, accept password (scram) logins from any address.
@@ -232,8 +232,8 @@ class LocalCluster:
             return
         hba = self.pgdata / "pg_hba.conf"
         line = "host all all all scram-sha-256  # pgtraj: --listen"
-        if line not in self._as_server(["cat", str(hba)]).stdout:
-            self._as_server(["tee", "-a", str(hba)], input=line + "\n")
+        if line not in self.as_server(["cat", str(hba)]).stdout:
+            self.as_server(["tee", "-a", str(hba)], input=line + "\n")
             self._pg_ctl(["reload"])
 
     def _create_database(self) -> None:
@@ -261,9 +261,9 @@ class LocalCluster:
             return ""
 
     def _pg_ctl(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-        return self._as_server([str(PG_BINDIR / "pg_ctl"), "-D", str(self.pgdata), *args], check=check)
+        return self.as_server([str(PG_BINDIR / "pg_ctl"), "-D", str(self.pgdata), *args], check=check)
 
-    def _as_server(self, cmd: list[str], *, input: str | None = None, check: bool = True):
+    def as_server(self, cmd: list[str], *, input: str | None = None, check: bool = True):
         if os.geteuid() == 0:  # initdb and postgres refuse to run as root
             cmd = ["runuser", "-u", self.server_user, "--", *cmd]
         proc = subprocess.run(cmd, input=input, capture_output=True, text=True)

@@ -153,3 +153,72 @@ def test_one_run_per_column_at_a_time(conn, db):
         with pytest.raises(psycopg.Error) as err:
             conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')")
         assert err.value.sqlstate == "55P03"
+
+
+def line(points: list[tuple], srid: int = 4326) -> str:
+    return f"ST_SetSRID(ST_MakeLine(ARRAY[{', '.join(f'ST_MakePointM({x}, {y}, {m})' for x, y, m in points)}]), {srid})"
+
+
+# rows no model can read, whatever refuses them: the runtime (times no calendar has, time running backwards,
+# a latitude off the globe) or PostGIS before the runtime sees them (an SRID it does not know)
+BAD_ROWS = {
+    7: (line([(116.3, 95, 1e9), (116.4, 95, 1e9 + 60)]), "latitude 95"),
+    8: (line([(116.3, 39.9, -1.25e11), (116.4, 39.9, -1.25e11 + 60)]), "year from 1 to 9999"),
+    9: (line([(116.3, 39.9, 1e20), (116.4, 39.9, 1e20 + 60)]), "milliseconds"),
+    10: (line([(116.3, 39.9, 1e9 + 60), (116.4, 39.9, 1e9)]), "time (M) goes backwards at fix 2"),
+    11: (line([(116.3, 39.9, 1e9), (116.4, 39.9, 1e9)]), "all 2 fixes have the same time"),
+    12: (line([(116.3, 39.9, 1e9), (116.4, 39.9, 1e9 + 60)], srid=990000), "unknown SRID 990000"),
+}
+
+
+def spoil(c) -> None:
+    c.execute("ALTER TABLE trips ALTER COLUMN geom TYPE geometry")  # any SRID, as a user's table may hold
+    for key, (geom, _) in BAD_ROWS.items():
+        c.execute(f"UPDATE trips SET geom = {geom} WHERE id = %s", [key])
+
+
+def test_one_bad_row_of_any_kind_never_stalls_a_batch(conn):
+    spoil(conn)
+    for run in (1, 2):  # and the next run does not stop at the same rows either
+        conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm', batch_size => 8)")
+        assert conn.execute("SELECT count(*) FROM trips WHERE embedding IS NOT NULL").fetchone() == (N - len(BAD_ROWS),)
+        errors = {int(k): (s, e, n) for k, s, e, n in conn.execute(
+            "SELECT key, sqlstate, error, attempts FROM pgtraj.embedding_errors").fetchall()}
+        assert sorted(errors) == sorted(BAD_ROWS)
+        for key, (_, words) in BAD_ROWS.items():
+            state, error, attempts = errors[key]
+            assert state == "22023" and words in error and attempts == run, (key, errors[key])
+            assert f"'{key}'" in error or "SRID" in error  # named by its key, not its place in the batch
+        assert conn.execute("SELECT status FROM pgtraj.job_status ORDER BY id DESC LIMIT 1").fetchone() == ("succeeded",)
+
+
+def test_embed_table_says_where_it_cannot_run(conn, db):
+    with psycopg.connect(db) as c:  # a transaction block: batches could not be committed
+        with pytest.raises(psycopg.Error) as err:
+            c.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm')")
+        assert err.value.sqlstate == "2D000"
+        assert "transaction block" in err.value.diag.message_primary and "autocommit" in err.value.diag.message_hint
+    assert conn.execute("SELECT count(*) FROM pgtraj.jobs").fetchone() == (0,)
+
+
+def test_racing_first_runs_on_a_new_column(conn, db):
+    """Two first runs at once: one fills, the other is told another run is filling the column (55P03),
+    never a duplicate-column error from adding embedding_model twice."""
+    conn.execute("INSERT INTO trips SELECT id + 1000, geom FROM trips")
+    conn.execute("INSERT INTO trips SELECT id + 2000, geom FROM trips")
+    errors = []
+
+    def run():
+        try:
+            with psycopg.connect(db, autocommit=True) as c:
+                c.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm', batch_size => 4)")
+        except psycopg.Error as exc:
+            errors.append(exc.sqlstate)
+
+    workers = [threading.Thread(target=run) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert errors in ([], ["55P03"]), errors
+    assert conn.execute("SELECT count(embedding) FROM trips").fetchone() == (4 * N,)

@@ -5,6 +5,8 @@ must answer with an SQL error (SQLSTATE + hint), never a crash."""
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import numpy as np
 import psycopg
@@ -193,6 +195,18 @@ def test_warmup_and_threads(conn):
     ("SELECT pgtraj.embed('LINESTRING M (500000 4400000 1224720000, 500100 4400000 1224720060)'::geometry, 'm')",
      "22023", "out of range"),
     ("SELECT pgtraj.embed('SRID=4326;LINESTRING M EMPTY'::geometry, 'm')", "22023", "no points"),
+    ("SELECT pgtraj.embed('SRID=4326;POLYGON((116 39, 117 39, 117 40, 116 39))'::geometry, 'm')", "22023",
+     "expected a LINESTRING, got POLYGON"),
+    ("SELECT pgtraj.embed('SRID=4326;LINESTRING M (116.3 39.9 1224720060, 116.4 39.9 1224720000)'::geometry, 'm')",
+     "22023", "time (M) goes backwards at fix 2"),
+    ("SELECT pgtraj.embed('SRID=4326;LINESTRING M (116.3 39.9 1224720000, 116.4 39.9 1224720000)'::geometry, 'm')",
+     "22023", "all 2 fixes have the same time"),
+    ("SELECT pgtraj.embed('SRID=4326;LINESTRING M (116.3 39.9 1224720000, 116.4 95 1224720060)'::geometry, 'm')",
+     "22023", "latitude 95.0 of fix 2 is out of range"),
+    ("SELECT pgtraj.embed('SRID=990000;LINESTRING M (1 2 1224720000, 3 4 1224720060)'::geometry, 'm')", "22023",
+     "unknown SRID 990000"),
+    ("SELECT pgtraj.score('SRID=4326;LINESTRING M (116.3 39.9 1224720000, 116.30001 39.9 1224720060)'::geometry, 'm')",
+     "22023", "too short to score"),
     ("SELECT * FROM pgtraj.predict_next((SELECT geom FROM trips LIMIT 1), 'm', k => 0)", "22023", "k must be"),
     ("SET pgtraj.threads = 'many'; SELECT pgtraj.embed(geom, 'm') FROM trips LIMIT 1", "22023", "pgtraj.threads"),
 ])
@@ -204,7 +218,19 @@ def test_bad_input_is_an_sql_error(conn, models, query, sqlstate, words):
             conn.execute(q)
     assert err.value.sqlstate == sqlstate and words in str(err.value), str(err.value)
     assert err.value.diag.message_hint or sqlstate == "22023"
+    clean_error(err.value)
     assert conn.execute("SELECT 1").fetchone() == (1,)  # the backend is alive
+
+
+def clean_error(err: psycopg.Error) -> None:
+    """An expected error reads as pgtraj's own: no Python exception class in the message, no literal
+    'None' hint, and no frame of the runtime in CONTEXT (PL/Python only shows the line of the function
+    body that reported it)."""
+    d = err.diag
+    assert d.message_primary.startswith("pgtraj: ") and not re.search(r"plpy\.|spiexceptions|Error:", d.message_primary)
+    assert d.message_hint != "None" and d.message_detail != "None"
+    frames = re.findall(r'PL/Python function "[^"]+", line \d+, in (\S+)', d.context or "")
+    assert frames in ([], ["<module>"]), d.context
 
 
 def test_null_in_null_out(conn):
@@ -338,6 +364,7 @@ P = "'SRID=4326;POINT(116.3 39.9)'::geometry"
 
 
 @pytest.mark.parametrize("points, times, words", [
+    ("ARRAY['SRID=4326;POINT EMPTY'::geometry]", "ARRAY[now()]", "fix 1 of the trajectory cannot be used: it is an empty point"),
     (f"ARRAY[{P}, NULL]", "ARRAY[now(), now() + interval '1 min']", "fix 2 of the trajectory cannot be used: its point is NULL"),
     (f"ARRAY[{P}, {P}]", "ARRAY[now(), NULL]", "fix 2 of the trajectory cannot be used: its time is NULL"),
     ("ARRAY['SRID=4326;LINESTRING(0 0, 1 1)'::geometry]", "ARRAY[now()]", "fix 1 of the trajectory cannot be used: it is a LINESTRING"),
@@ -363,3 +390,39 @@ def test_length_batches_cover_every_sequence_once_within_the_token_budget():
     assert padded < 1.1 * sum(lengths)  # similar lengths share a call
     assert length_batches([5000, 3], max_tokens=1024) == [[1], [0]]  # longer than the budget: alone
     assert length_batches([]) == []
+
+
+def test_statement_timeout_stops_a_long_trajectory_promptly(conn):
+    """A statement_timeout (or cancel) is served inside the runtime's loops, not only when the next query
+    runs: a trajectory of 600,000 fixes (~560,000 tokens) that takes seconds to embed stops right after the
+    timeout."""
+    conn.execute("CREATE TABLE long_trip AS SELECT ST_SetSRID(ST_MakeLine(ST_MakePointM("
+                 " 116.3 + 0.003 * (i % 500), 39.9 + 0.003 * (i / 500), 1224720000 + 10 * i)), 4326) AS geom"
+                 " FROM generate_series(0, 599999) AS i")
+    t0 = time.monotonic()
+    conn.execute("SELECT vector_dims(pgtraj.embed(geom, 'm')) FROM long_trip")
+    full = time.monotonic() - t0
+    conn.execute("SET statement_timeout = '500ms'")
+    t0 = time.monotonic()
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        conn.execute("SELECT pgtraj.embed(geom, 'm') FROM long_trip")
+    stopped = time.monotonic() - t0
+    conn.execute("RESET statement_timeout")
+    assert full > 2.0, f"the input is too small to tell ({full:.2f} s)"
+    assert stopped < 0.5 + 0.4 * (full - 0.5), (stopped, full)
+
+
+def test_the_session_cache_keeps_the_models_in_use(conn):
+    """Nine model versions called in turn, three rounds: each graph is loaded once (least recently used
+    eviction, never a clear-all), and their shared tokenizer once."""
+    from .graphs import TOKENIZER, encoder
+
+    for i in range(9):
+        mv = registry.register(conn, f"r{i}", objective="next_cell", tokenizer=TOKENIZER,
+                               artifacts={"encoder": encoder(f"r{i}")})
+        registry.deploy(conn, f"r{i}", mv.version)
+    for _ in range(3):
+        for i in range(9):
+            conn.execute("SELECT pgtraj.embed(geom, %s) FROM trips WHERE id = 1", [f"r{i}"])
+    cache = conn.execute("SELECT pgtraj.runtime_info() -> 'cache'").fetchone()[0]
+    assert cache["loads"] == {"models": 1, "sessions": 9}, cache

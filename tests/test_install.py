@@ -265,3 +265,34 @@ def test_package_data_dirs_exist():
     root = Path(__file__).resolve().parent.parent
     assert sorted(p.name for p in (root / "migrations").glob("*.sql")) == \
         [f"{m.version}_{m.name}.sql" for m in load_migrations()]
+
+
+def test_the_runtime_path_is_recorded_where_the_server_found_it(db, cluster):
+    """Without --python-path, install records the directory PL/Python imported pgtraj from, so that a
+    restart from another environment still finds it."""
+    from pgtraj.install import probe_runtime
+
+    with psycopg.connect(db) as conn, conn.cursor() as cur:
+        assert probe_runtime(cur, cluster.python_path)["found_at"] == cluster.python_path
+    install(db, **quiet)  # no python_path: keeps what is recorded
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT python_path FROM pgtraj.installation").fetchone() == (cluster.python_path,)
+
+
+def test_install_warns_when_pg_cron_cannot_run_jobs(cluster):
+    """pg_cron over libpq (no background workers) fails every job on a password-only server: install says
+    so, and what to set."""
+    from pgtraj.localdb import LocalCluster
+
+    from .conftest import CACHE, FAST, new_home
+
+    other = LocalCluster(new_home(), runtime_venv=CACHE / "runtime-venv", dbname="cronless",
+                         settings={**FAST, "cron.use_background_workers": "off"})
+    try:
+        url = other.start(log=lambda m: None)
+        notes = install(url, python_path=other.python_path, **quiet).notes
+        assert any("cron.use_background_workers = off" in n and "restart" in n for n in notes), notes
+        assert not install(cluster.url(), python_path=cluster.python_path, **quiet).notes  # the suite's cluster
+    finally:
+        other.stop()
+        subprocess.run(["rm", "-rf", str(other.home)], check=False)

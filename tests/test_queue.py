@@ -147,3 +147,22 @@ def test_schedule_on_pg_cron(cluster, models):  # noqa: F811
             c.execute("SELECT pgtraj.unschedule_refresh('cron_trips')")
             c.execute("SELECT pgtraj.drop_embedding_target('cron_trips')")
             c.execute("DROP TABLE cron_trips")
+
+
+def test_bad_rows_of_any_kind_back_off_then_become_dead_letters(conn):
+    from .test_embed_table import BAD_ROWS, spoil
+
+    spoil(conn)
+    conn.execute("SELECT pgtraj.create_embedding_target('trips', 'trips', 'geom', 'embedding', 'm', max_attempts => 2,"
+                 " batch_size => 8)")
+    conn.execute("CALL pgtraj.process_queue('trips')")
+    assert embedded(conn) == N - len(BAD_ROWS)
+    retrying = dict(conn.execute("SELECT key::int, attempts FROM pgtraj.embedding_queue").fetchall())
+    assert retrying == {k: 1 for k in BAD_ROWS}  # every one counted, none stuck
+    conn.execute("UPDATE pgtraj.embedding_queue SET next_attempt_at = now() - interval '1 s'")
+    conn.execute("CALL pgtraj.process_queue('trips')")
+    assert conn.execute("SELECT count(*) FROM pgtraj.embedding_queue").fetchone() == (0,)
+    dead = {int(k): (a, e) for k, a, e in conn.execute("SELECT key, attempts, error FROM pgtraj.embedding_errors")}
+    assert sorted(dead) == sorted(BAD_ROWS)
+    assert all(a == 2 and BAD_ROWS[k][1] in e for k, (a, e) in dead.items()), dead
+    assert status(conn)[:3] == (0, 0, len(BAD_ROWS))

@@ -123,10 +123,17 @@ def test_only_admins_train_and_runs_do_not_overlap(conn, db, login_role):
         assert err.value.sqlstate == "55P03"
 
 
-def test_cancel_stops_training_cleanly(conn, db):
+@pytest.mark.parametrize("moment", ["reading", "training", "timeout"])
+def test_cancel_stops_training_cleanly(conn, db, moment):
+    """A cancel (pg_cancel_backend or statement_timeout) while the data is read or while the model trains
+    ends the run as 'cancelled' with 57014, registers nothing, and leaves no run 'running'."""
     pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
     errors, said = [], []
     conn.add_notice_handler(lambda d: said.append(d.message_primary))
+    if moment == "reading":  # enough rows that reading takes a while
+        conn.execute("INSERT INTO trips SELECT id + k * 1000, geom, split FROM trips, generate_series(1, 40) AS k")
+    if moment == "timeout":
+        conn.execute("SET statement_timeout = '8s'")
 
     def run():
         try:
@@ -140,11 +147,15 @@ def test_cancel_stops_training_cleanly(conn, db):
         deadline = time.time() + 120
         while not other.execute("SELECT count(*) FROM pgtraj.training_runs WHERE status = 'running'").fetchone()[0]:
             assert time.time() < deadline
-            time.sleep(0.1)
-        time.sleep(2)
-        other.execute("SELECT pg_cancel_backend(%s)", [pid])
+            time.sleep(0.05)
+        if moment == "training":  # logged just before the first step
+            while not any("parameters, vocabulary" in m for m in said):
+                assert time.time() < deadline
+                time.sleep(0.05)
+        if moment != "timeout":
+            other.execute("SELECT pg_cancel_backend(%s)", [pid])
         worker.join(120)
-        assert errors and errors[0].sqlstate == "57014"
+        assert errors and errors[0].sqlstate == "57014", errors
         assert other.execute("SELECT status, outcome FROM pgtraj.training_status").fetchone() == (
             "cancelled", "nothing registered")
         assert other.execute("SELECT count(*) FROM pgtraj.model_registry").fetchone() == (0,)

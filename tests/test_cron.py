@@ -1,0 +1,121 @@
+"""Scheduled work really runs: pg_cron itself fires a refresh scheduled by a pgtraj_user and a retraining
+scheduled by a pgtraj_admin, each job running as the role that scheduled it, in the database pg_cron
+serves on the cluster `pgtraj db start` makes (background workers, no password-less login needed).
+
+pg_cron 1.4 schedules by the minute, so this waits up to three minutes for the jobs to fire and finish."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pgtraj.install import install
+
+from .test_embed_table import fill
+from .test_inference import models, register  # noqa: F401  (models: the module's fixture)
+from .test_sql_training import TINY, make_table
+
+WAIT_S = 240
+
+
+def wait_for(what: str, check, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"pg_cron did not {what} within {timeout} s"
+        time.sleep(1)
+
+
+@pytest.fixture
+def cron_db(cluster, login_role):
+    """The database pg_cron serves, with pgtraj installed, a user and an admin role, cleaned up after."""
+    url = cluster.url()
+    install(url, python_path=cluster.python_path, log=lambda m: None)
+    user, admin = login_role("pgtraj_user"), login_role("pgtraj_admin")
+    with psycopg.connect(url, autocommit=True) as su:
+        su.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(user.role),
+                                                                      sql.Identifier(user.role)))
+        su.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(admin.role),
+                                                                      sql.Identifier(admin.role)))
+    try:
+        yield url, user, admin
+    finally:
+        with psycopg.connect(url, autocommit=True) as su:
+            for role in (user.role, admin.role):
+                for (jobid,) in su.execute("SELECT jobid FROM cron.job WHERE username = %s", [role]).fetchall():
+                    su.execute("SELECT cron.unschedule(%s)", [jobid])
+                su.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(role)))
+
+
+def test_pg_cron_runs_refresh_and_training_as_the_roles_that_scheduled_them(cron_db, models):
+    url, user, admin = cron_db
+    u, a = user.role, admin.role
+    with psycopg.connect(url, autocommit=True) as su:
+        register(su, models[0], name=f"cron-{u}")
+    with psycopg.connect(user(url), autocommit=True) as c:
+        c.execute(f"SET search_path = {u}, public")
+        c.execute("CREATE TABLE trips (id int PRIMARY KEY, geom geometry(LineStringM, 4326), embedding vector(32))")
+        c.execute("SELECT pgtraj.create_embedding_target(%s, 'trips', 'geom', 'embedding', %s)",
+                  [f"cron_{u}", f"cron-{u}"])
+        fill(c, "trips", n=12)  # after the target: the triggers queue every row
+        assert c.execute("SELECT pending FROM pgtraj.embedding_status").fetchone() == (12,)
+        refresh = c.execute("SELECT pgtraj.schedule_refresh(%s, '* * * * *')", [f"cron_{u}"]).fetchone()[0]
+    with psycopg.connect(admin(url), autocommit=True) as c:
+        c.execute(f"SET search_path = {a}, public")
+        make_table(c, "trips", n=30)
+        train = c.execute("SELECT pgtraj.schedule_training(%s, '* * * * *', %s, 'next_cell', %s)",
+                          [f"cronm-{a}", f"{a}.trips", json.dumps(TINY)]).fetchone()[0]
+    with psycopg.connect(url, autocommit=True) as su:
+        jobs = dict(su.execute("SELECT jobid, username FROM cron.job WHERE jobid IN (%s, %s)", [refresh, train]))
+        assert jobs == {refresh: u, train: a}  # each job runs as the role that scheduled it
+        wait_for("embed the queued rows", lambda: su.execute(
+            f"SELECT count(embedding) = 12 FROM {u}.trips").fetchone()[0])
+        run = wait_for("register a retrained model", lambda: su.execute(
+            "SELECT started_by, status, outcome FROM pgtraj.training_status WHERE model_name = %s AND status <>"
+            " 'running' ORDER BY id LIMIT 1", [f"cronm-{a}"]).fetchone())
+        assert run == (a, "succeeded", "registered v1, deployed"), run
+        assert su.execute("SELECT created_by FROM pgtraj.model_registry WHERE name = %s", [f"cronm-{a}"]
+                          ).fetchone() == (a,)
+        refreshed = su.execute("SELECT status, created_by FROM pgtraj.jobs WHERE kind = 'refresh'"
+                               " AND args ->> 'target' = %s ORDER BY id LIMIT 1", [f"cron_{u}"]).fetchone()
+        assert refreshed == ("succeeded", u)
+    with psycopg.connect(user(url), autocommit=True) as c:
+        assert c.execute("SELECT pgtraj.unschedule_refresh(%s)", [f"cron_{u}"]).fetchone() == (True,)
+    with psycopg.connect(admin(url), autocommit=True) as c:
+        assert c.execute("SELECT pgtraj.unschedule_training(%s)", [f"cronm-{a}"]).fetchone() == (True,)
+    with psycopg.connect(url, autocommit=True) as su:
+        assert su.execute("SELECT count(*) FROM cron.job WHERE jobid IN (%s, %s)", [refresh, train]).fetchone() == (0,)
+
+
+def test_scheduling_is_for_roles_that_may_do_the_work(cron_db, models):
+    url, user, admin = cron_db
+    u = user.role
+    with psycopg.connect(url, autocommit=True) as su:
+        register(su, models[0], name=f"cron-{u}")
+        su.execute("CREATE TABLE IF NOT EXISTS public.cron_secret (id int PRIMARY KEY, geom geometry(LineStringM, 4326),"
+                   " embedding vector(32))")
+        su.execute("SELECT pgtraj.create_embedding_target(%s, 'public.cron_secret', 'geom', 'embedding', %s)",
+                   [f"sec_{u}", f"cron-{u}"])
+    try:
+        with psycopg.connect(user(url), autocommit=True) as c:
+            for call, sqlstate in (("SELECT pgtraj.schedule_refresh(%s)", "42501"),  # a table it may not write
+                                   ("SELECT pgtraj.schedule_training('x', '* * * * *', %s)", "42501"),
+                                   ("SELECT cron.schedule('* * * * *', %s)", "42501")):  # pg_cron itself stays closed
+                with pytest.raises(psycopg.Error) as err:
+                    c.execute(call, [f"sec_{u}"])
+                assert err.value.sqlstate == sqlstate, (call, err.value)
+            # nor can it remove another role's job of the same name
+            with psycopg.connect(url, autocommit=True) as su:
+                su.execute("SELECT pgtraj.schedule_refresh(%s, '0 0 1 1 *')", [f"sec_{u}"])
+            assert c.execute("SELECT pgtraj.unschedule_refresh(%s)", [f"sec_{u}"]).fetchone() == (False,)
+    finally:
+        with psycopg.connect(url, autocommit=True) as su:
+            su.execute("SELECT pgtraj.unschedule_refresh(%s)", [f"sec_{u}"])
+            su.execute("SELECT pgtraj.drop_embedding_target(%s)", [f"sec_{u}"])
+            su.execute("DROP TABLE public.cron_secret")
