@@ -63,3 +63,6 @@ DROP FUNCTION IF EXISTS pgtraj.deploy(text, text, text);
 DROP FUNCTION IF EXISTS pgtraj._cron_schedule(text, text, text, text);
 DROP FUNCTION IF EXISTS pgtraj._cron_unschedule(text);
 DROP FUNCTION IF EXISTS pgtraj.warmup(text);  -- was PL/Python, now SQL over pgtraj._warmup
+-- graphs are now checked, not only mirrored, as they are stored (trigger check_artifact, sql/40)
+DROP TRIGGER IF EXISTS mirror_artifact ON pgtraj.model_artifacts;
+DROP FUNCTION IF EXISTS pgtraj._mirror_artifact();

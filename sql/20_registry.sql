@@ -2,9 +2,10 @@
 --
 -- Writes go through three SECURITY DEFINER functions only: _register (the one INSERT path of a model
 -- version, used by the Python client, CALL pgtraj.train, import_model and import_onnx), deploy, and the
--- training-run pair _run_start/_run_finish. Every graph is checked before it is stored: it loads in
--- onnxruntime, fits its kind, reads no external data file and uses no custom operator, because
--- whoever serves it later (a superuser's query, pg_cron) runs it inside the server.
+-- training-run pair _run_start/_run_finish. Every graph is checked as it is stored (the check_artifact
+-- trigger, 40_inference.sql): it loads in onnxruntime, fits its kind, reads no external data file and uses
+-- no custom operator, because whoever serves it later (a superuser's query, pg_cron) runs it inside the
+-- server.
 
 -- The live model of each name.
 CREATE OR REPLACE VIEW pgtraj.deployments AS
@@ -29,13 +30,6 @@ SELECT m.id, m.name, m.version, m.objective, m.embedding_dim,
                        FROM pgtraj.model_artifacts x WHERE x.model_id = m.id) a ON true;
 COMMENT ON VIEW pgtraj.models IS 'Registered model versions with their metrics and whether each is deployed';
 
--- Why each graph cannot be served (22023 naming it), else the encoder's output width (NULL without one).
-CREATE OR REPLACE FUNCTION pgtraj._check_graphs(kinds text[], graphs bytea[], tokenizer jsonb) RETURNS integer
-LANGUAGE plpython3u IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-@BOOT@
-return pgtraj.graphs.check_all(kinds, graphs, tokenizer)
-$$;
-
 CREATE OR REPLACE FUNCTION pgtraj._register(name text, objective text, config jsonb, tokenizer jsonb, metrics jsonb,
                                             primary_metric text, higher_is_better boolean, embedding_dim integer,
                                             training_run_id bigint, description text, kinds text[], graphs bytea[],
@@ -45,8 +39,6 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj 
 #variable_conflict use_column
 DECLARE
     who     name := pgtraj._acting_for(caller);
-    width   integer;
-    dim     integer := embedding_dim;
     new_id  bigint;
     new_ver integer;
 BEGIN
@@ -58,23 +50,15 @@ BEGIN
        OR array_position(kinds, NULL) IS NOT NULL OR array_position(graphs, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'pgtraj: a model version needs at least one graph, and one kind per graph' USING ERRCODE = '22023';
     END IF;
-    width := pgtraj._check_graphs(kinds, graphs, _register.tokenizer);
-    IF width IS NOT NULL AND dim IS DISTINCT FROM width THEN
-        IF dim IS NOT NULL THEN
-            RAISE EXCEPTION 'pgtraj: embedding_dim is % but the encoder graph outputs % dimensions', dim, width
-                  USING ERRCODE = '22023';
-        END IF;
-        dim := width;
-    END IF;
     PERFORM pg_advisory_xact_lock(hashtext('pgtraj.register'), hashtext(_register.name));
     SELECT coalesce(max(r.version), 0) + 1 INTO new_ver FROM pgtraj.model_registry r WHERE r.name = _register.name;
     INSERT INTO pgtraj.model_registry (name, version, objective, config, tokenizer, metrics, primary_metric,
                                        higher_is_better, embedding_dim, training_run_id, description, created_by)
     VALUES (_register.name, new_ver, _register.objective, coalesce(_register.config, '{}'), _register.tokenizer,
             coalesce(_register.metrics, '{}'), _register.primary_metric, coalesce(_register.higher_is_better, true),
-            dim, _register.training_run_id, _register.description, who)
+            _register.embedding_dim, _register.training_run_id, _register.description, who)
     RETURNING id INTO new_id;
-    INSERT INTO pgtraj.model_artifacts (model_id, kind, bytes, sha256)
+    INSERT INTO pgtraj.model_artifacts (model_id, kind, bytes, sha256)  -- each checked by its trigger
     SELECT new_id, k, g, encode(sha256(g), 'hex') FROM unnest(kinds, graphs) AS u(k, g);
     RETURN QUERY SELECT new_id, new_ver;
 END

@@ -66,16 +66,19 @@ BEGIN
 END
 $$;
 
--- Registration writes each graph (and its model's tokenizer and config) to the runtime's file cache, so
--- that parallel workers, which may not query from PL/Python, can load a model no backend has used yet.
-CREATE OR REPLACE FUNCTION pgtraj._mirror_artifact() RETURNS trigger
+-- Every graph stored, by whatever path and role, is checked (pgtraj/runtime/graphs.py: it loads in
+-- onnxruntime from its own bytes, reads no external file, uses no custom operator, fits its kind and the
+-- model's tokenizer; an encoder's width is the model's embedding_dim), then written to the runtime's file
+-- cache, so that parallel workers, which may not query from PL/Python, can load a model no backend has
+-- used yet. A graph that fails the check fails the INSERT.
+CREATE OR REPLACE FUNCTION pgtraj._check_artifact() RETURNS trigger
 LANGUAGE plpython3u SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-pgtraj.models.mirror_artifact(plpy, TD["new"]["model_id"], TD["new"]["sha256"], TD["new"]["bytes"])
+pgtraj.graphs.check_artifact(plpy, TD["new"])
 $$;
-DROP TRIGGER IF EXISTS mirror_artifact ON pgtraj.model_artifacts;
-CREATE TRIGGER mirror_artifact AFTER INSERT ON pgtraj.model_artifacts
-    FOR EACH ROW EXECUTE FUNCTION pgtraj._mirror_artifact();
+DROP TRIGGER IF EXISTS check_artifact ON pgtraj.model_artifacts;
+CREATE TRIGGER check_artifact AFTER INSERT OR UPDATE ON pgtraj.model_artifacts
+    FOR EACH ROW EXECUTE FUNCTION pgtraj._check_artifact();
 
 -- embeddings ---------------------------------------------------------------------------------------------
 

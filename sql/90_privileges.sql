@@ -35,7 +35,7 @@ DECLARE
                          'schedule_training _schedule_training unschedule_training'],
         -- what the SECURITY DEFINER functions owned by pgtraj_service call
         ['pgtraj_service', '_acting_for _check_writable _check_column_rights _target _record_errors _key_column '
-                           '_check_graphs _model_doc']];
+                           '_model_doc']];
     r  text[];
     fn regprocedure;
 BEGIN

@@ -174,7 +174,7 @@ def standby(cluster, trips):
     pgdata.mkdir(mode=0o700)
     if os.geteuid() == 0:  # the server (and so pg_basebackup) runs as 'postgres'
         shutil_chown(pgdata, cluster.server_user)
-    cluster.as_server([str(PG_BINDIR / "pg_basebackup"), "-D", str(pgdata), "-R", "-X", "stream",
+    cluster.as_server([str(PG_BINDIR / "pg_basebackup"), "-D", str(pgdata), "-R", "-X", "stream", "-c", "fast",
                        "-d", cluster.url("postgres")])
     cluster.as_server(["rm", "-rf", str(pgdata / "pgtraj_cache")])
     port = free_port()

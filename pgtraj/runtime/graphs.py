@@ -11,8 +11,6 @@ from the protobuf wire format directly.
 
 from __future__ import annotations
 
-import json
-
 from ..errors import PgtrajError
 from .server import InferenceError
 
@@ -166,8 +164,12 @@ def check(kind: str, data: bytes, vocab_size: int):
     if kind not in GRAPH_OUTPUTS:
         raise GraphError(f"unknown kind (known: {', '.join(sorted(GRAPH_OUTPUTS))})")
     scan(data)
+    opts = ort.SessionOptions()  # a check, not a session to serve: no optimisation passes or arenas to pay for
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.enable_cpu_mem_arena = opts.enable_mem_pattern = False
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for unparsable models
         raise GraphError(f"onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
     names = [i.name for i in sess.get_inputs()]
@@ -184,25 +186,37 @@ def check(kind: str, data: bytes, vocab_size: int):
     return sess
 
 
-def check_all(kinds: list[str], graphs: list[bytes], tokenizer: str | dict) -> int | None:
-    """pgtraj._check_graphs: every graph of a model version checked against its kind and tokenizer; the
-    encoder's output width (the embedding dimension) or None without an encoder."""
-    from ..tokenizer import Tokenizer
+def check_artifact(plpy, row: dict) -> None:
+    """Trigger side of every INSERT or UPDATE of pgtraj.model_artifacts: the graph must fit its kind and its
+    model's tokenizer (an encoder's output width is the model's embedding_dim, recorded if it was not), or
+    the statement fails with 22023 naming the graph. Then it goes into the runtime's file cache."""
+    from . import models, tokenizer_from_json
 
+    reg = plpy.execute(plpy.prepare(
+        "SELECT tokenizer::pg_catalog.text AS tokenizer, embedding_dim, meta_sha256,"
+        " pgtraj._model_doc(tokenizer, config) AS doc FROM pgtraj.model_registry WHERE id = $1", ["int8"]),
+        [row["model_id"]])[0]
+    kind, data = row["kind"], row["bytes"]
     try:
-        tok = Tokenizer.from_json(json.loads(tokenizer) if isinstance(tokenizer, str) else tokenizer)
+        tok = tokenizer_from_json(reg["tokenizer"])
     except PgtrajError as exc:
         raise InferenceError(f"the tokenizer is not a pgtraj tokenizer: {exc.message}", sqlstate="22023",
                              hint=exc.hint) from None
-    width = None
-    for kind, data in zip(kinds, graphs):
-        try:
-            sess = check(kind, bytes(data), tok.vocab_size)
-        except GraphError as exc:
-            raise InferenceError(f"graph {kind!r}: {exc.message}", sqlstate="22023",
-                                 hint=exc.hint or "export with pgtraj/export.py, or match its inputs (tokens, dow,"
-                                                  " minute, cont) and outputs") from None
-        if kind == "encoder":
-            w = sess.get_outputs()[0].shape[-1]
-            width = w if isinstance(w, int) else None
-    return width
+    try:
+        sess = check(kind, data, tok.vocab_size)
+    except GraphError as exc:
+        raise InferenceError(f"graph {kind!r}: {exc.message}", sqlstate="22023",
+                             hint=exc.hint or "export with pgtraj/export.py, or match its inputs (tokens, dow,"
+                                              " minute, cont) and outputs") from None
+    if kind == "encoder":
+        width = sess.get_outputs()[0].shape[-1]
+        width = width if isinstance(width, int) else None
+        if reg["embedding_dim"] is None and width is not None:
+            plpy.execute(plpy.prepare("UPDATE pgtraj.model_registry SET embedding_dim = $2 WHERE id = $1",
+                                      ["int8", "int4"]), [row["model_id"], width])
+        elif width is not None and reg["embedding_dim"] != width:
+            raise InferenceError(f"embedding_dim is {reg['embedding_dim']} but the encoder graph outputs {width}"
+                                 " dimensions", sqlstate="22023")
+    del sess
+    models.store(reg["meta_sha256"] + ".meta", bytes(reg["doc"]))
+    models.store(row["sha256"] + ".onnx", data)

@@ -232,11 +232,3 @@ def warmup(plpy, model_id: int, meta_sha256: str, threads: int) -> dict:
     name, version = name_version(plpy, model_id)
     return {"model": name, "version": version, "model_id": model_id,
             "graphs": [r["kind"] for r in rows], "threads": threads, "seconds": round(time.perf_counter() - t0, 4)}
-
-
-def mirror_artifact(plpy, model_id: int, sha: str, data: bytes) -> None:
-    """Trigger side of registration: a new graph, and its model's tokenizer and config, into the file cache."""
-    row = plpy.execute(_plan(plpy, "mirror", "SELECT meta_sha256, pgtraj._model_doc(tokenizer, config) AS doc"
-                             " FROM pgtraj.model_registry WHERE id = $1", ["int8"]), [model_id])[0]
-    store(row["meta_sha256"] + ".meta", bytes(row["doc"]))
-    store(sha + ".onnx", bytes(data))
