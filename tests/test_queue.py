@@ -166,3 +166,21 @@ def test_bad_rows_of_any_kind_back_off_then_become_dead_letters(conn):
     assert sorted(dead) == sorted(BAD_ROWS)
     assert all(a == 2 and BAD_ROWS[k][1] in e for k, (a, e) in dead.items()), dead
     assert status(conn)[:3] == (0, 0, len(BAD_ROWS))
+
+
+def test_a_version_of_another_width_is_not_deployed_under_a_target(conn):
+    """A target fills a vector(32) column from the deployed version of 'm': deploying a version of
+    another width would make every row fail, so deploy refuses it and says what to do first."""
+    from pgtraj import registry
+
+    from .test_inference import register
+    from .test_model import make_model
+
+    conn.execute("SELECT pgtraj.create_embedding_target('trips', 'trips', 'geom', 'embedding', 'm')")
+    wide = register(conn, make_model(seed=4, d_model=48, d_ff=96).eval(), deploy=False)
+    with pytest.raises(psycopg.errors.DatatypeMismatch) as err:
+        registry.deploy(conn, "m", wide.version)
+    assert "embeds in 48 dimensions" in err.value.diag.message_primary and "vector(48)" in err.value.diag.message_hint
+    assert conn.execute("SELECT version FROM pgtraj.deployments WHERE name = 'm'").fetchone() == (1,)
+    conn.execute("SELECT pgtraj.drop_embedding_target('trips')")  # without the target, nothing depends on the width
+    assert registry.deploy(conn, "m", wide.version)["version"] == wide.version

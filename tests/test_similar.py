@@ -56,3 +56,20 @@ def test_refusals(embedded, call, sqlstate):
         embedded.execute(call)
     assert err.value.sqlstate == sqlstate, str(err.value)
     assert embedded.execute("SELECT count(*) FROM trips").fetchone() == (40,)
+
+
+def test_k_above_ef_search_returns_k_rows_in_distance_order(db):
+    """k up to 10,000 as documented: beyond hnsw.ef_search's limit of 1,000, pgvector's iterative scan
+    keeps searching the index until k rows are found, in exact distance order."""
+    with psycopg.connect(db, autocommit=True) as c:
+        c.execute("CREATE TABLE vecs (id int PRIMARY KEY, v vector(16))")
+        c.execute("INSERT INTO vecs SELECT i, ARRAY(SELECT sin(i * j + j) FROM generate_series(1, 16) j)::vector(16)"
+                  " FROM generate_series(1, 3000) i")
+        c.execute("SELECT pgtraj.create_hnsw_index('vecs', 'v')")
+        q = "(SELECT v FROM vecs WHERE id = 7)"
+        got = c.execute(f"SELECT id::int, distance FROM pgtraj.similar('vecs', 'v', {q}, k => 2000)").fetchall()
+        assert len(got) == 2000 and all(a[1] <= b[1] for a, b in zip(got, got[1:]))
+        exact = [r[0] for r in c.execute(f"SELECT id FROM vecs ORDER BY (v <=> {q}) + 0 LIMIT 2000").fetchall()]
+        recall = len({i for i, _ in got} & set(exact)) / 2000
+        assert recall > 0.95, recall
+        assert len(c.execute("SELECT * FROM pgtraj.similar('vecs', 'v', row_id => 7, k => 5000)").fetchall()) == 2999
