@@ -69,10 +69,19 @@ def test_upgrade_from_every_earlier_schema_version(databases, cluster, db):
                 create_extensions(cur)
                 apply_migrations(cur, migrations[:k], log=lambda m: None)
                 cur.execute("INSERT INTO pgtraj.jobs (kind) VALUES ('marker')")
+                named_by_text = 3 <= k and migrations[k - 1].version < "0005"
+                if named_by_text:  # refresh targets existed: named by text, one of them for a table dropped since
+                    cur.execute("CREATE TABLE t (id int PRIMARY KEY, geom geometry, embedding vector)")
+                    cur.execute("INSERT INTO pgtraj.embedding_targets (name, table_name, traj_column, embedding_column,"
+                                " model) VALUES ('kept', 'public.t', 'geom', 'embedding', 'm'),"
+                                " ('gone', 'public.nope', 'geom', 'embedding', 'm')")
             install(dsn, python_path=cluster.python_path, **quiet)
             assert schema_snapshot(dsn) == fresh, f"upgrade from migration {migrations[k - 1].version} differs"
             with psycopg.connect(dsn) as conn:
                 assert conn.execute("SELECT count(*) FROM pgtraj.jobs WHERE kind = 'marker'").fetchone()[0] == 1
+                if named_by_text:
+                    assert conn.execute("SELECT name, table_name::text, key_column FROM pgtraj.embedding_targets"
+                                        ).fetchall() == [("kept", "t", "id")]
         finally:
             databases.drop(name)
 
