@@ -23,17 +23,29 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
-from pgtraj.clean import CleaningConfig, CleaningReport, clean
-from pgtraj.connection import connect, resolve_dsn
-from pgtraj.datasets import default_data_dir, load_geolife
-from pgtraj.downstream import (CellNaiveBayes, DestinationBaseline, RouteRegression, SoftmaxRegression,
-                               classification_metrics, destination_eval, elapsed_s, head, model_class_scores,
-                               model_destination_scores, model_travel_time_s, speed_features, tail,
-                               travel_time_metrics)
-from pgtraj.io import QuerySource, TrajectoryReader
-from pgtraj.splits import chronological_split
-from pgtraj.train import TrainConfig, train
-from pgtraj.workflow import read_split
+from pgtraj.app.training import read_split
+from pgtraj.core.clean import CleaningConfig, CleaningReport, clean
+from pgtraj.core.splits import chronological_split
+from pgtraj.db.connection import connect, resolve_dsn
+from pgtraj.db.datasets import default_data_dir, load_geolife
+from pgtraj.db.readers import QuerySource, TrajectoryReader
+from pgtraj.learn.downstream import (
+    CellNaiveBayes,
+    DestinationBaseline,
+    RouteRegression,
+    SoftmaxRegression,
+    classification_metrics,
+    destination_eval,
+    elapsed_s,
+    head,
+    model_class_scores,
+    model_destination_scores,
+    model_travel_time_s,
+    speed_features,
+    tail,
+    travel_time_metrics,
+)
+from pgtraj.learn.train import TrainConfig, train
 
 LABELLED_USERS = [10, 20, 52, 62, 75, 112, 126]
 MODES = {"walk": "walk", "bike": "bike", "bus": "bus", "car": "car", "taxi": "car", "subway": "subway",
@@ -96,8 +108,8 @@ def main() -> None:
     base.update(lr=1e-3, warmup=50, eval_every=250, eval_batches=4)
     max_len = base["max_len"]
     with connect(resolve_dsn(args.dsn)) as conn:
-        splits = {s: read_split(conn, "geolife.trajectories", s, id_col="traj_id", geom_col="geom",
-                                split_col="split", log=lambda m: None) for s in ("train", "val", "test")}
+        splits = {s: read_split(conn, "geolife.trajectories", s, id_column="traj_id", traj_column="geom",
+                                split_column="split", log=lambda m: None) for s in ("train", "val", "test")}
         mode_splits, mode_labels = mode_segments(conn)
     results, seconds = {}, {}
 

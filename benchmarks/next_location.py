@@ -20,11 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pgtraj.connection import connect, resolve_dsn
-from pgtraj.evaluate import MarkovChain, model_ranks, ranking_metrics, tune_markov
-from pgtraj.tokenizer import Tokens
-from pgtraj.train import TrainConfig, train
-from pgtraj.workflow import read_split
+from pgtraj.app.training import read_split
+from pgtraj.core.tokenizer import Tokens
+from pgtraj.db.connection import connect, resolve_dsn
+from pgtraj.learn.evaluation import (
+    MarkovChain,
+    model_ranks,
+    ranking_metrics,
+    tune_markov,
+)
+from pgtraj.learn.train import TrainConfig, train
 
 
 def head(x: Tokens, n: int) -> Tokens:
@@ -47,7 +52,7 @@ def main() -> None:
         shutil.rmtree(out / run, ignore_errors=True)
     quiet = lambda m: None  # noqa: E731
     with connect(resolve_dsn(args.dsn)) as conn:
-        splits = {s: read_split(conn, args.table, s, id_col="traj_id", geom_col="geom", split_col="split", log=quiet)
+        splits = {s: read_split(conn, args.table, s, id_column="traj_id", traj_column="geom", split_column="split", log=quiet)
                   for s in ("train", "val", "test")}
     base = dict(preset=args.preset, max_len=args.max_len, batch_size=32, lr=1e-3, warmup=50, eval_every=200,
                 eval_batches=4, device=args.device, tokenizer={"resolution": 9, "min_count": 5, "timezone": "Asia/Shanghai"})

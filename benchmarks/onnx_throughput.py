@@ -20,13 +20,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from pgtraj.connection import connect, resolve_dsn
-from pgtraj.data import to_tensors
-from pgtraj.export import INPUT_NAMES, export
-from pgtraj.features import collate, to_inputs
-from pgtraj.model import ModelConfig, TrajectoryModel, count_parameters
-from pgtraj.tokenizer import Tokenizer, TokenizerConfig
-from pgtraj.workflow import read_split
+from pgtraj.app.training import read_split
+from pgtraj.core.contract import INPUT_NAMES
+from pgtraj.core.features import collate, to_inputs
+from pgtraj.core.tokenizer import Tokenizer, TokenizerConfig
+from pgtraj.db.connection import connect, resolve_dsn
+from pgtraj.learn.batches import to_tensors
+from pgtraj.learn.export import export
+from pgtraj.learn.model import ModelConfig, TrajectoryModel, count_parameters
 
 
 def main() -> None:
@@ -39,10 +40,10 @@ def main() -> None:
     ap.add_argument("--unsorted", action="store_true", help="batch pieces in split order (to see the padding cost)")
     args = ap.parse_args()
     with connect(resolve_dsn(args.dsn)) as conn:
-        train = read_split(conn, "geolife.trajectories", "train", id_col="traj_id", geom_col="geom",
-                           split_col="split", log=lambda m: None)
-        test = read_split(conn, "geolife.trajectories", "test", id_col="traj_id", geom_col="geom",
-                          split_col="split", log=lambda m: None)
+        train = read_split(conn, "geolife.trajectories", "train", id_column="traj_id", traj_column="geom",
+                           split_column="split", log=lambda m: None)
+        test = read_split(conn, "geolife.trajectories", "test", id_column="traj_id", traj_column="geom",
+                          split_column="split", log=lambda m: None)
     tok = Tokenizer.fit(train, TokenizerConfig(resolution=9, min_count=5))
     # sorted by length: a batch pads to its longest member, so mixing 5- and 128-token pieces wastes compute
     inputs = [to_inputs(tok.encode(t)) for t in test]

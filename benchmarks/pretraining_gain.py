@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from pgtraj.connection import connect, resolve_dsn
-from pgtraj.evaluate import model_ranks, ranking_metrics
-from pgtraj.tokenizer import Tokens
-from pgtraj.train import TrainConfig, train
-from pgtraj.workflow import read_split
+from pgtraj.app.training import read_split
+from pgtraj.core.tokenizer import Tokens
+from pgtraj.db.connection import connect, resolve_dsn
+from pgtraj.learn.evaluation import model_ranks, ranking_metrics
+from pgtraj.learn.train import TrainConfig, train
 
 
 def main() -> None:
@@ -38,8 +38,8 @@ def main() -> None:
     base = {k: pre_cfg[k] for k in ("preset", "model", "tokenizer", "max_len", "batch_size")}
     base.update(objective="next_cell", lr=1e-3, warmup=50, eval_batches=4)
     with connect(resolve_dsn(args.dsn)) as conn:
-        splits = {s: read_split(conn, "geolife.trajectories", s, id_col="traj_id", geom_col="geom",
-                                split_col="split", log=lambda m: None) for s in ("train", "val", "test")}
+        splits = {s: read_split(conn, "geolife.trajectories", s, id_column="traj_id", traj_column="geom",
+                                split_column="split", log=lambda m: None) for s in ("train", "val", "test")}
     rows = {}
     for steps in (int(b) for b in args.budgets.split(",")):
         row = {}

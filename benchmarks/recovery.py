@@ -14,11 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-from pgtraj.connection import connect, resolve_dsn
-from pgtraj.evaluate import perplexity, span_recovery
-from pgtraj.tokenizer import Tokens
-from pgtraj.train import load_checkpoint
-from pgtraj.workflow import read_split
+from pgtraj.app.training import read_split
+from pgtraj.core.tokenizer import Tokens
+from pgtraj.db.connection import connect, resolve_dsn
+from pgtraj.learn.evaluation import perplexity, span_recovery
+from pgtraj.learn.train import load_checkpoint
 
 
 def main() -> None:
@@ -29,8 +29,8 @@ def main() -> None:
     args = ap.parse_args()
     runs = Path(args.runs)
     with connect(resolve_dsn(args.dsn)) as conn:
-        test = read_split(conn, "geolife.trajectories", "test", id_col="traj_id", geom_col="geom",
-                          split_col="split", log=lambda m: None)
+        test = read_split(conn, "geolife.trajectories", "test", id_column="traj_id", traj_column="geom",
+                          split_column="split", log=lambda m: None)
     pre, tok, ckpt = load_checkpoint(runs / "pretrain" / "checkpoint.pt")
     enc = [Tokens(*(getattr(x, f)[: args.max_len - 1] for f in Tokens.FIELDS)) for x in map(tok.encode, test)]
     summary = {"test_pieces": len(enc), "pretrain": {"objective": ckpt["train_config"]["objective"],

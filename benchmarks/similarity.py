@@ -19,14 +19,22 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from pgtraj.connection import connect, resolve_dsn
-from pgtraj.data import to_tensors
-from pgtraj.evaluate import distance_matrix, dtw, edr, frechet, search_metrics, split_odd_even, twin_ranks
-from pgtraj.export import INPUT_NAMES, export
-from pgtraj.features import collate, to_inputs
-from pgtraj.train import load_checkpoint
-from pgtraj.trajectory import Trajectory
-from pgtraj.workflow import read_split
+from pgtraj.app.training import read_split
+from pgtraj.core.features import collate, to_inputs
+from pgtraj.core.trajectory import Trajectory
+from pgtraj.db.connection import connect, resolve_dsn
+from pgtraj.learn.batches import to_tensors
+from pgtraj.learn.evaluation import (
+    distance_matrix,
+    dtw,
+    edr,
+    frechet,
+    search_metrics,
+    split_odd_even,
+    twin_ranks,
+)
+from pgtraj.learn.export import INPUT_NAMES, export
+from pgtraj.learn.train import load_checkpoint
 
 _M_PER_DEG = 111_195.0
 
@@ -61,7 +69,7 @@ def main() -> None:
     model, tok, ckpt = load_checkpoint(args.checkpoint)
     with connect(resolve_dsn(args.dsn)) as conn:
         pieces = [p for split in args.splits.split(",") for p in read_split(
-            conn, "geolife.trajectories", split, id_col="traj_id", geom_col="geom", split_col="split",
+            conn, "geolife.trajectories", split, id_column="traj_id", traj_column="geom", split_column="split",
             log=lambda m: None)]
     pool = [t for t in pieces if args.min_points <= len(t) <= args.max_points]
     rng.shuffle(pool)

@@ -6,7 +6,7 @@
 Same model (the hybrid-pretrained small encoder, and the fine-tuned next-cell model), same trajectories
 (cleaned GeoLife pieces as LINESTRING M rows in bench.trips), one intra-op thread everywhere:
   * raw onnxruntime outside the database (the limit): the runtime's own code (parse, tokenize, length
-    batches; pgtraj.runtime.inference.embed_wkbs) with an onnxruntime session in this process;
+    batches; pgtraj.runtime.tasks.encoder.embed_wkbs) with an onnxruntime session in this process;
   * in the database: SELECT pgtraj.embed(array, model) (one batched call) and CALL pgtraj.embed_table
     (which also writes the vectors back, committing per batch);
   * the client round trip a user would write: fetch WKB with psycopg, embed in Python, COPY the vectors
@@ -30,16 +30,23 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import psycopg
+from pgtraj.runtime.inference import (
+    BATCH_TOKENS,
+    embed_wkbs,
+    length_batches,
+    vector_text,
+    windows,
+)
 
-from pgtraj import registry
-from pgtraj.connection import connect, resolve_dsn
-from pgtraj.export import example_batch, export_checked
-from pgtraj.features import to_inputs
-from pgtraj.runtime.inference import BATCH_TOKENS, embed_wkbs, length_batches, vector_text, windows
-from pgtraj.trajectory import from_wkb
-from pgtraj.tokenizer import Tokenizer
-from pgtraj.train import load_checkpoint
-from pgtraj.workflow import read_split
+from pgtraj.app.training import read_split
+from pgtraj.core.features import to_inputs
+from pgtraj.core.tokenizer import Tokenizer
+from pgtraj.core.trajectory import from_wkb
+from pgtraj.db import registry
+from pgtraj.db.connection import connect, resolve_dsn
+from pgtraj.learn.export import example_batch, export_checked
+from pgtraj.learn.train import load_checkpoint
+
 
 def register(conn, name: str, checkpoint: str, objective: str, example_pieces) -> None:
     model, tok, ckpt = load_checkpoint(checkpoint)
@@ -100,7 +107,7 @@ def main() -> None:
     dsn = resolve_dsn(args.dsn)
     with connect(dsn, autocommit=True) as conn:
         pieces = [p for s in ("train", "val", "test") for p in read_split(
-            conn, "geolife.trajectories", s, id_col="traj_id", geom_col="geom", split_col="split", log=lambda m: None)]
+            conn, "geolife.trajectories", s, id_column="traj_id", traj_column="geom", split_column="split", log=lambda m: None)]
         pieces = pieces[:args.pieces]
         conn.execute("DROP SCHEMA IF EXISTS bench CASCADE")
         conn.execute("CREATE SCHEMA bench")

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import psycopg
 
-from pgtraj.clean import clean
-from pgtraj.connection import connect, resolve_dsn
-from pgtraj.datasets import default_data_dir, load_geolife, parse_ids
-from pgtraj.io import QuerySource, TrajectoryReader
-from pgtraj.tokenizer import Tokenizer, TokenizerConfig
+from pgtraj.core.clean import clean
+from pgtraj.core.tokenizer import Tokenizer, TokenizerConfig
+from pgtraj.db.connection import connect, resolve_dsn
+from pgtraj.db.datasets import default_data_dir, load_geolife, parse_ids
+from pgtraj.db.readers import QuerySource, TrajectoryReader
 
 QUERY = "SELECT traj_id, geom FROM geolife.trajectories ORDER BY traj_id"
 

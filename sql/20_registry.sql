@@ -7,6 +7,13 @@
 -- no custom operator, because whoever serves it later (a superuser's query, pg_cron) runs it inside the
 -- server.
 
+-- What a model may be called: the registry's CHECK constraint (migrations/0001) in a function that messages
+-- and lookups can share; core.contract.MODEL_NAME says the same for Python.
+CREATE OR REPLACE FUNCTION pgtraj._is_model_name(name text) RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT name ~ '^[A-Za-z][A-Za-z0-9_.-]{0,62}$'
+$$;
+
 -- The live model of each name.
 CREATE OR REPLACE VIEW pgtraj.deployments AS
 SELECT DISTINCT ON (d.model_name)

@@ -33,6 +33,13 @@ $$;
 COMMENT ON FUNCTION pgtraj.line(tgeompoint) IS
     'A MobilityDB tgeompoint as a LINESTRING M trajectory (M = epoch seconds), the form every pgtraj function takes';
 
+CREATE OR REPLACE FUNCTION pgtraj.line(traj tgeogpoint) RETURNS geometry
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT pgtraj.line(traj::@extschema:mobilitydb@.tgeompoint)
+$$;
+COMMENT ON FUNCTION pgtraj.line(tgeogpoint) IS
+    'A MobilityDB tgeogpoint as a LINESTRING M trajectory (WGS84, M = epoch seconds)';
+
 CREATE OR REPLACE FUNCTION pgtraj._wkb(traj tgeompoint) RETURNS bytea
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT pgtraj._wkb(pgtraj.line(traj))
@@ -84,7 +91,7 @@ RETURNS TABLE (pos integer, token integer, cell h3index, t double precision, dwe
                interpolated boolean)
 LANGUAGE plpython3u IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return pgtraj.tokenize(plpy, wkb, tokenizer)
+return pgtraj.encoding.tokenize(plpy, wkb, tokenizer)
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.tokenize(traj geometry, tokenizer jsonb)
@@ -96,13 +103,3 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS
 $$;
 COMMENT ON FUNCTION pgtraj.tokenize(geometry, jsonb) IS
     'H3 tokens and features of a LINESTRING M trajectory (M = epoch seconds, any SRID) under a tokenizer (JSON)';
-
-CREATE OR REPLACE FUNCTION pgtraj.tokenize(traj tgeompoint, tokenizer jsonb)
-RETURNS TABLE (pos integer, token integer, cell h3index, t double precision, dwell real, dt real,
-               dow smallint, minute smallint, offset_x real, offset_y real, speed real, heading real,
-               interpolated boolean)
-LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-    SELECT * FROM pgtraj.tokenize(pgtraj.line(traj), tokenizer)
-$$;
-COMMENT ON FUNCTION pgtraj.tokenize(tgeompoint, jsonb) IS
-    'H3 tokens and features of a MobilityDB tgeompoint under a tokenizer (JSON)';

@@ -2,28 +2,30 @@
 --
 -- Models are named as in the registry: 'name' is the deployed version, 'name@3' version 3. Each call
 -- resolves the name in plain SQL (pgtraj._resolve, one indexed lookup), so a redeploy is visible to every
--- backend at its next call, and hands PL/Python the model id, the sha256 of the graph, the sha256 of the
--- model's tokenizer and config, and the thread count (SET pgtraj.threads = n, default 1). The runtime
--- caches by those digests, per backend and in files under the server's data directory, so nothing cached
--- can be served for another model, version or database.
+-- backend at its next call, and hands PL/Python a pgtraj.model_ref: the model id, the graph's kind and
+-- sha256, the sha256 of the model's tokenizer and config, and the thread count (SET pgtraj.threads = n,
+-- default 1). The runtime caches by those digests, per backend and in files under the server's data
+-- directory, so nothing cached can be served for another model, version or database. Each graph kind is
+-- served by one module of pgtraj/runtime/tasks/; core/contract.py says which function serves which.
 -- Registry-reading functions are STABLE (never IMMUTABLE: a redeploy changes their result), STRICT
 -- (a NULL trajectory gives NULL) and PARALLEL SAFE: the PL/Python side runs no query on its hot path (a
 -- parallel worker may not), loading models from the cached files when it has to.
 --
 -- Trajectories: PostGIS LINESTRING M (M = epoch seconds; any SRID PostGIS knows, transformed to WGS84; SRID
--- 0 is read as WGS84 and out-of-range coordinates are refused) or MobilityDB tgeompoint. Unusable input (no
--- M, not a line, NaN, time going backwards, ...) raises SQLSTATE 22023 naming the problem.
+-- 0 is read as WGS84 and out-of-range coordinates are refused); 45_forms.sql adds, for every function here,
+-- the same function over a MobilityDB tgeompoint or tgeogpoint and over arrays of point fixes and their
+-- times. Unusable input (no M, not a line, NaN, time going backwards, ...) raises SQLSTATE 22023 naming
+-- the problem.
 
 -- What a model name means now, or an error saying why not.
-CREATE OR REPLACE FUNCTION pgtraj._resolve(model text, kind text, OUT model_id bigint, OUT sha256 text,
-                                           OUT meta_sha256 text, OUT threads integer)
+CREATE OR REPLACE FUNCTION pgtraj._resolve(model text, kind text) RETURNS pgtraj.model_ref
 LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-#variable_conflict use_column
 DECLARE
-    m text[] := regexp_match(model, '^([A-Za-z][A-Za-z0-9_.-]{0,62})(?:@([0-9]{1,9}))?$');
+    m text[] := regexp_match(model, '^([^@]*)(?:@([0-9]{1,9}))?$');  -- name, and a version after '@'
     n text := coalesce(nullif(current_setting('pgtraj.threads', true), ''), '1');
+    r pgtraj.model_ref;
 BEGIN
-    IF m IS NULL THEN
+    IF m IS NULL OR NOT pgtraj._is_model_name(m[1]) THEN
         RAISE EXCEPTION 'pgtraj: invalid model name %', quote_literal(model) USING ERRCODE = '22023',
               HINT = 'a registered name (''trips'') or a name and version (''trips@3'')';
     END IF;
@@ -31,15 +33,16 @@ BEGIN
         RAISE EXCEPTION 'pgtraj: pgtraj.threads must be an integer from 1 to 64, not %', quote_literal(n)
               USING ERRCODE = '22023', HINT = 'SET pgtraj.threads = 1';
     END IF;
-    _resolve.threads := n::int;
+    r.threads := n::int;
+    r.kind := kind;
     IF m[2] IS NULL THEN
-        SELECT d.model_id INTO _resolve.model_id FROM pgtraj.deployment_log d
+        SELECT d.model_id INTO r.model_id FROM pgtraj.deployment_log d
          WHERE d.model_name = m[1] ORDER BY d.id DESC LIMIT 1;
     ELSE
-        SELECT r.id INTO _resolve.model_id FROM pgtraj.model_registry r WHERE r.name = m[1] AND r.version = m[2]::int;
+        SELECT x.id INTO r.model_id FROM pgtraj.model_registry x WHERE x.name = m[1] AND x.version = m[2]::int;
     END IF;
-    IF _resolve.model_id IS NULL THEN
-        IF NOT EXISTS (SELECT 1 FROM pgtraj.model_registry r WHERE r.name = m[1]) THEN
+    IF r.model_id IS NULL THEN
+        IF NOT EXISTS (SELECT 1 FROM pgtraj.model_registry x WHERE x.name = m[1]) THEN
             RAISE EXCEPTION 'pgtraj: no model named %', quote_literal(m[1]) USING ERRCODE = '42704',
                   HINT = 'SELECT name, version, deployed FROM pgtraj.models lists the registered models';
         ELSIF m[2] IS NULL THEN
@@ -50,19 +53,22 @@ BEGIN
                   HINT = format('SELECT version FROM pgtraj.models WHERE name = %L lists its versions', m[1]);
         END IF;
     END IF;
-    SELECT a.sha256, r.meta_sha256 INTO _resolve.sha256, _resolve.meta_sha256
-      FROM pgtraj.model_artifacts a JOIN pgtraj.model_registry r ON r.id = a.model_id
-     WHERE a.model_id = _resolve.model_id AND a.kind = _resolve.kind;
-    IF _resolve.sha256 IS NULL THEN
+    SELECT a.sha256, x.meta_sha256 INTO r.sha256, r.meta_sha256
+      FROM pgtraj.model_artifacts a JOIN pgtraj.model_registry x ON x.id = a.model_id
+     WHERE a.model_id = r.model_id AND a.kind = _resolve.kind;
+    IF r.sha256 IS NULL THEN
         RAISE EXCEPTION 'pgtraj: model % has no % graph (it has: %)', quote_literal(model), quote_literal(kind),
               (SELECT string_agg(a.kind, ', ' ORDER BY a.kind) FROM pgtraj.model_artifacts a
-                WHERE a.model_id = _resolve.model_id)
+                WHERE a.model_id = r.model_id)
               USING ERRCODE = '0A000',
                     HINT = CASE kind
                         WHEN 'destination' THEN 'fine-tune one: pgtraj train NAME --objective destination --init-from CHECKPOINT'
                         WHEN 'token_nll' THEN 'retrain the model: versions without this graph cannot score'
+                        WHEN 'travel_time' THEN 'fine-tune one: pgtraj train NAME --objective travel_time --init-from CHECKPOINT'
+                        WHEN 'classify' THEN 'fine-tune one: pgtraj train NAME --objective classify --label-column COLUMN'
                         ELSE 'use a model trained for this task' END;
     END IF;
+    RETURN r;
 END
 $$;
 
@@ -82,16 +88,15 @@ CREATE TRIGGER check_artifact AFTER INSERT OR UPDATE ON pgtraj.model_artifacts
 
 -- embeddings ---------------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], model_id bigint, sha256 text, meta_sha256 text, threads integer)
-RETURNS vector[]
+CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], m pgtraj.model_ref) RETURNS vector[]
 LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return pgtraj.inference.embed_many(plpy, wkbs, pgtraj.models.Ref(model_id, 'encoder', sha256, meta_sha256, threads))
+return pgtraj.encoder.embed_many(plpy, wkbs, pgtraj.models.Ref.of(m, 'encoder'))
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], model text) RETURNS vector[]
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-    SELECT pgtraj._embed(wkbs, r.model_id, r.sha256, r.meta_sha256, r.threads) FROM pgtraj._resolve(model, 'encoder') r
+    SELECT pgtraj._embed(wkbs, pgtraj._resolve(model, 'encoder'))
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.embed(traj geometry, model text) RETURNS vector
@@ -100,19 +105,6 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS
 $$;
 COMMENT ON FUNCTION pgtraj.embed(geometry, text) IS
     'Embedding (pgvector, unit length) of a LINESTRING M trajectory under a model (''name'' = deployed, ''name@N'' = version N)';
-
-CREATE OR REPLACE FUNCTION pgtraj.embed(traj tgeompoint, model text) RETURNS vector
-LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-    SELECT pgtraj.embed(pgtraj.line(traj), model)
-$$;
-COMMENT ON FUNCTION pgtraj.embed(tgeompoint, text) IS 'Embedding of a MobilityDB tgeompoint trajectory';
-
-CREATE OR REPLACE FUNCTION pgtraj.embed(points geometry[], times timestamptz[], model text) RETURNS vector
-LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-    SELECT pgtraj.embed(pgtraj.line(points, times), model)
-$$;
-COMMENT ON FUNCTION pgtraj.embed(geometry[], timestamptz[], text) IS
-    'Embedding of a trajectory given as arrays of point fixes and their times (e.g. array_agg over a table of fixes)';
 
 CREATE OR REPLACE FUNCTION pgtraj.embed(trajs geometry[], model text) RETURNS vector[]
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
@@ -132,14 +124,12 @@ COMMENT ON FUNCTION pgtraj.similarity(geometry, geometry, text) IS
 
 -- next location ------------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION pgtraj._predict_next(wkb bytea, model_id bigint, sha256 text, meta_sha256 text,
-                                                threads integer, k integer, constrained boolean)
+CREATE OR REPLACE FUNCTION pgtraj._predict_next(wkb bytea, m pgtraj.model_ref, k integer, constrained boolean)
 RETURNS TABLE (rank integer, cell text, lat double precision, lon double precision, probability double precision,
                expected_seconds double precision)
 LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return pgtraj.inference.predict_next(plpy, wkb, pgtraj.models.Ref(model_id, 'next_cell', sha256, meta_sha256, threads),
-                                     k, constrained)
+return pgtraj.next_cell.predict_next(plpy, wkb, pgtraj.models.Ref.of(m, 'next_cell'), k, constrained)
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.predict_next(traj geometry, model text, k integer DEFAULT 5,
@@ -150,29 +140,16 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 SET search_path = pg_catalog, pg
     SELECT p.rank, p.cell::@extschema:h3@.h3index,
            @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakePoint(p.lon, p.lat), 4326),
            p.probability, p.expected_seconds
-      FROM pgtraj._resolve(model, 'next_cell') r,
-           pgtraj._predict_next(pgtraj._wkb(traj), r.model_id, r.sha256, r.meta_sha256, r.threads, k, constrained) p
+      FROM pgtraj._predict_next(pgtraj._wkb(traj), pgtraj._resolve(model, 'next_cell'), k, constrained) p
 $$;
 COMMENT ON FUNCTION pgtraj.predict_next(geometry, text, integer, boolean) IS
     'The k likeliest next H3 cells of a trajectory (rank, cell, centre point, probability, expected seconds until it); constrained: grid neighbours of the current cell first';
 
-CREATE OR REPLACE FUNCTION pgtraj.predict_next(traj tgeompoint, model text, k integer DEFAULT 5,
-                                               constrained boolean DEFAULT true)
-RETURNS TABLE (rank integer, cell h3index, geom geometry(Point, 4326), probability double precision,
-               expected_seconds double precision)
-LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 SET search_path = pg_catalog, pgtraj AS $$
-    SELECT * FROM pgtraj.predict_next(pgtraj.line(traj), model, k, constrained)
-$$;
-COMMENT ON FUNCTION pgtraj.predict_next(tgeompoint, text, integer, boolean) IS
-    'The k likeliest next H3 cells of a MobilityDB trajectory';
-
-CREATE OR REPLACE FUNCTION pgtraj._predict_destination(wkb bytea, model_id bigint, sha256 text, meta_sha256 text,
-                                                       threads integer, k integer)
+CREATE OR REPLACE FUNCTION pgtraj._predict_destination(wkb bytea, m pgtraj.model_ref, k integer)
 RETURNS TABLE (rank integer, cell text, lat double precision, lon double precision, probability double precision)
 LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return pgtraj.inference.predict_destination(
-    plpy, wkb, pgtraj.models.Ref(model_id, 'destination', sha256, meta_sha256, threads), k)
+return pgtraj.destination.predict_destination(plpy, wkb, pgtraj.models.Ref.of(m, 'destination'), k)
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.predict_destination(traj geometry, model text, k integer DEFAULT 5)
@@ -180,20 +157,17 @@ RETURNS TABLE (rank integer, cell h3index, geom geometry(Point, 4326), probabili
 LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 SET search_path = pg_catalog, pgtraj AS $$
     SELECT p.rank, p.cell::@extschema:h3@.h3index,
            @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakePoint(p.lon, p.lat), 4326), p.probability
-      FROM pgtraj._resolve(model, 'destination') r,
-           pgtraj._predict_destination(pgtraj._wkb(traj), r.model_id, r.sha256, r.meta_sha256, r.threads, k) p
+      FROM pgtraj._predict_destination(pgtraj._wkb(traj), pgtraj._resolve(model, 'destination'), k) p
 $$;
 COMMENT ON FUNCTION pgtraj.predict_destination(geometry, text, integer) IS
     'The k likeliest destinations (last H3 cell) of a trip in progress; needs a model fine-tuned with the destination objective';
 
-CREATE OR REPLACE FUNCTION pgtraj._predict_path(wkb bytea, model_id bigint, sha256 text, meta_sha256 text,
-                                                threads integer, steps integer, beam integer)
+CREATE OR REPLACE FUNCTION pgtraj._predict_path(wkb bytea, m pgtraj.model_ref, steps integer, beam integer)
 RETURNS TABLE (step integer, cell text, lat double precision, lon double precision, t double precision,
                probability double precision)
 LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return pgtraj.inference.predict_path(plpy, wkb, pgtraj.models.Ref(model_id, 'next_cell', sha256, meta_sha256, threads),
-                                     steps, beam)
+return pgtraj.next_cell.predict_path(plpy, wkb, pgtraj.models.Ref.of(m, 'next_cell'), steps, beam)
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.predict_path(traj geometry, model text, steps integer DEFAULT 10, beam integer DEFAULT 4)
@@ -201,26 +175,24 @@ RETURNS geometry
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakeLine(
                @extschema:postgis@.ST_MakePointM(p.lon, p.lat, p.t) ORDER BY p.step), 4326)
-      FROM pgtraj._resolve(model, 'next_cell') r,
-           pgtraj._predict_path(pgtraj._wkb(traj), r.model_id, r.sha256, r.meta_sha256, r.threads, steps, beam) p
+      FROM pgtraj._predict_path(pgtraj._wkb(traj), pgtraj._resolve(model, 'next_cell'), steps, beam) p
 $$;
 COMMENT ON FUNCTION pgtraj.predict_path(geometry, text, integer, integer) IS
     'The likeliest continuation of a trip (beam search over grid-neighbour moves) as a LINESTRING M from its last fix, M = predicted epoch seconds';
 
-CREATE OR REPLACE FUNCTION pgtraj._fill_gaps(wkb bytea, model_id bigint, sha256 text, meta_sha256 text, threads integer)
+CREATE OR REPLACE FUNCTION pgtraj._fill_gaps(wkb bytea, m pgtraj.model_ref)
 RETURNS TABLE (lat double precision, lon double precision, t double precision, filled boolean,
                probability double precision)
 LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return pgtraj.inference.fill_gaps(plpy, wkb, pgtraj.models.Ref(model_id, 'masked', sha256, meta_sha256, threads))
+return pgtraj.masked.fill_gaps(plpy, wkb, pgtraj.models.Ref.of(m, 'masked'))
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.fill_gaps(traj geometry, model text) RETURNS geometry
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakeLine(
                @extschema:postgis@.ST_MakePointM(p.lon, p.lat, p.t) ORDER BY p.t, p.filled), 4326)
-      FROM pgtraj._resolve(model, 'masked') r,
-           pgtraj._fill_gaps(pgtraj._wkb(traj), r.model_id, r.sha256, r.meta_sha256, r.threads) p
+      FROM pgtraj._fill_gaps(pgtraj._wkb(traj), pgtraj._resolve(model, 'masked')) p
 $$;
 COMMENT ON FUNCTION pgtraj.fill_gaps(geometry, text) IS
     'The trajectory (WGS84 LINESTRING M) with the H3 cells it skipped between sparse fixes recovered by a masked-span model, instead of a straight line';
@@ -230,8 +202,7 @@ RETURNS TABLE (geom geometry(PointM, 4326), filled boolean, probability double p
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakePointM(p.lon, p.lat, p.t), 4326),
            p.filled, p.probability
-      FROM pgtraj._resolve(model, 'masked') r,
-           pgtraj._fill_gaps(pgtraj._wkb(traj), r.model_id, r.sha256, r.meta_sha256, r.threads) p
+      FROM pgtraj._fill_gaps(pgtraj._wkb(traj), pgtraj._resolve(model, 'masked')) p
      ORDER BY p.t, p.filled
 $$;
 COMMENT ON FUNCTION pgtraj.fill_gaps_detail(geometry, text) IS
@@ -239,16 +210,16 @@ COMMENT ON FUNCTION pgtraj.fill_gaps_detail(geometry, text) IS
 
 -- surprise -----------------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION pgtraj._score(wkb bytea, model_id bigint, sha256 text, meta_sha256 text, threads integer)
+CREATE OR REPLACE FUNCTION pgtraj._score(wkb bytea, m pgtraj.model_ref)
 RETURNS double precision
 LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return pgtraj.inference.score(plpy, wkb, pgtraj.models.Ref(model_id, 'token_nll', sha256, meta_sha256, threads))
+return pgtraj.token_nll.score(plpy, wkb, pgtraj.models.Ref.of(m, 'token_nll'))
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj._score(wkb bytea, model text) RETURNS double precision
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-    SELECT pgtraj._score(wkb, r.model_id, r.sha256, r.meta_sha256, r.threads) FROM pgtraj._resolve(model, 'token_nll') r
+    SELECT pgtraj._score(wkb, pgtraj._resolve(model, 'token_nll'))
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.score(traj geometry, model text) RETURNS double precision
@@ -258,25 +229,49 @@ $$;
 COMMENT ON FUNCTION pgtraj.score(geometry, text) IS
     'Mean surprise of a trajectory, -log p(next cell | trip so far) in nats per cell: high = unusual (anomaly score)';
 
-CREATE OR REPLACE FUNCTION pgtraj.score(traj tgeompoint, model text) RETURNS double precision
-LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-    SELECT pgtraj.score(pgtraj.line(traj), model)
+-- travel time, classes ---------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION pgtraj._predict_travel_time(wkb bytea, m pgtraj.model_ref) RETURNS double precision
+LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+@BOOT@
+return pgtraj.travel_time.predict_travel_time(plpy, wkb, pgtraj.models.Ref.of(m, 'travel_time'))
 $$;
-COMMENT ON FUNCTION pgtraj.score(tgeompoint, text) IS 'Mean surprise of a MobilityDB trajectory';
+
+CREATE OR REPLACE FUNCTION pgtraj.predict_travel_time(traj geometry, model text) RETURNS double precision
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT pgtraj._predict_travel_time(pgtraj._wkb(traj), pgtraj._resolve(model, 'travel_time'))
+$$;
+COMMENT ON FUNCTION pgtraj.predict_travel_time(geometry, text) IS
+    'Seconds a route takes from its first fix to its last, given where it goes and when it leaves (the M of its first fix); needs a model fine-tuned with the travel_time objective';
+
+CREATE OR REPLACE FUNCTION pgtraj._classify(wkb bytea, m pgtraj.model_ref, k integer)
+RETURNS TABLE (rank integer, label text, probability double precision)
+LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+@BOOT@
+return pgtraj.classify.classify(plpy, wkb, pgtraj.models.Ref.of(m, 'classify'), k)
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj.classify(traj geometry, model text, k integer DEFAULT 1)
+RETURNS TABLE (rank integer, label text, probability double precision)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 1 SET search_path = pg_catalog, pgtraj AS $$
+    SELECT * FROM pgtraj._classify(pgtraj._wkb(traj), pgtraj._resolve(model, 'classify'), k)
+$$;
+COMMENT ON FUNCTION pgtraj.classify(geometry, text, integer) IS
+    'The k likeliest labels of a trajectory (rank, label, probability) among the classes a model was fine-tuned on with the classify objective (transport mode, user, ...)';
 
 -- session cache ------------------------------------------------------------------------------------------
 
 -- PARALLEL RESTRICTED: the point is to load the model in this backend, not in a parallel worker
-CREATE OR REPLACE FUNCTION pgtraj._warmup(model_id bigint, meta_sha256 text, threads integer) RETURNS jsonb
+CREATE OR REPLACE FUNCTION pgtraj._warmup(m pgtraj.model_ref) RETURNS jsonb
 LANGUAGE plpython3u STABLE STRICT PARALLEL RESTRICTED SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
 import json
-return json.dumps(pgtraj.models.warmup(plpy, model_id, meta_sha256, threads))
+return json.dumps(pgtraj.models.warmup(plpy, pgtraj.models.Ref.of(m, 'encoder')))
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.warmup(model text) RETURNS jsonb
 LANGUAGE sql STABLE STRICT PARALLEL RESTRICTED SET search_path = pg_catalog, pgtraj AS $$
-    SELECT pgtraj._warmup(r.model_id, r.meta_sha256, r.threads) FROM pgtraj._resolve(model, 'encoder') r
+    SELECT pgtraj._warmup(pgtraj._resolve(model, 'encoder'))
 $$;
 COMMENT ON FUNCTION pgtraj.warmup(text) IS
     'Loads every ONNX graph of a model into this backend''s cache (the first inference call pays it otherwise)';

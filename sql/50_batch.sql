@@ -163,18 +163,23 @@ $$;
 COMMENT ON FUNCTION pgtraj.create_hnsw_index(regclass, name, integer, integer) IS
     'Creates (if missing) an HNSW cosine index on a vector column, named <table>_<column>_hnsw';
 
--- The column naming a table's rows in search results: its single-column primary key.
-CREATE OR REPLACE FUNCTION pgtraj._key_column(source regclass) RETURNS name
+-- The column naming a table's rows (in search results, job keys, queues): its single-column primary key,
+-- and that column's type as SQL. The one place pgtraj looks it up, from SQL and from the runtime.
+CREATE OR REPLACE FUNCTION pgtraj._primary_key(source regclass, OUT name name, OUT type text)
 LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pgtraj AS $$
 DECLARE
-    key name;
+    columns integer;
 BEGIN
-    SELECT a.attname INTO key FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-     WHERE i.indrelid = source AND i.indisprimary AND i.indnatts = 1;
-    IF key IS NULL THEN
-        RAISE EXCEPTION 'pgtraj: % needs a single-column primary key to name its rows', source USING ERRCODE = '42P10';
+    SELECT i.indnatts INTO columns FROM pg_index i WHERE i.indrelid = source AND i.indisprimary;
+    IF columns IS DISTINCT FROM 1 THEN
+        RAISE EXCEPTION 'pgtraj: % needs a single-column primary key to name its rows (it has %)', source,
+              CASE WHEN columns IS NULL THEN 'none' ELSE 'a composite one' END
+              USING ERRCODE = '42P10',
+                    HINT = format('ALTER TABLE %s ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY', source);
     END IF;
-    RETURN key;
+    SELECT a.attname, format_type(a.atttypid, a.atttypmod) INTO name, type
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = source AND i.indisprimary;
 END
 $$;
 
@@ -194,7 +199,7 @@ BEGIN
         RAISE EXCEPTION 'pgtraj: k must be 1..10000 and ef_search 1..1000 (got %, %)', k, ef_search
               USING ERRCODE = '22023';
     END IF;
-    key := pgtraj._key_column(source);
+    key := (pgtraj._primary_key(source)).name;
     IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = source AND a.attname = embedding_column
                                                   AND NOT a.attisdropped) THEN
         RAISE EXCEPTION 'pgtraj: column % of % does not exist', quote_literal(embedding_column), source
@@ -234,7 +239,7 @@ BEGIN
     IF k < 1 OR k > 10000 THEN
         RAISE EXCEPTION 'pgtraj: k must be 1..10000 (got %)', k USING ERRCODE = '22023';
     END IF;
-    key := pgtraj._key_column(source);
+    key := (pgtraj._primary_key(source)).name;
     EXECUTE format('SELECT %I FROM %s WHERE %I = $1', embedding_column, source, key) INTO q USING row_id;
     IF q IS NULL THEN
         RAISE EXCEPTION 'pgtraj: % has no row % with an embedding in %', source, row_id, embedding_column

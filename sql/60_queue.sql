@@ -59,7 +59,7 @@ BEGIN
         RAISE EXCEPTION 'pgtraj: role % may not create triggers on %', who, source USING ERRCODE = '42501',
               HINT = format('the table''s owner can GRANT TRIGGER ON %s TO %I', source, who);
     END IF;
-    IF key_column IS DISTINCT FROM pgtraj._key_column(source) THEN
+    IF key_column IS DISTINCT FROM (pgtraj._primary_key(source)).name THEN
         RAISE EXCEPTION 'pgtraj: % is not the primary key of %', quote_ident(key_column), source USING ERRCODE = '42P10';
     END IF;
     INSERT INTO pgtraj.embedding_targets (name, table_name, key_column, traj_column, embedding_column, model,

@@ -1,8 +1,10 @@
 -- pgtraj SQL API, part 8: training from SQL, on demand or on a pg_cron schedule.
 
--- source: a table (columns from config: id_column (default: the primary key), traj_column (default: its
--- geometry/tgeompoint column), split_column (default 'split', values train/val/...)) or a query returning
--- (id, trajectory, split), read with the caller's rights. config: TrainConfig fields (training/*.json).
+-- source: a table (columns from config, spelt as the CLI's flags and app.training's arguments: id_column
+-- (default: the primary key), traj_column (default: its geometry/tgeompoint column), split_column (default
+-- 'split', values train/val/...), label_column (the per-trajectory label of the classify objective)) or a
+-- query returning (id, trajectory, split[, label]), read with the caller's rights. config: TrainConfig
+-- fields (training/*.json).
 -- deploy: 'auto' (when better than the deployed version on val_loss, or nothing is deployed), 'always',
 -- 'never'. Call it outside an explicit transaction block: it commits as it goes.
 CREATE OR REPLACE PROCEDURE pgtraj.train(name text, source text, objective text DEFAULT 'hybrid',
@@ -25,7 +27,7 @@ BEGIN
         RAISE EXCEPTION 'pgtraj: role % may not train models', who USING ERRCODE = '42501',
               HINT = 'GRANT pgtraj_admin TO ' || quote_ident(who);
     END IF;
-    IF name !~ '^[A-Za-z][A-Za-z0-9_.-]{0,62}$' THEN
+    IF NOT pgtraj._is_model_name(name) THEN
         RAISE EXCEPTION 'pgtraj: invalid model name %', quote_literal(name) USING ERRCODE = '22023';
     END IF;
     RETURN pgtraj._cron_schedule('pgtraj-train-' || name, schedule,

@@ -23,10 +23,11 @@ DO $$
 DECLARE
     grants CONSTANT text[][] := ARRAY[
         -- using models, batch-embedding and keeping fresh the tables one may write
-        ['pgtraj_user', 'runtime_info version line tokenize _tokenize _wkb _known_srid _model_doc _resolve _embed embed '
+        ['pgtraj_user', 'runtime_info version line tokenize _tokenize _wkb _known_srid _model_doc _is_model_name _resolve _embed embed '
                         'similarity _predict_next predict_next _predict_destination predict_destination _predict_path '
+                        '_predict_travel_time predict_travel_time _classify classify '
                         'predict_path _fill_gaps fill_gaps fill_gaps_detail _score score _warmup warmup export_model '
-                        'embed_table _job_start _job_update _record_errors create_hnsw_index _key_column similar '
+                        'embed_table _job_start _job_update _record_errors create_hnsw_index _primary_key similar '
                         '_enqueue create_embedding_target drop_embedding_target process_queue pause_embedding '
                         'resume_embedding _target_add _target_remove _target_pause _queue_add _queue_take _queue_done '
                         'schedule_refresh _schedule_refresh unschedule_refresh _unschedule _check_writable'],
@@ -34,7 +35,7 @@ DECLARE
         ['pgtraj_admin', '_register deploy _run_start _run_finish import_model import_onnx train _wkb_or_reason '
                          'schedule_training _schedule_training unschedule_training'],
         -- what the SECURITY DEFINER functions owned by pgtraj_service call
-        ['pgtraj_service', '_acting_for _check_writable _check_column_rights _target _record_errors _key_column '
+        ['pgtraj_service', '_acting_for _check_writable _check_column_rights _target _record_errors _primary_key '
                            '_model_doc']];
     r  text[];
     fn regprocedure;

@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgtraj.install import install
-from pgtraj.localdb import LocalCluster
+from pgtraj.db.cluster import LocalCluster
+from pgtraj.db.install import install
 
 CACHE = Path(os.environ.get("PGTRAJ_TEST_CACHE", f"/tmp/pgtraj-test-cache-{os.geteuid()}"))
 FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}  # throwaway cluster

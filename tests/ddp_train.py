@@ -7,8 +7,9 @@ import sys
 
 import torch
 
-from pgtraj.synthetic import grid_trips
-from pgtraj.train import TrainConfig, train
+from pgtraj.core.synthetic import grid_trips
+from pgtraj.learn.train import TrainConfig, train
+
 trips = grid_trips(40, seed=4)
 obj, out = sys.argv[1], sys.argv[2]
 cfg = TrainConfig.from_dict(dict(objective=obj, preset="tiny", steps=6, batch_size=4, max_len=32, warmup=1, eval_every=3,

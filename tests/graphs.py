@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 
-from pgtraj.export import export
+from pgtraj.learn.export import export
 
 from .test_model import TOK, TRIPS, batch, make_model
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgtraj.install import install
+from pgtraj.db.install import install
 
 from .test_embed_table import fill
 from .test_inference import models, register  # noqa: F401  (models: the module's fixture)

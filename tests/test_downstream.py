@@ -6,10 +6,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pgtraj.downstream import (CellNaiveBayes, DestinationBaseline, RouteRegression, SoftmaxRegression,
-                               classification_metrics, destination_eval, elapsed_s, model_class_scores,
-                               model_destination_scores, model_travel_time_s, prefix_length, speed_features,
-                               travel_time_metrics)
+from pgtraj.learn.downstream import (
+    CellNaiveBayes,
+    DestinationBaseline,
+    RouteRegression,
+    SoftmaxRegression,
+    classification_metrics,
+    destination_eval,
+    elapsed_s,
+    model_class_scores,
+    model_destination_scores,
+    model_travel_time_s,
+    prefix_length,
+    speed_features,
+    travel_time_metrics,
+)
 
 from .test_model import TOK, TRIPS, make_model
 
@@ -65,8 +76,8 @@ def test_route_regression_beats_a_constant():
 
 
 def test_model_scorers_match_the_forward_passes():
-    from pgtraj.data import to_tensors
-    from pgtraj.features import collate, to_inputs
+    from pgtraj.core.features import collate, to_inputs
+    from pgtraj.learn.batches import to_tensors
 
     m = make_model(n_classes=3).eval()
     x = ENC[:5]

@@ -6,10 +6,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pgtraj.data import to_tensors
-from pgtraj.evaluate import MarkovChain, model_ranks, ranking_metrics, tune_markov
-from pgtraj.features import collate, to_inputs
-from pgtraj.tokenizer import SPECIAL_TOKENS
+from pgtraj.core.features import collate, to_inputs
+from pgtraj.core.tokenizer import SPECIAL_TOKENS
+from pgtraj.learn.batches import to_tensors
+from pgtraj.learn.evaluation import (
+    MarkovChain,
+    model_ranks,
+    ranking_metrics,
+    tune_markov,
+)
 
 from .test_model import TOK, TRIPS, make_model
 
@@ -67,14 +72,14 @@ def test_constrained_ranking_puts_grid_neighbours_first():
 
 
 def line(n, shift_m=0.0, t0=0.0):
-    from pgtraj.trajectory import Trajectory
+    from pgtraj.core.trajectory import Trajectory
 
     lat = 39.9 + np.arange(n) * 1e-4 + shift_m / 111_195.0
     return Trajectory("l", t0 + np.arange(n, dtype=float), lat, np.full(n, 116.3))
 
 
 def test_exact_trajectory_distances_by_hand():
-    from pgtraj.evaluate import dtw, edr, frechet
+    from pgtraj.learn.evaluation import dtw, edr, frechet
 
     a = line(20)
     assert dtw(a, a) == 0.0 and frechet(a, a) == 0.0 and edr(a, a) == 0.0
@@ -86,7 +91,7 @@ def test_exact_trajectory_distances_by_hand():
 
 
 def test_twin_ranks_and_odd_even_split():
-    from pgtraj.evaluate import search_metrics, split_odd_even, twin_ranks
+    from pgtraj.learn.evaluation import search_metrics, split_odd_even, twin_ranks
 
     d = np.array([[0.1, 0.5, 0.9], [0.2, 0.3, 0.1], [0.4, 0.4, 0.4]])
     ranks = twin_ranks(d)
@@ -98,8 +103,8 @@ def test_twin_ranks_and_odd_even_split():
 
 
 def test_dtw_and_frechet_match_full_matrix_references():
-    from pgtraj.evaluate import _pairwise_m, dtw, frechet
-    from pgtraj.trajectory import Trajectory
+    from pgtraj.core.trajectory import Trajectory
+    from pgtraj.learn.evaluation import _pairwise_m, dtw, frechet
 
     rng = np.random.default_rng(3)
     for _ in range(5):
@@ -119,7 +124,7 @@ def test_dtw_and_frechet_match_full_matrix_references():
 
 
 def test_perplexity_and_span_recovery_run_and_are_sane():
-    from pgtraj.evaluate import perplexity, span_recovery
+    from pgtraj.learn.evaluation import perplexity, span_recovery
 
     model = make_model().eval()
     xs = [TOK.encode(t) for t in TRIPS[:6]]
@@ -127,6 +132,7 @@ def test_perplexity_and_span_recovery_run_and_are_sane():
     assert 1.0 < ppl < 3 * TOK.vocab_size  # an untrained model is near uniform over the vocabulary
     rec = span_recovery(model, TOK, xs, max_len=64)
     assert rec["masked_tokens"] > 0
-    # the linear baseline between known neighbours on a grid path is within a few cells of the truth
+    # the linear baseline between known neighbours on a grid path is within a few cells of the truth, and an
+    # untrained model's guesses are further off: somewhere in the 5 km grid, not at the hidden cells
     assert rec["linear_interpolation_m"]["median"] < 2000
-    assert rec["model_m"]["mean"] >= 0
+    assert rec["linear_interpolation_m"]["median"] < rec["model_m"]["mean"] < 10_000

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pgtraj.export import GRAPHS, INPUT_NAMES, export, max_abs_diff, torch_outputs
+from pgtraj.core.contract import GRAPHS, INPUT_NAMES
+from pgtraj.learn.export import export, max_abs_diff, torch_outputs
 
 from .conftest import CACHE
 from .test_model import TRIPS, batch, make_model
@@ -18,8 +19,9 @@ from .test_model import TRIPS, batch, make_model
 @pytest.fixture(scope="module")
 def trained():
     # a few optimiser steps so that parity is checked on non-initial weights
-    from pgtraj.data import Batches
-    from pgtraj.objectives import NextCell
+    from pgtraj.learn.batches import Batches
+    from pgtraj.learn.tasks.next_cell import NextCell
+
     from .test_model import TOK
 
     model = make_model(seed=1, n_classes=3)  # every head present, classify included

@@ -13,13 +13,16 @@ import psycopg
 import pytest
 import torch
 
-from pgtraj import registry
-from pgtraj.data import Batches, to_tensors
-from pgtraj.export import DEFAULT_GRAPHS, export
-from pgtraj.features import collate, to_inputs
-from pgtraj.objectives import NextCell
+from pgtraj.core.features import collate, to_inputs
+from pgtraj.db import registry
+from pgtraj.learn.batches import Batches, to_tensors
+from pgtraj.learn.export import export
+from pgtraj.learn.tasks import OBJECTIVES
+from pgtraj.learn.tasks.next_cell import NextCell
 
 from .test_model import TOK, TRIPS, make_model
+
+DEFAULT_GRAPHS = OBJECTIVES["next_cell"].graphs
 
 LINE = ("ST_SetSRID(ST_MakeLine(ARRAY(SELECT ST_MakePointM(x, y, m) FROM unnest(%s::float8[], %s::float8[],"
         " %s::float8[]) AS u(x, y, m))), 4326)")
@@ -301,7 +304,7 @@ def test_predict_destination_needs_a_destination_head(conn, models):
 
 
 def test_fill_gaps_recovers_the_skipped_cells_like_the_client(conn, models):
-    from pgtraj.tokenizer import MASK
+    from pgtraj.core.tokenizer import MASK
 
     register(conn, models[0], name="mlm", graphs=("encoder", "masked"))
     sparse = TRIPS[9].take(slice(0, None, 12))  # every 12th fix: cells in between are skipped
@@ -379,7 +382,7 @@ def test_point_arrays_refuse_fixes_they_cannot_use(conn, points, times, words):
 
 
 def test_length_batches_cover_every_sequence_once_within_the_token_budget():
-    from pgtraj.runtime.inference import length_batches
+    from pgtraj.runtime.encoding import length_batches
 
     lengths = np.random.default_rng(0).integers(1, 129, 700).tolist()
     batches = length_batches(lengths, max_tokens=1024, max_rows=64)
@@ -426,3 +429,61 @@ def test_the_session_cache_keeps_the_models_in_use(conn):
             conn.execute("SELECT pgtraj.embed(geom, %s) FROM trips WHERE id = 1", [f"r{i}"])
     cache = conn.execute("SELECT pgtraj.runtime_info() -> 'cache'").fetchone()[0]
     assert cache["loads"] == {"models": 1, "sessions": 9}, cache
+
+
+def test_predict_travel_time_and_classify_serve_their_graphs(conn):
+    """Every registered graph kind has its SQL function: travel time and class labels, as the client model
+    computes them."""
+    model = make_model(seed=6, n_classes=3).eval()
+    example = to_tensors(collate([to_inputs(TOK.encode(t)) for t in TRIPS[:2]]))
+    mv = registry.register(conn, "heads", objective="classify", tokenizer=json.loads(TOK.to_json()),
+                           artifacts={k: export(model, k, example) for k in ("encoder", "travel_time", "classify")},
+                           config={"train": {"max_len": 512}, "model": model.cfg.to_dict(),
+                                   "classes": ["walk", "bus", "car"]})
+    registry.deploy(conn, "heads", mv.version)
+    trip = TRIPS[3]
+    b = to_tensors(collate([to_inputs(TOK.encode(trip))]))
+    with torch.no_grad():
+        seconds = float(torch.expm1(model.travel_time(**b))[0])
+        probs = torch.softmax(model.classify(**b), -1)[0].numpy()
+    (got,) = conn.execute("SELECT pgtraj.predict_travel_time(geom, 'heads') FROM trips WHERE id = 3").fetchone()
+    assert abs(got - seconds) < 1e-3 * max(seconds, 1.0)
+    rows = conn.execute("SELECT rank, label, probability FROM pgtraj.classify((SELECT geom FROM trips WHERE id = 3),"
+                        " 'heads', k => 3)").fetchall()
+    order = np.argsort(-probs)
+    assert [r[1] for r in rows] == [["walk", "bus", "car"][i] for i in order] and [r[0] for r in rows] == [1, 2, 3]
+    assert np.allclose([r[2] for r in rows], probs[order], atol=1e-5)
+    with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+        conn.execute("SELECT pgtraj.predict_travel_time(geom, 'm') FROM trips WHERE id = 3")
+    assert "travel_time" in err.value.diag.message_hint
+
+
+def test_every_trajectory_form_reads_the_same(conn):
+    """MobilityDB tgeompoint and tgeogpoint and arrays of fixes give each function what the LINESTRING M does."""
+    forms = {
+        "geometry": "(SELECT geom FROM trips WHERE id = 4)",
+        "tgeompoint": "(SELECT tgeompointSeq(array_agg(tgeompoint(ST_Force2D(d.geom), to_timestamp(ST_M(d.geom)))"
+                      " ORDER BY d.path)) FROM trips t, ST_DumpPoints(t.geom) d WHERE t.id = 4)",
+        "tgeogpoint": "(SELECT tgeogpointSeq(array_agg(tgeogpoint(ST_Force2D(d.geom)::geography,"
+                      " to_timestamp(ST_M(d.geom))) ORDER BY d.path)) FROM trips t, ST_DumpPoints(t.geom) d WHERE t.id = 4)",
+    }
+    points = ("(SELECT array_agg(ST_Force2D(d.geom) ORDER BY d.path) FROM trips t, ST_DumpPoints(t.geom) d WHERE t.id = 4),"
+              " (SELECT array_agg(to_timestamp(ST_M(d.geom)) ORDER BY d.path) FROM trips t, ST_DumpPoints(t.geom) d"
+              " WHERE t.id = 4)")
+    want = {
+        "embed": conn.execute(f"SELECT pgtraj.embed({forms['geometry']}, 'm')::text").fetchone()[0],
+        "score": conn.execute(f"SELECT round(pgtraj.score({forms['geometry']}, 'm')::numeric, 4)").fetchone()[0],
+        "next": conn.execute(f"SELECT array_agg(cell::text ORDER BY rank) FROM pgtraj.predict_next({forms['geometry']},"
+                             " 'm', k => 3, constrained => false)").fetchone()[0],
+    }
+    for form, arg in [("points", points), *((k, v) for k, v in forms.items() if k != "geometry")]:
+        got = {
+            "embed": conn.execute(f"SELECT pgtraj.embed({arg}, 'm')::text").fetchone()[0],
+            "score": conn.execute(f"SELECT round(pgtraj.score({arg}, 'm')::numeric, 4)").fetchone()[0],
+            "next": conn.execute(f"SELECT array_agg(cell::text ORDER BY rank) FROM pgtraj.predict_next({arg}, 'm',"
+                                 " k => 3, constrained => false)").fetchone()[0],
+        }
+        if form == "points":  # the very same fixes
+            assert got == want, form
+        else:  # MobilityDB keeps a subset of collinear fixes: the same trip, nearly the same numbers
+            assert got["next"] == want["next"] and float(vec(got["embed"]) @ vec(want["embed"])) > 0.99, form

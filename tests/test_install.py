@@ -13,11 +13,23 @@ import psycopg
 import pytest
 
 from pgtraj import __version__
-from pgtraj.errors import (MigrationError, MissingExtensionError, NotSuperuserError, PgtrajConnectionError,
-                           RuntimeImportError)
-from pgtraj.install import (REQUIREMENTS, Migration, Requirement, apply_migrations, create_extensions, install,
-                            load_migrations)
-from pgtraj.localdb import free_port
+from pgtraj.core.errors import (
+    MigrationError,
+    MissingExtensionError,
+    NotSuperuserError,
+    PgtrajConnectionError,
+    RuntimeImportError,
+)
+from pgtraj.db.cluster import free_port
+from pgtraj.db.install import (
+    REQUIREMENTS,
+    Migration,
+    Requirement,
+    apply_migrations,
+    create_extensions,
+    install,
+    load_migrations,
+)
 
 quiet = {"log": lambda m: None}
 
@@ -237,7 +249,7 @@ def test_database_from_a_newer_pgtraj_is_refused(db, cluster):
 
 
 def test_registry_survives_pg_dump_and_restore(db, databases, cluster):
-    from pgtraj import registry
+    from pgtraj.db import registry
 
     from .graphs import TOKENIZER, encoder
 
@@ -279,7 +291,7 @@ def test_package_data_dirs_exist():
 def test_the_runtime_path_is_recorded_where_the_server_found_it(db, cluster):
     """Without --python-path, install records the directory PL/Python imported pgtraj from, so that a
     restart from another environment still finds it."""
-    from pgtraj.install import probe_runtime
+    from pgtraj.db.install import probe_runtime
 
     with psycopg.connect(db) as conn, conn.cursor() as cur:
         assert probe_runtime(cur, cluster.python_path)["found_at"] == cluster.python_path
@@ -291,7 +303,7 @@ def test_the_runtime_path_is_recorded_where_the_server_found_it(db, cluster):
 def test_install_warns_when_pg_cron_cannot_run_jobs(cluster):
     """pg_cron over libpq (no background workers) fails every job on a password-only server: install says
     so, and what to set."""
-    from pgtraj.localdb import LocalCluster
+    from pgtraj.db.cluster import LocalCluster
 
     from .conftest import CACHE, FAST, new_home
 

@@ -8,11 +8,17 @@ import numpy as np
 import psycopg
 import pytest
 
-from pgtraj.errors import SourceError, TrajectoryError
-from pgtraj.io import LineStringSource, PointSource, QuerySource, TemporalSource, TrajectoryReader
-from pgtraj.synthetic import grid_trips
-from pgtraj.tokenizer import Tokenizer, TokenizerConfig, Tokens
-from pgtraj.trajectory import from_wkb
+from pgtraj.core.errors import SourceError, TrajectoryError
+from pgtraj.core.synthetic import grid_trips
+from pgtraj.core.tokenizer import Tokenizer, TokenizerConfig, Tokens
+from pgtraj.core.trajectory import from_wkb
+from pgtraj.db.readers import (
+    LineStringSource,
+    PointSource,
+    QuerySource,
+    TemporalSource,
+    TrajectoryReader,
+)
 
 TRIPS = grid_trips(12, seed=5)
 
@@ -111,10 +117,20 @@ def test_tgeompoint_without_srid_needs_one(conn):
     assert tr.t.tolist() == [1224730384.0, 1224730390.0]
 
 
-def test_invalid_tgeompoint_is_refused_by_mobilitydb_itself(conn):
-    # MobilityDB validates on input (raising XX000), so no invalid value can reach the reader
-    with pytest.raises(psycopg.errors.InternalError_, match="must be increasing"):
-        conn.execute("SELECT '[Point(1 1)@2008-10-23 02:53:10+00, Point(2 2)@2008-10-23 02:53:04+00]'::tgeompoint")
+def test_tgeompoint_values_pgtraj_cannot_use_are_refused_by_pgtraj(conn):
+    """MobilityDB accepts a point off the globe in SRID 4326 (it checks times, not coordinates): pgtraj's
+    reader sets the row aside by reason and id, and its SQL functions refuse it with 22023 naming the fix."""
+    conn.execute("CREATE TABLE moves (id int, trip tgeompoint)")
+    conn.execute("INSERT INTO moves VALUES (1, '[SRID=4326;Point(116.3 95)@2008-10-23 02:53:04+00,"
+                 " SRID=4326;Point(116.31 95.01)@2008-10-23 02:53:10+00]'), (2, '[SRID=4326;Point(116.3 39.9)@"
+                 "2008-10-23 02:53:04+00, SRID=4326;Point(116.31 39.91)@2008-10-23 02:53:10+00]')")
+    reader = TrajectoryReader(conn, TemporalSource("moves"))
+    assert [t.id for t in reader] == [2]
+    assert dict(reader.report.rejected) == {"coordinates out of range": 1}
+    assert reader.report.examples["coordinates out of range"] == [1]
+    tok = Tokenizer.fit(TRIPS, TokenizerConfig(resolution=9, min_count=1)).to_json()
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="latitude 95.0 of fix 1 is out of range"):
+        conn.execute("SELECT count(*) FROM moves, pgtraj.tokenize(trip, %s) WHERE id = 1", [tok])
 
 
 def test_bad_rows_are_rejected_with_reasons_and_ids(conn):

@@ -14,8 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgtraj.errors import DataDirectoryError, PortInUseError
-from pgtraj.localdb import LocalCluster, free_port
+from pgtraj.core.errors import DataDirectoryError, PortInUseError
+from pgtraj.db.cluster import LocalCluster, free_port
 
 from .conftest import CACHE, FAST, new_home
 

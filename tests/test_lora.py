@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from pgtraj.data import Batches
-from pgtraj.export import export, max_abs_diff
-from pgtraj.lora import LoRALinear, apply_lora, merge
-from pgtraj.objectives import NextCell
+from pgtraj.learn.batches import Batches
+from pgtraj.learn.export import export, max_abs_diff
+from pgtraj.learn.lora import LoRALinear, apply_lora, merge
+from pgtraj.learn.tasks.next_cell import NextCell
 
 from .test_model import TOK, TRIPS, batch, make_model
 

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from pgtraj.data import Batches, augment, to_tensors
-from pgtraj.errors import ConfigError
-from pgtraj.features import collate, to_inputs
-from pgtraj.model import ModelConfig, TrajectoryModel
-from pgtraj.objectives import OBJECTIVES, MaskedSpans, batch_for
-from pgtraj.synthetic import grid_trips
-from pgtraj.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerConfig
+from pgtraj.core.errors import ConfigError
+from pgtraj.core.features import collate, to_inputs
+from pgtraj.core.synthetic import grid_trips
+from pgtraj.core.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerConfig
+from pgtraj.learn.batches import Batches, augment, to_tensors
+from pgtraj.learn.model import ModelConfig, TrajectoryModel
+from pgtraj.learn.tasks import OBJECTIVES, batch_for
+from pgtraj.learn.tasks.masked_spans import MaskedSpans
 
 TRIPS = grid_trips(80, seed=2)
 TOK = Tokenizer.fit(TRIPS, TokenizerConfig(resolution=9, min_count=2, coarsest_resolution=6))

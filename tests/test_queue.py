@@ -8,7 +8,7 @@ import threading
 import psycopg
 import pytest
 
-from pgtraj.install import install
+from pgtraj.db.install import install
 
 from .test_embed_table import LINE, N, conn, fill  # noqa: F401  (fixtures: 40 trips, deployed model 'm')
 from .test_inference import models, register  # noqa: F401
@@ -171,7 +171,7 @@ def test_bad_rows_of_any_kind_back_off_then_become_dead_letters(conn):
 def test_a_version_of_another_width_is_not_deployed_under_a_target(conn):
     """A target fills a vector(32) column from the deployed version of 'm': deploying a version of
     another width would make every row fail, so deploy refuses it and says what to do first."""
-    from pgtraj import registry
+    from pgtraj.db import registry
 
     from .test_inference import register
     from .test_model import make_model

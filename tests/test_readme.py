@@ -16,12 +16,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgtraj.export import export
-from pgtraj.features import collate, to_inputs
-from pgtraj.data import to_tensors
-from pgtraj.datasets import load_geolife
-from pgtraj.install import install
-from pgtraj.localdb import PG_BINDIR
+from pgtraj.core.features import collate, to_inputs
+from pgtraj.db import registry
+from pgtraj.db.cluster import PG_BINDIR
+from pgtraj.db.datasets import load_geolife
+from pgtraj.db.install import install
+from pgtraj.learn.batches import to_tensors
+from pgtraj.learn.export import export
 
 from .test_datasets import GEOLIFE, needs_data
 from .test_inference import register, trained
@@ -53,15 +54,21 @@ def readme_db(cluster):
         register(c, make_model(seed=3, d_model=128).eval(), name="geolife-embed", graphs=("encoder", "masked"))
         register(c, trained(1), name="geolife-next")
         register(c, make_model(seed=4).eval(), name="geolife-dest", graphs=("encoder", "destination"))
+        register(c, make_model(seed=5).eval(), name="geolife-tte", graphs=("encoder", "travel_time"))
+        mode = make_model(seed=6, n_classes=2).eval()
+        example = to_tensors(collate([to_inputs(TOK.encode(t)) for t in TRIPS[:2]]))
+        mv = registry.register(c, "geolife-mode", objective="classify", tokenizer=json.loads(TOK.to_json()),
+                               artifacts={k: export(mode, k, example) for k in ("encoder", "classify")},
+                               config={"train": {"max_len": 48}, "model": mode.cfg.to_dict(), "classes": ["walk", "bus"]})
+        registry.deploy(c, "geolife-mode", mv.version)
     yield url
     with psycopg.connect(url, autocommit=True) as c:
         c.execute("SELECT cron.unschedule(jobid) FROM cron.job WHERE jobname LIKE 'pgtraj%'")
         c.execute("DELETE FROM pgtraj.embedding_targets WHERE name = 'trajectories'")
         c.execute("DROP SCHEMA geolife CASCADE")
-        c.execute("DELETE FROM pgtraj.deployment_log WHERE model_name IN ('geolife-embed', 'geolife-next',"
-                  " 'geolife-dest', 'external')")
-        c.execute("DELETE FROM pgtraj.model_registry WHERE name IN ('geolife-embed', 'geolife-next',"
-                  " 'geolife-dest', 'external')")
+        names = ["geolife-embed", "geolife-next", "geolife-dest", "geolife-tte", "geolife-mode", "external"]
+        c.execute("DELETE FROM pgtraj.deployment_log WHERE model_name = ANY (%s)", [names])
+        c.execute("DELETE FROM pgtraj.model_registry WHERE name = ANY (%s)", [names])
 
 
 @needs_data

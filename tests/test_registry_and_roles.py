@@ -8,9 +8,9 @@ import hashlib
 import psycopg
 import pytest
 
-from pgtraj import registry
-from pgtraj.errors import NotSuperuserError, RegistryError
-from pgtraj.install import install
+from pgtraj.core.errors import NotSuperuserError, RegistryError
+from pgtraj.db import registry
+from pgtraj.db.install import install
 
 from .graphs import TOKENIZER, encoder
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgtraj.localdb import PG_BINDIR, free_port, shutil_chown
+from pgtraj.db.cluster import PG_BINDIR, free_port, shutil_chown
 
 from .test_embed_table import N, fill
 from .test_inference import models, register  # noqa: F401  (models: the module's fixture)
@@ -116,21 +116,22 @@ def check_complete(dsn: str) -> None:
         assert c.execute("SELECT count(*) FROM pgtraj.embedding_errors").fetchone() == (0,)
 
 
-def kill_backend(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)  # the postmaster then restarts every backend (crash recovery)
+def crash(how: str, cluster):
+    """What stops a backend mid-work: SIGKILL to it (the postmaster then restarts every backend, crash
+    recovery), or an immediate shutdown of the whole server, started again at once."""
+    def stop(pid: int) -> None:
+        if how == "kill -9":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            cluster.as_server([str(PG_BINDIR / "pg_ctl"), "-D", str(cluster.pgdata), "stop", "-m", "immediate", "-w"])
+            cluster.start(log=lambda m: None)
+    return stop
 
 
 @pytest.mark.parametrize("stop", ["kill -9", "immediate shutdown"])
 def test_a_crash_during_embed_table_loses_nothing(trips, cluster, stop):
-    def stopper(pid):
-        if stop == "kill -9":
-            kill_backend(pid)
-        else:
-            cluster.as_server([str(PG_BINDIR / "pg_ctl"), "-D", str(cluster.pgdata), "stop", "-m", "immediate", "-w"])
-            cluster.start(log=lambda m: None)
-
     kill_during(trips, "CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm', batch_size => 2)",
-                "SELECT count(embedding) >= 6 FROM trips", stopper)
+                "SELECT count(embedding) >= 6 FROM trips", crash(stop, cluster))
     with reconnect(trips) as c:
         kept = c.execute("SELECT count(embedding) FROM trips").fetchone()[0]
         assert 6 <= kept < 4 * N
@@ -142,16 +143,10 @@ def test_a_crash_during_embed_table_loses_nothing(trips, cluster, stop):
 
 @pytest.mark.parametrize("stop", ["kill -9", "immediate shutdown"])
 def test_a_crash_during_the_queue_loses_nothing_and_embeds_nothing_twice(trips, cluster, stop):
-    def stopper(pid):
-        if stop == "kill -9":
-            kill_backend(pid)
-        else:
-            cluster.as_server([str(PG_BINDIR / "pg_ctl"), "-D", str(cluster.pgdata), "stop", "-m", "immediate", "-w"])
-            cluster.start(log=lambda m: None)
-
     with psycopg.connect(trips, autocommit=True) as c:
         c.execute("SELECT pgtraj.create_embedding_target('trips', 'trips', 'geom', 'embedding', 'm', batch_size => 2)")
-    kill_during(trips, "CALL pgtraj.process_queue('trips')", "SELECT count(embedding) >= 6 FROM trips", stopper)
+    kill_during(trips, "CALL pgtraj.process_queue('trips')", "SELECT count(embedding) >= 6 FROM trips",
+                crash(stop, cluster))
     with reconnect(trips) as c:
         left = c.execute("SELECT count(*) FROM pgtraj.embedding_queue").fetchone()[0]
         assert left == c.execute("SELECT count(*) FROM trips WHERE embedding IS NULL").fetchone()[0] > 0

@@ -6,7 +6,7 @@ import subprocess
 
 import psycopg
 
-from pgtraj.runtime import package_digest
+from pgtraj import package_digest
 
 from .conftest import CACHE
 
@@ -15,7 +15,7 @@ def test_runtime_imports_without_torch_or_psycopg():
     # the PL/Python environment's own interpreter: it has neither torch nor psycopg installed, so a stray
     # import anywhere under pgtraj.runtime fails here exactly as it would inside the server
     python = CACHE / "runtime-venv" / "bin" / "python"
-    code = ("import sys, pgtraj.runtime as r; info = r.info(); "
+    code = ("import sys, pgtraj.runtime.api as r; info = r.info(); "
             "bad = [m for m in ('torch', 'psycopg') if m in sys.modules]; "
             "assert not bad, bad; print(info['pgtraj'])")
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)

@@ -17,12 +17,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from pgtraj import registry
-from pgtraj.data import to_tensors
-from pgtraj.export import export
-from pgtraj.features import collate, to_inputs
-from pgtraj.model import ModelConfig, TrajectoryModel
-from pgtraj.tokenizer import FORMAT, Tokenizer, TokenizerConfig
+from pgtraj.core.features import collate, to_inputs
+from pgtraj.core.tokenizer import FORMAT, Tokenizer, TokenizerConfig
+from pgtraj.db import registry
+from pgtraj.learn.batches import to_tensors
+from pgtraj.learn.export import export
+from pgtraj.learn.model import ModelConfig, TrajectoryModel
 
 from .test_embed_table import fill
 from .test_inference import LINE, models, register  # noqa: F401  (models: the module's fixture)
@@ -143,23 +143,22 @@ def test_jobs_and_dead_letters_cannot_be_forged(world):
 
 def test_internal_functions_build_no_path_from_their_arguments(world):
     su, a, _ = world
-    model_id, sha, meta, _ = su.execute("SELECT * FROM pgtraj._resolve('m', 'encoder')").fetchone()
+    model_id, kind, sha, meta, _ = su.execute("SELECT * FROM pgtraj._resolve('m', 'encoder')").fetchone()
     wkb = su.execute("SELECT pgtraj._wkb(geom) FROM secret WHERE id = 2").fetchone()[0]
+    embed = "SELECT pgtraj._embed(ARRAY[%s::bytea], ROW(%s, %s, %s, %s, 1)::pgtraj.model_ref)"
     for bad_sha, bad_meta in (("../../../../tmp/pgtraj-attack", meta), (sha, "../../../../tmp/pgtraj-attack")):
-        err = refused(a, "SELECT pgtraj._embed(ARRAY[%s::bytea], %s, %s, %s, 1)", [wkb, model_id, bad_sha, bad_meta],
-                      sqlstate="22023")
+        err = refused(a, embed, [wkb, model_id, kind, bad_sha, bad_meta], sqlstate="22023")
         assert "64 hexadecimal digits" in err.diag.message_primary
-    refused(a, "SELECT pgtraj._embed(ARRAY[%s::bytea], %s, %s, %s, 1)", [wkb, model_id, "ab" * 32, meta],
-            sqlstate="22023")  # well formed, but not the model's graph
-    refused(a, "SELECT pgtraj._embed(ARRAY[%s::bytea], %s, %s, %s, 1)", [wkb, model_id, sha, sha], sqlstate="22023")
+    refused(a, embed, [wkb, model_id, kind, "ab" * 32, meta], sqlstate="22023")  # well formed, not the model's graph
+    refused(a, embed, [wkb, model_id, kind, sha, sha], sqlstate="22023")
+    refused(a, embed, [wkb, model_id, "next_cell", sha, meta], sqlstate="22023")  # resolved for another graph
     assert not list(Path("/tmp").glob("pgtraj-attack*"))
     # what the runtime keeps on disk is named by content digests only
     cache = Path(su.execute("SELECT current_setting('data_directory')").fetchone()[0]) / "pgtraj_cache"
     assert all(re.fullmatch(r"[0-9a-f]{64}\.(onnx|meta)", p.name) for p in cache.iterdir() if p.is_file())
     # the same arguments as pgtraj._resolve gives them do what pgtraj.embed does
-    got, want = a.execute("SELECT pgtraj._embed(ARRAY[%s::bytea], %s, %s, %s, 1)::text,"
-                          " ARRAY[pgtraj.embed(geom, 'm')]::text FROM analyst.trips WHERE id = 2",
-                          [wkb, model_id, sha, meta]).fetchone()
+    got, want = a.execute(embed.replace("SELECT", "SELECT", 1) + "::text, ARRAY[pgtraj.embed(geom, 'm')]::text"
+                          " FROM analyst.trips WHERE id = 2", [wkb, model_id, kind, sha, meta]).fetchone()
     assert got == want
 
 

@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from pgtraj.install import install
+from pgtraj.db.install import install
 
 from .test_inference import LINE
 from .test_model import TRIPS
@@ -180,3 +180,16 @@ def test_schedule_training(cluster, conn):
         finally:
             c.execute("SELECT pgtraj.unschedule_training('cronsq')")
             c.execute("DROP TABLE cron_train")
+
+
+def test_classify_trained_from_sql_with_a_label_column(conn):
+    """label_column, spelt as everywhere (CLI --label-column, Python label_column): a classifier trained by
+    CALL pgtraj.train, served by pgtraj.classify."""
+    conn.execute("ALTER TABLE trips ADD COLUMN mode text")
+    conn.execute("UPDATE trips SET mode = CASE WHEN id % 2 = 0 THEN 'walk' ELSE 'bus' END")
+    train(conn, name="modes", objective="classify", config={**TINY, "label_column": "mode"})
+    config = conn.execute("SELECT config FROM pgtraj.models WHERE name = 'modes'").fetchone()[0]
+    assert sorted(config["classes"]) == ["bus", "walk"] and config["label_column"] == "mode"
+    labels = conn.execute("SELECT array_agg(label ORDER BY rank) FROM pgtraj.classify((SELECT geom FROM trips"
+                          " WHERE id = 3), 'modes', k => 2)").fetchone()[0]
+    assert sorted(labels) == ["bus", "walk"]

@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import Integer, create_engine, select, text
 from sqlalchemy.orm import DeclarativeBase, Session, mapped_column
 
-from pgtraj.io import TemporalSource, TrajectoryReader
-from pgtraj.sqlalchemy import TGeomPoint, TrajectoryLine, Vector, source_from_select
+from pgtraj.db.orm import TGeomPoint, TrajectoryLine, Vector, source_from_select
+from pgtraj.db.readers import TemporalSource, TrajectoryReader
 
 
 class Base(DeclarativeBase):

@@ -6,9 +6,16 @@ import h3
 import numpy as np
 import pytest
 
-from pgtraj.synthetic import grid_trips
-from pgtraj.tokenizer import (SPECIAL_TOKENS, UNK, Tokenizer, TokenizerConfig, TokenizerError, cell_parents)
-from pgtraj.trajectory import Trajectory
+from pgtraj.core.synthetic import grid_trips
+from pgtraj.core.tokenizer import (
+    SPECIAL_TOKENS,
+    UNK,
+    Tokenizer,
+    TokenizerConfig,
+    TokenizerError,
+    cell_parents,
+)
+from pgtraj.core.trajectory import Trajectory
 
 TRIPS = grid_trips(60, seed=1)
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pgtraj.synthetic import grid_trips
-from pgtraj.errors import ConfigError
-from pgtraj.train import TrainConfig, TrainingError, train
+from pgtraj.core.errors import ConfigError
+from pgtraj.core.synthetic import grid_trips
+from pgtraj.learn.train import TrainConfig, TrainingError, train
 
 TRIPS = grid_trips(60, seed=4)
 TRAIN, VAL = TRIPS[:50], TRIPS[50:]
@@ -158,7 +158,7 @@ def test_torchrun_two_cpu_processes(tmp_path, objective):
 
 
 def test_lora_fine_tuning_run_resumes_and_returns_a_merged_model(tmp_path):
-    from pgtraj.lora import LoRALinear
+    from pgtraj.learn.lora import LoRALinear
 
     pre = train(TRAIN, VAL, cfg(objective="masked_spans", steps=10), tmp_path / "pre", progress=False,
                 log=lambda m: None)

@@ -7,10 +7,10 @@ import struct
 import numpy as np
 import pytest
 
-from pgtraj.clean import CleaningConfig, CleaningReport, clean, stay_points
-from pgtraj.errors import TrajectoryError
-from pgtraj.synthetic import grid_trips
-from pgtraj.trajectory import Trajectory, from_wkb, haversine_m
+from pgtraj.core.clean import CleaningConfig, CleaningReport, clean, stay_points
+from pgtraj.core.errors import TrajectoryError
+from pgtraj.core.synthetic import grid_trips
+from pgtraj.core.trajectory import Trajectory, from_wkb, haversine_m
 
 T0 = 1_224_730_384.0
 

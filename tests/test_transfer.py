@@ -8,7 +8,7 @@ import json
 import psycopg
 import pytest
 
-from pgtraj.export import export
+from pgtraj.learn.export import export
 
 from .test_embed_table import conn, fill  # noqa: F401  (fixtures: 40 trips, deployed model 'm')
 from .test_inference import models, register  # noqa: F401

@@ -10,11 +10,11 @@ import onnxruntime as ort
 import psycopg
 import pytest
 
-from pgtraj import registry
-from pgtraj.datasets import load_geolife
-from pgtraj.errors import SourceError
-from pgtraj.train import TrainConfig
-from pgtraj.workflow import train_and_register
+from pgtraj.app.training import train_and_register
+from pgtraj.core.errors import SourceError
+from pgtraj.db import registry
+from pgtraj.db.datasets import load_geolife
+from pgtraj.learn.train import TrainConfig
 
 from .test_datasets import GEOLIFE, needs_data
 
@@ -52,7 +52,7 @@ def test_failed_training_is_recorded_and_registers_nothing(db, tmp_path):
         conn.execute("UPDATE geolife.trajectories SET split = 'train'")  # no validation split at all
     with pytest.raises(SourceError, match="returned no trajectories"):
         train_and_register(db, "broken", "geolife.trajectories", TrainConfig.from_dict(TINY), tmp_path,
-                           id_col="traj_id", progress=False, log=lambda m: None)
+                           id_column="traj_id", progress=False, log=lambda m: None)
     with psycopg.connect(db) as conn:
         ((status, error),) = conn.execute("SELECT status, error FROM pgtraj.training_runs").fetchall()
         assert status == "failed" and "returned no trajectories" in error and "'val'" in error

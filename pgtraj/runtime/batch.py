@@ -20,9 +20,9 @@ import json
 import time
 from dataclasses import dataclass
 
-from . import inference
-from .models import Ref
-from .server import InferenceError, sqlstate_of
+from pgtraj.runtime.models import Ref
+from pgtraj.runtime.server import InferenceError, advisory_lock, sqlstate_of
+from pgtraj.runtime.tasks import encoder
 
 TRAJECTORY_TYPES = ("geometry", "tgeompoint")
 # SQLSTATE classes that are about the statement or the session (cancel, shutdown, resources, locks,
@@ -93,16 +93,10 @@ def _columns(plpy, oid: int) -> dict:
 
 
 def primary_key(plpy, oid: int, table: str) -> tuple[str, str]:
-    """The single-column primary key of a table and its type (as SQL)."""
-    rows = plpy.execute(plpy.prepare(
-        "SELECT a.attname AS name, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type FROM pg_catalog.pg_index i"
-        " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
-        " WHERE i.indrelid = $1 AND i.indisprimary", ["oid"]), [oid])
-    if rows.nrows() != 1:
-        raise InferenceError(f"{table} needs a single-column primary key to be embedded in batches"
-                             f" (it has {'none' if not rows.nrows() else 'a composite one'})", sqlstate="42P10",
-                             hint=f"ALTER TABLE {table} ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
-    return rows[0]["name"], rows[0]["type"]
+    """The single-column primary key of a table and its type as SQL (pgtraj._primary_key: 42P10 without)."""
+    row = plpy.execute(plpy.prepare("SELECT name, type FROM pgtraj._primary_key($1::pg_catalog.oid::pg_catalog.regclass)",
+                                    ["oid"]), [oid])[0]
+    return row["name"], row["type"]
 
 
 def resolve_table(plpy, source: str) -> tuple[int, str]:
@@ -134,7 +128,7 @@ def describe(plpy, source: str, traj_column: str, embedding_column: str) -> Tabl
 
 def check_dimensions(plpy, ref: Ref, where: Table) -> None:
     """The model's embeddings fit the vector column."""
-    from . import models
+    from pgtraj.runtime import models
 
     _, sess = models.session(plpy, ref)
     dim = sess.get_outputs()[0].shape[1]
@@ -231,15 +225,9 @@ def embed_table(plpy, source: str, traj_column: str, embedding_column: str, mode
     where = describe(plpy, source, traj_column, embedding_column)
     ref = resolve(plpy, model, "encoder")
     check_dimensions(plpy, ref, where)
-    lock = plpy.prepare("SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pgtraj.embed_table'),"
-                        " pg_catalog.hashtext($1)) AS ok", ["text"])
-    unlock = plpy.prepare("SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pgtraj.embed_table'),"
-                          " pg_catalog.hashtext($1))", ["text"])
-    lock_key = f"{where.oid}.{embedding_column}"
-    if not plpy.execute(lock, [lock_key])[0]["ok"]:
-        raise InferenceError(f"another pgtraj.embed_table is filling {where.sql}.{embedding_column}", sqlstate="55P03",
-                             hint="SELECT * FROM pgtraj.job_status WHERE status = 'running' shows it")
-    try:
+    busy = InferenceError(f"another pgtraj.embed_table is filling {where.sql}.{embedding_column}", sqlstate="55P03",
+                          hint="SELECT * FROM pgtraj.job_status WHERE status = 'running' shows it")
+    with advisory_lock(plpy, "pgtraj.embed_table", f"{where.oid}.{embedding_column}", busy):
         ensure_version_column(plpy, where)
         T, K, E, V, G = where.sql, q(where.key), q(embedding_column), q(where.version_column), q(traj_column)
         stale = f"{G} IS NOT NULL AND ({E} IS NULL OR {V} IS DISTINCT FROM $1::pg_catalog.int8)"
@@ -258,8 +246,6 @@ def embed_table(plpy, source: str, traj_column: str, embedding_column: str, mode
             job.fail(exc)
             raise
         return {"job": job.id, "total": total, **job.state}
-    finally:
-        plpy.execute(unlock, [lock_key])
 
 
 def _run(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, keys, update) -> None:
@@ -274,7 +260,7 @@ def _run(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, ke
             break
         rows, unreadable = reader.read(batch)
         todo = [k for k in batch if rows.get(k) is not None]
-        embs, errors = inference.embed_rows(plpy, [rows[k] for k in todo], ref,
+        embs, errors = encoder.embed_rows(plpy, [rows[k] for k in todo], ref,
                                             labels=todo, skip_errors=True)
         ok = [k for k, e in zip(todo, embs) if e is not None]
         bad = {**unreadable, **{todo[i]: (e.sqlstate, e.message) for i, e in errors.items()}}

@@ -11,14 +11,10 @@ from the protobuf wire format directly.
 
 from __future__ import annotations
 
-from ..errors import PgtrajError
-from .server import InferenceError
+from pgtraj.core.contract import GRAPHS, INPUT_NAMES
+from pgtraj.core.errors import PgtrajError
+from pgtraj.runtime.server import InferenceError
 
-INPUT_NAMES = ("tokens", "dow", "minute", "cont")
-# what each graph kind must output: (rank, width) with width 'V' = vocabulary size, None = any
-GRAPH_OUTPUTS = {"encoder": [(2, None)], "next_cell": [(2, "V"), (1, None)], "token_nll": [(2, None)],
-                 "destination": [(2, "V")], "travel_time": [(1, None)], "classify": [(2, None)],
-                 "masked": [(2, None), (2, None)]}
 # operator domains onnxruntime implements itself; anything else is a custom operator library
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
 
@@ -161,8 +157,8 @@ def check(kind: str, data: bytes, vocab_size: int):
     raise GraphError saying why not."""
     import onnxruntime as ort
 
-    if kind not in GRAPH_OUTPUTS:
-        raise GraphError(f"unknown kind (known: {', '.join(sorted(GRAPH_OUTPUTS))})")
+    if kind not in GRAPHS:
+        raise GraphError(f"unknown kind (known: {', '.join(sorted(GRAPHS))})")
     scan(data)
     opts = ort.SessionOptions()  # a check, not a session to serve: no optimisation passes or arenas to pay for
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -175,13 +171,13 @@ def check(kind: str, data: bytes, vocab_size: int):
     names = [i.name for i in sess.get_inputs()]
     if names != list(INPUT_NAMES):
         raise GraphError(f"inputs are {names}, expected {list(INPUT_NAMES)}")
-    outs, want = sess.get_outputs(), GRAPH_OUTPUTS[kind]
+    outs, want = sess.get_outputs(), GRAPHS[kind].outputs
     if len(outs) != len(want):
         raise GraphError(f"{len(outs)} outputs, expected {len(want)}")
-    for o, (rank, width) in zip(outs, want):
-        if len(o.shape) != rank:
-            raise GraphError(f"output {o.name} has rank {len(o.shape)}, expected {rank}")
-        if width == "V" and o.shape[-1] != vocab_size:
+    for o, spec in zip(outs, want):
+        if len(o.shape) != spec.rank:
+            raise GraphError(f"output {o.name} has rank {len(o.shape)}, expected {spec.rank}")
+        if spec.width == "V" and o.shape[-1] != vocab_size:
             raise GraphError(f"output {o.name} has width {o.shape[-1]}, the tokenizer has {vocab_size} tokens")
     return sess
 
@@ -190,7 +186,7 @@ def check_artifact(plpy, row: dict) -> None:
     """Trigger side of every INSERT or UPDATE of pgtraj.model_artifacts: the graph must fit its kind and its
     model's tokenizer (an encoder's output width is the model's embedding_dim, recorded if it was not), or
     the statement fails with 22023 naming the graph. Then it goes into the runtime's file cache."""
-    from . import models, tokenizer_from_json
+    from pgtraj.runtime import models
 
     reg = plpy.execute(plpy.prepare(
         "SELECT tokenizer::pg_catalog.text AS tokenizer, embedding_dim, meta_sha256,"
@@ -198,7 +194,7 @@ def check_artifact(plpy, row: dict) -> None:
         [row["model_id"]])[0]
     kind, data = row["kind"], row["bytes"]
     try:
-        tok = tokenizer_from_json(reg["tokenizer"])
+        tok = models.tokenizer(reg["tokenizer"])
     except PgtrajError as exc:
         raise InferenceError(f"the tokenizer is not a pgtraj tokenizer: {exc.message}", sqlstate="22023",
                              hint=exc.hint) from None

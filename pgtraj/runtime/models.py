@@ -23,8 +23,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .graphs import GRAPH_OUTPUTS
-from .server import InferenceError, data_directory, in_parallel_mode
+from pgtraj.core.contract import GRAPHS
+from pgtraj.runtime.server import InferenceError, data_directory, in_parallel_mode
 
 # least recently used dropped first: a backend serving more models than this reloads them from files
 MODELS_PER_BACKEND = 16   # tokenizer + config (shared by versions trained with the same ones)
@@ -46,7 +46,7 @@ class Ref:
     def __post_init__(self):
         if not isinstance(self.model_id, int) or self.model_id < 1:
             raise InferenceError(f"invalid model id {self.model_id!r}", sqlstate="22023")
-        if self.kind not in GRAPH_OUTPUTS:
+        if self.kind not in GRAPHS:
             raise InferenceError(f"invalid graph kind {self.kind!r}", sqlstate="22023")
         for what in ("sha256", "meta_sha256"):
             if not isinstance(getattr(self, what), str) or not _HEX64.match(getattr(self, what)):
@@ -56,15 +56,25 @@ class Ref:
             raise InferenceError(f"threads must be 1 to 64, not {self.threads!r}", sqlstate="22023",
                                  hint="SET pgtraj.threads = 1")
 
+    @classmethod
+    def of(cls, m: dict | None, kind: str) -> "Ref":
+        """The Ref of a pgtraj.model_ref value (a dict in PL/Python) resolved for a graph of ``kind``."""
+        if m is None or m.get("kind") != kind:
+            raise InferenceError(f"expected a model resolved for its {kind} graph, got"
+                                 f" {None if m is None else m.get('kind')!r}", sqlstate="22023",
+                                 hint=f"pass pgtraj._resolve(model, '{kind}')")
+        return cls(m["model_id"], kind, m["sha256"], m["meta_sha256"], m["threads"])
+
 
 class Model:
     """A model configuration (tokenizer + config) as this backend holds it."""
 
     def __init__(self, doc: dict):
-        from ..tokenizer import Tokenizer
+        from pgtraj.core.tokenizer import Tokenizer
 
         self.tokenizer = Tokenizer.from_json(doc["tokenizer"])
         self.max_len = int(doc["config"].get("train", {}).get("max_len", 128))
+        self.classes = doc["config"].get("classes") or []  # labels of a classify graph's outputs
         self._neighbours = None
 
     def neighbours(self):
@@ -73,11 +83,27 @@ class Model:
         return self._neighbours
 
 
+_tokenizers: OrderedDict[str, object] = OrderedDict()               # sha256 of a tokenizer's JSON -> Tokenizer
 _models: OrderedDict[str, Model] = OrderedDict()                  # meta sha256 -> model
 _sessions: OrderedDict[tuple[str, int], object] = OrderedDict()    # (graph sha256, threads) -> session
 _names: dict[int, tuple[str, int]] = {}
 loads = {"models": 0, "sessions": 0}  # what this backend had to load (pgtraj.runtime_info shows it)
 _plans: dict = {}
+
+
+def tokenizer(text: str):
+    """A tokenizer given as JSON (pgtraj.tokenize, the graph check), parsed once per backend: parsing a
+    large vocabulary per call would dominate the cost of tokenizing one trajectory."""
+    from pgtraj.core.tokenizer import Tokenizer
+
+    key = hashlib.sha256(text.encode()).hexdigest()
+    tok = _tokenizers.get(key)
+    if tok is None:
+        if len(_tokenizers) >= MODELS_PER_BACKEND:
+            _tokenizers.popitem(last=False)
+        tok = _tokenizers[key] = Tokenizer.from_json(text)
+    _tokenizers.move_to_end(key)
+    return tok
 
 
 def _plan(plpy, key: str, query: str, types: list[str]):
@@ -220,8 +246,9 @@ def session(plpy, ref: Ref) -> tuple[Model, object]:
     return m, sess
 
 
-def warmup(plpy, model_id: int, meta_sha256: str, threads: int) -> dict:
+def warmup(plpy, ref: Ref) -> dict:
     """Load every graph of a model into this backend and its files into the server's cache."""
+    model_id, meta_sha256, threads = ref.model_id, ref.meta_sha256, ref.threads
     t0 = time.perf_counter()
     rows = plpy.execute(_plan(plpy, "graphs", "SELECT kind, sha256 FROM pgtraj.model_artifacts WHERE model_id = $1"
                               " ORDER BY kind", ["int8"]), [model_id])

@@ -13,9 +13,17 @@ from __future__ import annotations
 
 import time
 
-from . import inference
-from .batch import Job, Reader, begin_procedure, check_dimensions, describe, ensure_version_column, resolve
-from .server import InferenceError
+from pgtraj.runtime.batch import (
+    Job,
+    Reader,
+    begin_procedure,
+    check_dimensions,
+    describe,
+    ensure_version_column,
+    resolve,
+)
+from pgtraj.runtime.server import InferenceError
+from pgtraj.runtime.tasks import encoder
 
 
 def create_target(plpy, name: str, source: str, traj_column: str, embedding_column: str, model: str,
@@ -124,7 +132,7 @@ def _drain(plpy, t: dict, max_batches: int | None) -> dict:
             gone = [k for k in attempts if k not in rows and k not in unreadable]  # the row was deleted
             nulls = [k for k, w in rows.items() if w is None]                      # its trajectory was set to NULL
             todo = [k for k, w in rows.items() if w is not None]
-            embs, errors = inference.embed_rows(plpy, [rows[k] for k in todo], ref,
+            embs, errors = encoder.embed_rows(plpy, [rows[k] for k in todo], ref,
                                                 labels=todo, skip_errors=True)
             ok = [k for k, e in zip(todo, embs) if e is not None]
             plpy.execute(update, [ref.model_id, ok, [e for e in embs if e is not None]])

@@ -9,10 +9,11 @@ value cannot unwind the stack under Python's feet.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 
-from ..errors import PgtrajError
+from pgtraj.core.errors import PgtrajError
 
 
 @functools.cache
@@ -47,6 +48,21 @@ def check_interrupts(plpy) -> None:
     if in_parallel_mode():
         raise InferenceError("canceling statement: a cancel or termination is pending", sqlstate="57014")
     plpy.execute("SELECT 1")
+
+
+@contextlib.contextmanager
+def advisory_lock(plpy, kind: str, key: str, busy: BaseException):
+    """Hold a session-level advisory lock on (kind, key) for the block, across the commits inside it, or
+    raise ``busy`` at once when another session holds it."""
+    lock = plpy.prepare("SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext($1), pg_catalog.hashtext($2))"
+                        " AS ok", ["text", "text"])
+    if not plpy.execute(lock, [kind, key])[0]["ok"]:
+        raise busy
+    try:
+        yield
+    finally:
+        plpy.execute(plpy.prepare("SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext($1),"
+                                  " pg_catalog.hashtext($2))", ["text", "text"]), [kind, key])
 
 
 class InferenceError(PgtrajError):

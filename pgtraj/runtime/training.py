@@ -1,8 +1,9 @@
 """Training inside PostgreSQL: ``CALL pgtraj.train(...)``, by hand or from pg_cron.
 
 The one place the server imports torch (the rest of pgtraj.runtime never does), from the PL/Python
-environment built with ``--training``. Data is read through SPI from a table or a query, cleaned and split
-exactly as the client does; the training loop, ONNX export and parity check are the client's own code.
+environment built with ``--training``, and only through the documented entry into the torch side,
+learn.pipeline: the same fit and export the client runs (app/training.py). Data is read through SPI from a
+table or a query, with the caller's rights, and cleaned exactly as the client does.
 Each stage commits: the run's row is visible as 'running' while it trains, and a failed or cancelled run
 is recorded as such with the deployed model untouched. A second run of the same model name while one
 is going is refused.
@@ -16,45 +17,53 @@ import re
 import shutil
 import time
 
-from .batch import begin_procedure, resolve_table
-from .server import InferenceError, check_interrupts, sqlstate_of
+from pgtraj.core.contract import MODEL_NAME, SOURCE_OPTIONS
+from pgtraj.runtime.batch import begin_procedure, primary_key, resolve_table
+from pgtraj.runtime.server import (
+    InferenceError,
+    advisory_lock,
+    check_interrupts,
+    sqlstate_of,
+)
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
-_SOURCE_KEYS = ("id_column", "traj_column", "split_column")
 DEPLOY_POLICIES = ("auto", "always", "never")
 
 
 def _split_source(plpy, source: str, opts: dict) -> str:
-    """SQL giving (id text, wkb bytea, split text) for a table name or a query."""
+    """SQL giving (id text, wkb bytea, reason text, split text, label text) for a table name or a query
+    (columns id, trajectory, split and, with a label_column, a label)."""
     if re.match(r"^\s*(select|with)\b", source, re.IGNORECASE):
-        return (f"SELECT q.id::pg_catalog.text AS id, r.w, r.reason, q.split::pg_catalog.text AS split"
-                f" FROM ({source}) AS q(id, traj, split), pgtraj._wkb_or_reason(q.traj) r")
+        label = ", label" if opts.get("label_column") else ""
+        return (f"SELECT q.id::pg_catalog.text AS id, r.w, r.reason, q.split::pg_catalog.text AS split,"
+                f" {'q.label::pg_catalog.text' if label else 'NULL::pg_catalog.text'} AS label"
+                f" FROM ({source}) AS q(id, traj, split{label}), pgtraj._wkb_or_reason(q.traj) r")
     oid, table = resolve_table(plpy, source)
     cols = {r["attname"]: r["t"] for r in plpy.execute(plpy.prepare(
         "SELECT a.attname, t.typname AS t FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t"
         " ON t.oid = a.atttypid WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped", ["oid"]), [oid])}
     traj = opts.get("traj_column") or next((c for c, t in cols.items() if t in ("geometry", "tgeompoint")), None)
-    key = opts.get("id_column") or next((r["attname"] for r in plpy.execute(plpy.prepare(
-        "SELECT a.attname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid"
-        " AND a.attnum = i.indkey[0] WHERE i.indrelid = $1 AND i.indisprimary", ["oid"]), [oid])), None)
-    split = opts.get("split_column", "split")
-    for what, col in (("trajectory", traj), ("id", key), ("split", split)):
-        if col is None or col not in cols:
-            raise InferenceError(f"{table} has no {what} column {col!r}" if col else f"{table}: no {what} column found",
-                                 sqlstate="42703",
-                                 hint='name it in config: {"id_column": ..., "traj_column": ..., "split_column": ...}')
+    key = opts.get("id_column") or primary_key(plpy, oid, table)[0]
+    split, label = opts.get("split_column", "split"), opts.get("label_column")
+    for what, col in (("trajectory", traj), ("id", key), ("split", split), ("label", label)):
+        if what != "label" or col is not None:
+            if col is None or col not in cols:
+                raise InferenceError(f"{table} has no {what} column {col!r}" if col else
+                                     f"{table}: no {what} column found", sqlstate="42703",
+                                     hint=f"name it in config: {{{', '.join(f'{k!r}: ...' for k in SOURCE_OPTIONS)}}}")
     q = plpy.quote_ident
-    return (f"SELECT t.{q(key)}::pg_catalog.text AS id, r.w, r.reason, t.{q(split)}::pg_catalog.text AS split"
+    return (f"SELECT t.{q(key)}::pg_catalog.text AS id, r.w, r.reason, t.{q(split)}::pg_catalog.text AS split,"
+            f" {f't.{q(label)}::pg_catalog.text' if label else 'NULL::pg_catalog.text'} AS label"
             f" FROM {table} t, pgtraj._wkb_or_reason(t.{q(traj)}) r ORDER BY t.{q(key)}")
 
 
-def read_splits(plpy, source: str, opts: dict) -> tuple[dict, dict]:
-    """{'train': [...], 'val': [...]} of cleaned pieces, and what reading and cleaning dropped."""
-    from ..clean import CleaningConfig, CleaningReport, clean
-    from ..errors import TrajectoryError
-    from ..trajectory import from_wkb
+def read_splits(plpy, source: str, opts: dict) -> tuple[dict, dict, dict]:
+    """{'train': [...], 'val': [...]} of cleaned pieces, {id: label} (with a label column), and what reading
+    and cleaning dropped."""
+    from pgtraj.core.clean import CleaningConfig, CleaningReport, clean
+    from pgtraj.core.errors import TrajectoryError
+    from pgtraj.core.trajectory import from_wkb
 
-    splits = {"train": [], "val": []}
+    splits, labels = {"train": [], "val": []}, {}
     report, rejected = CleaningReport(), {}
     cursor = plpy.cursor(_split_source(plpy, source, opts))
     try:  # closed before anything commits or rolls back: an open cursor would pin its portal
@@ -65,6 +74,8 @@ def read_splits(plpy, source: str, opts: dict) -> tuple[dict, dict]:
             for r in rows:
                 if r["split"] not in splits:
                     continue
+                if r["label"] is not None:
+                    labels[r["id"]] = r["label"]
                 if r["w"] is None:
                     if r["reason"]:  # PostGIS or MobilityDB refused the row's trajectory
                         rejected[r["reason"]] = rejected.get(r["reason"], 0) + 1
@@ -77,12 +88,12 @@ def read_splits(plpy, source: str, opts: dict) -> tuple[dict, dict]:
                 splits[r["split"]] += clean(tr, CleaningConfig(), report)
     finally:
         cursor.close()
-    return splits, {"rejected": rejected, "cleaning": dict(report.counts)}
+    return splits, labels, {"rejected": rejected, "cleaning": dict(report.counts)}
 
 
 def train(plpy, name: str, source: str, objective: str, config: str, deploy: str) -> dict:
     begin_procedure(plpy, "pgtraj.train")
-    if not _NAME.match(name or ""):
+    if not MODEL_NAME.match(name or ""):
         raise InferenceError(f"invalid model name {name!r}", sqlstate="22023",
                              hint="a letter, then letters, digits, '_', '.' or '-' (at most 63)")
     if deploy not in DEPLOY_POLICIES:
@@ -94,33 +105,27 @@ def train(plpy, name: str, source: str, objective: str, config: str, deploy: str
                              sqlstate="0A000",
                              hint="pgtraj runtime-env PATH --training (or pgtraj db start --training), then"
                                   " pgtraj install; or train from a client: pgtraj train") from None
-    from ..errors import PgtrajError
-    from ..train import TrainConfig
+    from pgtraj.core.errors import PgtrajError
+    from pgtraj.learn.pipeline import TrainConfig
 
     opts = json.loads(config)
     if not isinstance(opts, dict):
         raise InferenceError("config must be a JSON object", sqlstate="22023")
-    source_opts = {k: opts.pop(k) for k in _SOURCE_KEYS if k in opts}
+    source_opts = {k: opts.pop(k) for k in SOURCE_OPTIONS if k in opts}
     try:
         cfg = TrainConfig.from_dict({**opts, "objective": objective})
     except PgtrajError as exc:
         raise InferenceError(exc.message, sqlstate="22023", hint=exc.hint) from None
-    locked = plpy.execute(plpy.prepare("SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('pgtraj.train'),"
-                                       " pg_catalog.hashtext($1)) AS ok", ["text"]), [name])[0]["ok"]
-    if not locked:
-        raise InferenceError(f"model {name!r} is being trained by another session", sqlstate="55P03",
-                             hint="SELECT * FROM pgtraj.training_status WHERE status = 'running'")
-    try:
+    with advisory_lock(plpy, "pgtraj.train", name,
+                       InferenceError(f"model {name!r} is being trained by another session", sqlstate="55P03",
+                                      hint="SELECT * FROM pgtraj.training_status WHERE status = 'running'")):
         return _run(plpy, name, source, source_opts, cfg, deploy)
-    finally:
-        plpy.execute(plpy.prepare("SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pgtraj.train'),"
-                                  " pg_catalog.hashtext($1))", ["text"]), [name])
 
 
 def _run(plpy, name, source, source_opts, cfg, deploy) -> dict:
     from dataclasses import asdict
 
-    from .models import cache_dir
+    from pgtraj.runtime.models import cache_dir
 
     run_id = plpy.execute(plpy.prepare("SELECT pgtraj._run_start($1, $2, $3, $4, $5) AS id",
                                        ["text", "text", "text", "jsonb", "text"]),
@@ -151,13 +156,10 @@ def _run(plpy, name, source, source_opts, cfg, deploy) -> dict:
 
 
 def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy, out_dir) -> dict:
-    from dataclasses import asdict
+    from pgtraj.core.errors import PgtrajError
+    from pgtraj.learn.pipeline import fit_and_export
 
-    from ..errors import PgtrajError
-    from ..export import example_batch, export_checked
-    from ..train import train
-
-    splits, dropped = read_splits(plpy, source, source_opts)
+    splits, labels, dropped = read_splits(plpy, source, source_opts)
     plpy.notice(f"pgtraj.train {name}: {len(splits['train'])} train / {len(splits['val'])} val pieces"
                 f" from {source}")
     last = [time.perf_counter()]
@@ -170,20 +172,18 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
             plpy.notice(f"pgtraj.train {name}: step {step}/{cfg.steps}, {shown}")
 
     try:
-        result = train(splits["train"], splits["val"], cfg, out_dir, progress=False,
-                       log=lambda m: plpy.notice(f"pgtraj.train {name}: {m}"), on_step=on_step)
+        trained = fit_and_export(splits["train"], splits["val"], cfg, out_dir, labels=labels or None, progress=False,
+                                 log=lambda m: plpy.notice(f"pgtraj.train {name}: {m}"), on_step=on_step)
     except PgtrajError as exc:
         raise InferenceError(exc.message, sqlstate="22023", hint=exc.hint) from None
-    example = example_batch(result.tokenizer, splits["val"], cfg.max_len)
-    artifacts, parity = export_checked(result.model, cfg.objective, example)
-    metrics = {**result.metrics, "onnx_max_abs_diff": parity, "data": dropped}
+    reg = trained.registration(source_opts.get("label_column"))
+    metrics = {**reg["metrics"], "data": dropped}
     row = plpy.execute(plpy.prepare(
-        "SELECT model_id, version FROM pgtraj._register($1, $2, $3, $4, $5, 'val_loss', false, $6, $7, $8, $9, $10)",
-        ["text", "text", "jsonb", "jsonb", "jsonb", "int4", "int8", "text", "text[]", "bytea[]"]),
-        [name, cfg.objective, json.dumps({"train": asdict(result.config),
-                                          "model": result.model_config.to_dict(), "classes": result.classes}),
-         result.tokenizer.to_json(), json.dumps(metrics), result.model_config.d_model, run_id,
-         f"trained in the database from {source}", list(artifacts), list(artifacts.values())])[0]
+        "SELECT model_id, version FROM pgtraj._register($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        ["text", "text", "jsonb", "jsonb", "jsonb", "text", "bool", "int4", "int8", "text", "text[]", "bytea[]"]),
+        [name, reg["objective"], json.dumps(reg["config"]), json.dumps(reg["tokenizer"]), json.dumps(metrics),
+         reg["primary_metric"], reg["higher_is_better"], reg["embedding_dim"], run_id,
+         f"trained in the database from {source}", list(reg["artifacts"]), list(reg["artifacts"].values())])[0]
     outcome = f"registered v{row['version']}"
     current = plpy.execute(plpy.prepare(
         "SELECT m.version, (m.metrics OPERATOR(pg_catalog.->>) 'val_loss')::pg_catalog.float8 AS val_loss, m.objective"
@@ -209,4 +209,4 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
         outcome += (f", not deployed: val_loss {new_loss:.4f} is not better than {current[0]['val_loss']:.4f}"
                     f" of the deployed v{current[0]['version']}")
     return {"run_id": run_id, "model_id": row["model_id"], "version": row["version"], "metrics": metrics,
-            "outcome": outcome, "device": result.device}
+            "outcome": outcome, "device": trained.result.device}

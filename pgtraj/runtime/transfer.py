@@ -9,7 +9,7 @@ import binascii
 import hashlib
 import json
 
-from .server import InferenceError
+from pgtraj.runtime.server import InferenceError
 
 ARCHIVE_FORMAT = "pgtraj-model/1"
 _REGISTER = ("SELECT model_id, version FROM pgtraj._register($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11)",

@@ -1,0 +1,238 @@
+"""The `pgtraj` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pgtraj import __version__
+from pgtraj.core.contract import SOURCE_OPTIONS
+from pgtraj.core.errors import PgtrajError
+
+
+def _db(args) -> int:
+    from pgtraj.db.cluster import LocalCluster
+
+    cluster = LocalCluster(args.data_dir, listen=args.listen, training=args.training)
+    if args.action == "start":
+        url = cluster.start(port=args.port, log=_say)
+        _say(f"local database running: {url}")
+    elif args.action == "stop":
+        _say("stopped" if cluster.stop() else "not running")
+    elif args.action == "status":
+        status = cluster.status()
+        print(json.dumps(status, indent=2))
+        return 0 if status["running"] else 3  # pg_ctl's convention: 3 = not running
+    elif args.action == "url":
+        if not cluster.is_running():
+            _say(f"the local database in {cluster.home} is not running; run `pgtraj db start`")
+            return 3
+        print(cluster.url())
+    return 0
+
+
+def _install(args) -> int:
+    from pgtraj.db.connection import resolve_dsn
+    from pgtraj.db.install import install
+
+    python_path = args.python_path
+    if python_path is None and not args.dsn and not _env_dsn():
+        from pgtraj.db.cluster import (
+            LocalCluster,  # the local database knows its own runtime environment
+        )
+
+        python_path = LocalCluster(args.data_dir).python_path
+    install(resolve_dsn(args.dsn, args.data_dir), python_path=python_path, log=_say)
+    return 0
+
+
+def _load(args) -> int:
+    from pgtraj.db.connection import connect, resolve_dsn
+    from pgtraj.db.datasets import default_data_dir, load_geolife, parse_ids
+
+    path = args.path or default_data_dir() / "geolife"
+    with connect(resolve_dsn(args.dsn, args.data_dir)) as conn:
+        r = load_geolife(conn, path, schema=args.schema, users=parse_ids(args.users), replace=args.replace, log=_say)
+    _say(f"loaded {r.points} fixes of {r.users} users: {r.schema}.points, {r.trajectories} LINESTRING M in "
+         f"{r.schema}.trajectories, {r.trips} tgeompoint in {r.schema}.trips, {r.labels} mode labels "
+         f"({sum(r.seconds.values()):.1f} s)")
+    return 0
+
+
+def _train(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from pgtraj.app.training import train_and_register
+    from pgtraj.db.connection import resolve_dsn
+    from pgtraj.learn.train import TrainConfig
+
+    cfg = _json.loads(Path(args.config).read_text()) if args.config else {}
+    for key in ("objective", "steps", "device", "init_from"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    out = Path(args.out or f"pgtraj-output/runs/{args.name}")
+    mv = train_and_register(resolve_dsn(args.dsn, args.data_dir), args.name, args.table, TrainConfig.from_dict(cfg),
+                            out, **{k: getattr(args, k) for k in SOURCE_OPTIONS}, deploy=args.deploy, log=_say)
+    if mv is not None:  # rank 0 under torchrun, or a single process
+        _say(f"training curve: {out / 'training_curve.png'}")
+    return 0
+
+
+def _runtime_env(args) -> int:
+    from pgtraj.db.runtime_env import ensure_runtime_env
+
+    site = ensure_runtime_env(args.path, training=args.training, log=_say)
+    _say("runtime environment ready; install with:")
+    print(f"pgtraj install --dsn ... --python-path {site}")
+    return 0
+
+
+def _models(args) -> int:
+    from pgtraj.db.connection import connect, resolve_dsn
+    from pgtraj.db.registry import list_models
+
+    with connect(resolve_dsn(args.dsn, args.data_dir)) as conn:
+        rows = list_models(conn)
+    if not rows:
+        _say("no models registered")
+    for r in rows:
+        metric = f"{r['primary_metric']}={r['primary_metric_value']:.4g}" if r["primary_metric"] else ""
+        print(f"{r['name']:<24} v{r['version']:<4} {r['objective']:<14} {'*deployed*' if r['deployed'] else '':<10} "
+              f"{metric} {','.join(r['artifacts'] or [])}")
+    return 0
+
+
+def _deploy(args) -> int:
+    from pgtraj.db.connection import connect, resolve_dsn
+    from pgtraj.db.registry import deploy
+
+    with connect(resolve_dsn(args.dsn, args.data_dir)) as conn:
+        row = deploy(conn, args.name, args.version, args.note)
+    _say(f"deployed {row['name']} v{row['version']} ({row['strategy']})")
+    return 0
+
+
+def _quickstart(args) -> int:
+    """The README's main job (see pgtraj/quickstart.py)."""
+    from pathlib import Path
+
+    from pgtraj.app.quickstart import run
+    from pgtraj.db.cluster import LocalCluster
+    from pgtraj.db.datasets import default_data_dir, parse_ids
+
+    cluster = LocalCluster(args.data_dir)
+    run(cluster, data_dir=Path(args.path) if args.path else default_data_dir() / "geolife",
+        users=parse_ids(args.users), out_dir=Path(args.out), preset=args.preset, pretrain_steps=args.pretrain_steps,
+        steps=args.steps, log=_say)
+    return 0
+
+
+def _env_dsn() -> bool:
+    import os
+
+    from pgtraj.db.connection import DSN_ENV
+
+    return bool(os.environ.get(DSN_ENV))
+
+
+def _say(msg: str) -> None:
+    print(f"pgtraj: {msg}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgtraj", description="Trajectory foundation models inside PostgreSQL.")
+    p.add_argument("--version", action="version", version=f"pgtraj {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def target(sp):  # where to connect: --dsn, $PGTRAJ_DSN, or the local database
+        sp.add_argument("--dsn", help="connection string of an existing database (default: $PGTRAJ_DSN, "
+                                      "else the local database from `pgtraj db start`)")
+        sp.add_argument("--data-dir", help="home of the local database (default: $PGTRAJ_HOME or the user data dir)")
+
+    sp = sub.add_parser("db", help="manage the local database (start|stop|status|url)")
+    sp.add_argument("action", choices=["start", "stop", "status", "url"])
+    sp.add_argument("--data-dir", help="where the cluster and its PL/Python environment live")
+    sp.add_argument("--port", type=int, help="TCP port (default: the last one used, else a free one)")
+    sp.add_argument("--training", action="store_true", help="add torch to the PL/Python environment (pgtraj.train)")
+    sp.add_argument("--listen", default="127.0.0.1",
+                    help="listen_addresses (default 127.0.0.1; '*' accepts password logins from anywhere)")
+    sp.set_defaults(func=_db)
+
+    sp = sub.add_parser("install", help="install or upgrade pgtraj in a database (validates it first)")
+    target(sp)
+    sp.add_argument("--python-path", help="site-packages of the PL/Python runtime environment on the server")
+    sp.set_defaults(func=_install)
+
+    sp = sub.add_parser("load", help="load a real dataset into PostGIS/MobilityDB tables")
+    sp.add_argument("dataset", choices=["geolife"])
+    target(sp)
+    sp.add_argument("--path", help="folder with points.parquet and labels.parquet (default: $PGTRAJ_DATA/geolife, "
+                                   "else ../shared/data/geolife beside the checkout)")
+    sp.add_argument("--users", help="user ids to load, e.g. 0-9,17 (default: all)")
+    sp.add_argument("--schema", default="geolife")
+    sp.add_argument("--replace", action="store_true", help="drop and reload an existing schema")
+    sp.set_defaults(func=_load)
+
+    sp = sub.add_parser("train", help="train a model on a LINESTRING M table with a split column, register it")
+    target(sp)
+    sp.add_argument("name", help="model name in the registry")
+    sp.add_argument("--table", default="geolife.trajectories")
+    sp.add_argument("--id-column", default="traj_id", help="the trajectory's id")
+    sp.add_argument("--traj-column", default="geom", help="its LINESTRING M (M = epoch seconds)")
+    sp.add_argument("--split-column", default="split", help="column with train/val/test (pgtraj load writes it)")
+    sp.add_argument("--config", help="training config JSON (see training/); its keys are TrainConfig fields")
+    sp.add_argument("--objective", help="next_cell, masked_spans, contrastive, hybrid (pretraining); destination,"
+                    " travel_time, classify (fine-tuning, usually with --init-from)")
+    sp.add_argument("--init-from", help="checkpoint.pt of a pretraining run to fine-tune from")
+    sp.add_argument("--label-column", help="per-trajectory label for --objective classify (e.g. a mode or user id)")
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--out", help="checkpoint/metrics folder (default pgtraj-output/runs/NAME); re-run to resume")
+    sp.add_argument("--deploy", action="store_true", help="deploy the new version when done")
+    sp.set_defaults(func=_train)
+
+    sp = sub.add_parser("runtime-env", help="build the PL/Python environment for a server on this host")
+    sp.add_argument("path", help="where to create the venv, e.g. /var/lib/pgtraj/runtime-venv")
+    sp.add_argument("--training", action="store_true", help="add torch, for training inside the database")
+    sp.set_defaults(func=_runtime_env)
+
+    sp = sub.add_parser("models", help="list registered models")
+    target(sp)
+    sp.set_defaults(func=_models)
+
+    sp = sub.add_parser("deploy", help="deploy a model version (number, latest, best, rollback)")
+    target(sp)
+    sp.add_argument("name")
+    sp.add_argument("version", nargs="?", default="latest")
+    sp.add_argument("--note")
+    sp.set_defaults(func=_deploy)
+
+    sp = sub.add_parser("quickstart", help="the main job: local database, install, load GeoLife, train, embed,"
+                                           " search and predict in SQL")
+    sp.add_argument("--data-dir", help="home of the local database")
+    sp.add_argument("--path", help="GeoLife folder (default: $PGTRAJ_DATA/geolife, else ../shared/data/geolife)")
+    sp.add_argument("--users", default="0-9", help="GeoLife users to load (default 0-9; 'all' for every user)")
+    sp.add_argument("--out", default="pgtraj-output", help="folder for the tokenizer, runs, summary and map")
+    sp.add_argument("--preset", default="small", help="model size (tiny, small, base, large)")
+    sp.add_argument("--pretrain-steps", type=int, default=400, help="hybrid pretraining steps")
+    sp.add_argument("--steps", type=int, default=600, help="next-cell fine-tuning steps")
+    sp.set_defaults(func=_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PgtrajError as exc:
+        print(f"pgtraj: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"pgtraj: hint: {exc.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pgtraj: interrupted", file=sys.stderr)
+        return 130
+
+

@@ -1,0 +1,158 @@
+"""The README's main job, end to end on the local database: install, load real data, read and clean it,
+learn the tokenizer and tokenize inside PostgreSQL; pretrain a model (hybrid: masked spans + contrastive)
+and fine-tune it for next-cell prediction, register and deploy both; then, in SQL only, embed every
+trajectory into a pgvector column, index it with HNSW, search similar trips, predict next cells and score
+trips by surprise. Writes a summary JSON and a map (PNG) of one prediction."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pgtraj.core.clean import CleaningConfig, CleaningReport, clean
+from pgtraj.core.tokenizer import Tokenizer, TokenizerConfig
+from pgtraj.db.cluster import LocalCluster
+from pgtraj.db.connection import connect
+from pgtraj.db.datasets import load_geolife
+from pgtraj.db.install import install
+from pgtraj.db.readers import QuerySource, TrajectoryReader
+
+
+def run(cluster: LocalCluster, *, data_dir: Path, users: list[int] | None, out_dir: Path, preset: str = "small",
+        pretrain_steps: int = 400, steps: int = 600, log=print) -> dict:
+    url = cluster.start(log=log)
+    install(url, python_path=cluster.python_path, log=log)
+    summary: dict = {}
+    with connect(url) as conn:
+        version, info = conn.execute("SELECT pgtraj.version(), pgtraj.runtime_info()").fetchone()
+        log(f"SELECT pgtraj.version() -> {version}; PL/Python runs numpy {info['numpy']}, "
+            f"onnxruntime {info['onnxruntime']}, h3 {info['h3']}")
+
+        load = load_geolife(conn, data_dir, users=users, replace=True, log=log)
+        log(f"loaded GeoLife: {load.points} fixes, {load.trajectories} trajectories of {load.users} users")
+
+        config = TokenizerConfig(resolution=9, min_count=5, timezone="Asia/Shanghai")
+        pieces = {}
+        for split in ("train", "test"):
+            reader = TrajectoryReader(conn, QuerySource(
+                "SELECT traj_id, geom FROM geolife.trajectories WHERE split = %s ORDER BY traj_id", (split,)),
+                progress=True)
+            report = CleaningReport()
+            pieces[split] = [p for tr in reader for p in clean(tr, CleaningConfig(), report)]
+            log(f"{split}: read {reader.report.summary()}")
+            log(f"{split}: cleaned {report.summary()}")
+            summary[f"{split}_cleaning"] = dict(report.counts)
+
+        tok = Tokenizer.fit(pieces["train"], config)
+        test_tokens = np.concatenate([tok.encode(p).tokens for p in pieces["test"]])
+        shares = tok.resolution_shares(test_tokens)
+        log(f"tokenizer: H3 res {config.resolution}, {tok.vocab_size} tokens "
+            f"({len(tok.vocab)} cells at resolutions {sorted(tok.coverage['by_resolution'], key=int)})")
+        log(f"test split coverage: {json.dumps(shares)} (fallback to coarser cells instead of UNK)")
+        summary.update(vocab_size=tok.vocab_size, test_token_resolution_shares=shares,
+                       training_coverage=tok.coverage)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "tokenizer.json").write_text(tok.to_json())
+        n, cells, unk = conn.execute(
+            """SELECT count(*), count(DISTINCT t.cell), count(*) FILTER (WHERE t.token = 2)
+                 FROM (SELECT geom FROM geolife.trajectories WHERE split = 'test' ORDER BY traj_id LIMIT 1) g,
+                      pgtraj.tokenize(g.geom, %s::jsonb) t""", [tok.to_json()]).fetchone()
+        log(f"in SQL: pgtraj.tokenize(<first test trajectory>, tokenizer) -> {n} tokens over {cells} cells, {unk} UNK")
+    summary.update(models(url, out_dir, preset, pretrain_steps, steps, log))
+    with connect(url, autocommit=True) as conn:
+        summary.update(in_sql(conn, out_dir, log))
+    (out_dir / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
+    log(f"wrote {out_dir / 'tokenizer.json'}, {out_dir / 'quickstart.json'} and {out_dir / 'prediction.png'}")
+    log(f"connect with: psql '{url}'")
+    return summary
+
+
+def models(url: str, out_dir: Path, preset: str, pretrain_steps: int, steps: int, log) -> dict:
+    """geolife-embed (hybrid pretraining) and geolife-next (next_cell fine-tuned from it), both deployed."""
+    from pgtraj.app.training import train_and_register
+    from pgtraj.learn.train import TrainConfig
+
+    base = {"preset": preset, "max_len": 128, "batch_size": 32, "lr": 1e-3, "warmup": 50,
+            "eval_every": max(1, min(200, pretrain_steps, steps)),
+            "tokenizer": {"resolution": 9, "min_count": 5, "timezone": "Asia/Shanghai"}}
+    runs = out_dir / "runs"
+    shutil.rmtree(runs, ignore_errors=True)  # the main job starts from nothing each time
+    where = dict(id_column="traj_id", traj_column="geom", split_column="split", deploy=True, log=log)
+    embed = train_and_register(url, "geolife-embed", "geolife.trajectories", TrainConfig.from_dict(
+        {**base, "objective": "hybrid", "steps": pretrain_steps}), runs / "embed", **where)
+    nxt = train_and_register(url, "geolife-next", "geolife.trajectories", TrainConfig.from_dict(
+        {**base, "objective": "next_cell", "steps": steps, "init_from": str(runs / "embed" / "checkpoint.pt")}),
+        runs / "next", **where)
+    return {"models": {m.name: {"version": m.version, "val_loss": m.metrics["val_loss"]} for m in (embed, nxt)}}
+
+
+def in_sql(conn, out_dir: Path, log) -> dict:
+    """What a user does next, in SQL only."""
+    out: dict = {}
+    conn.execute("ALTER TABLE geolife.trajectories ADD COLUMN IF NOT EXISTS embedding vector")
+    conn.execute("CALL pgtraj.embed_table('geolife.trajectories', 'geom', 'embedding', 'geolife-embed')")
+    dim = conn.execute("SELECT vector_dims(embedding) FROM geolife.trajectories WHERE embedding IS NOT NULL"
+                       " LIMIT 1").fetchone()[0]
+    conn.execute(f"ALTER TABLE geolife.trajectories ALTER COLUMN embedding TYPE vector({int(dim)})")
+    conn.execute("CREATE INDEX IF NOT EXISTS trajectories_embedding_hnsw ON geolife.trajectories"
+                 " USING hnsw (embedding vector_cosine_ops)")
+    embedded, = conn.execute("SELECT count(embedding) FROM geolife.trajectories").fetchone()
+    log(f"in SQL: CALL pgtraj.embed_table(...) -> {embedded} embeddings (vector({dim})), HNSW index built")
+    query_id, = conn.execute("SELECT traj_id FROM geolife.trajectories WHERE split = 'test' AND embedding IS NOT NULL"
+                             " ORDER BY n_points DESC LIMIT 1").fetchone()
+    similar = conn.execute("""
+        SELECT t.traj_id, round((t.embedding <=> q.embedding)::numeric, 4) AS distance
+          FROM geolife.trajectories t, geolife.trajectories q
+         WHERE q.traj_id = %s AND t.traj_id <> q.traj_id
+         ORDER BY t.embedding <=> q.embedding LIMIT 5""", [query_id]).fetchall()
+    log(f"in SQL: 5 trips most similar to {query_id} (HNSW, cosine): {similar}")
+    rows = conn.execute("""
+        SELECT p.rank, p.cell::text, round(p.probability::numeric, 4), round(p.expected_seconds::numeric, 1),
+               ST_Y(p.geom), ST_X(p.geom)
+          FROM geolife.trajectories g, pgtraj.predict_next(g.geom, 'geolife-next', k => 5) p
+         WHERE g.traj_id = %s ORDER BY p.rank""", [query_id]).fetchall()
+    log(f"in SQL: pgtraj.predict_next(<trip {query_id}>, 'geolife-next', k => 5) -> "
+        + ", ".join(f"#{r[0]} {r[1]} p={r[2]}" for r in rows))
+    surprise = conn.execute("""
+        SELECT traj_id, round(pgtraj.score(geom, 'geolife-next')::numeric, 3) AS surprise
+          FROM geolife.trajectories
+         WHERE split = 'test' AND ST_DistanceSphere(ST_StartPoint(geom), ST_EndPoint(geom)) > 1000
+         ORDER BY 2 DESC LIMIT 3""").fetchall()
+    log(f"in SQL: the 3 most surprising test trips (pgtraj.score, nats per cell): {surprise}")
+    out.update(embedded=embedded, similar_to={str(query_id): similar}, prediction=[r[:4] for r in rows],
+               most_surprising=surprise)
+    _map(conn, query_id, rows, out_dir / "prediction.png")
+    return out
+
+
+def _map(conn, traj_id: int, rows: list, png: Path) -> None:
+    """The last part of a trip and its predicted next cells (outlines coloured by probability)."""
+    import h3
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = conn.execute("SELECT ST_Y(d.geom), ST_X(d.geom) FROM geolife.trajectories g, ST_DumpPoints(g.geom) d"
+                       " WHERE g.traj_id = %s ORDER BY d.path", [traj_id]).fetchall()
+    lat, lon = np.array(pts[-300:]).T
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot(lon, lat, "-", color="0.3", lw=1, label=f"trip {traj_id} (last fixes)")
+    for rank, cell, p, _, _, _ in rows:
+        ring = np.array(h3.cell_to_boundary(cell) + (h3.cell_to_boundary(cell)[0],))
+        ax.fill(ring[:, 1], ring[:, 0], color=plt.cm.viridis(float(p)), alpha=0.6)
+        ax.plot(ring[:, 1], ring[:, 0], color="k", lw=0.5)
+        c = h3.cell_to_latlng(cell)
+        ax.annotate(f"{rank}: {float(p):.2f}", (c[1], c[0]), fontsize=8, ha="center")
+    ax.set_title("pgtraj.predict_next: the 5 likeliest next H3 cells")
+    ax.set_xlabel("longitude")
+    ax.set_ylabel("latitude")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_aspect(1 / np.cos(np.radians(np.mean(lat))))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

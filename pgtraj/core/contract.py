@@ -1,0 +1,51 @@
+"""The one contract between the torch side (pgtraj.learn), the in-database runtime (pgtraj.runtime) and the
+SQL API: what a graph of each kind takes and gives, which SQL functions serve it, how a training source's
+columns are named, and what a model may be called.
+
+A graph is exported (learn/export.py), checked when it is stored (runtime/graphs.py) and served
+(runtime/tasks/) by the names and shapes written here, and nowhere else. Which graphs an objective trains is
+the objective's own (learn/tasks/, Objective.graphs); the columns of the continuous features are named in
+core/features.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# every graph's inputs, right-padded with PAD: tokens, dow, minute int64 (B, T); cont float32 (B, T, 8)
+INPUT_NAMES = ("tokens", "dow", "minute", "cont")
+
+# the columns of a training source, one spelling everywhere: CLI flags (--id-column, ...), Python keyword
+# arguments (app.training) and the config keys of CALL pgtraj.train
+SOURCE_OPTIONS = ("id_column", "traj_column", "split_column", "label_column")
+
+# what the registry's CHECK constraint allows (migrations/0001_registry.sql); 'name@3' names a version
+MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    rank: int
+    width: str | None = None    # "V": the tokenizer's vocabulary size; None: any
+    per_position: bool = False  # axes (batch, length), else (batch[, width])
+
+
+@dataclass(frozen=True)
+class Graph:
+    kind: str
+    outputs: tuple[Output, ...]
+    served_by: tuple[str, ...]  # the SQL functions that run it
+
+
+GRAPHS = {g.kind: g for g in (
+    Graph("encoder", (Output("embedding", 2),), ("pgtraj.embed", "pgtraj.similarity")),
+    Graph("next_cell", (Output("probs", 2, "V"), Output("log1p_dt", 1)), ("pgtraj.predict_next", "pgtraj.predict_path")),
+    Graph("token_nll", (Output("nll", 2, per_position=True),), ("pgtraj.score",)),
+    Graph("destination", (Output("probs", 2, "V"),), ("pgtraj.predict_destination",)),
+    Graph("travel_time", (Output("log1p_seconds", 1),), ("pgtraj.predict_travel_time",)),
+    Graph("classify", (Output("probs", 2),), ("pgtraj.classify",)),
+    Graph("masked", (Output("token", 2, per_position=True), Output("probability", 2, per_position=True)),
+          ("pgtraj.fill_gaps", "pgtraj.fill_gaps_detail")),
+)}

@@ -1,0 +1,74 @@
+"""Model inputs from tokens: the one featuriser shared by training (client) and inference (in the database).
+numpy only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pgtraj.core.tokenizer import BOS, PAD, Tokens
+
+MINUTE_BUCKET = 15  # minute-of-day embedding in 96 quarter-hour buckets
+
+# the columns of Inputs.cont, in order (continuous() writes them): what the torch side reads targets from
+# and hides, and what the runtime hides, by name
+LOG_DT, LOG_DWELL, OFFSET_X, OFFSET_Y, LOG_SPEED, HEADING_SIN, HEADING_COS, INTERPOLATED = range(8)
+N_CONTINUOUS = 8
+LOG_TIME_SCALE, LOG_SPEED_SCALE = 5.0, 3.0  # log1p(seconds) / 5, log1p(m/s) / 3: roughly unit range
+# what gives away where a position is (hidden where a token is masked)
+SPATIAL = [OFFSET_X, OFFSET_Y, LOG_SPEED, HEADING_SIN, HEADING_COS]
+# what carries timing (hidden from travel-time estimation)
+TIMING = [LOG_DT, LOG_DWELL, LOG_SPEED]
+
+
+@dataclass
+class Inputs:
+    """One sequence (or a padded batch, with a leading batch axis) of model inputs."""
+
+    tokens: np.ndarray      # int64 (T,)
+    dow: np.ndarray         # int64 (T,) 0-6, 7 for special positions
+    minute: np.ndarray      # int64 (T,) 0-95, 96 for special positions
+    cont: np.ndarray        # float32 (T, N_CONTINUOUS)
+
+    def window(self, start: int, stop: int) -> "Inputs":
+        """Positions ``start`` to ``stop`` of one sequence (views, not copies)."""
+        return Inputs(self.tokens[start:stop], self.dow[start:stop], self.minute[start:stop], self.cont[start:stop])
+
+
+def continuous(x: Tokens) -> np.ndarray:
+    """Per-token continuous features, scaled to roughly unit range."""
+    rad = np.radians(x.heading.astype(np.float64))
+    return np.stack([  # in the order of the column names above
+        np.log1p(np.maximum(x.dt, 0)) / LOG_TIME_SCALE,
+        np.log1p(np.maximum(x.dwell, 0)) / LOG_TIME_SCALE,
+        x.offset[:, 0], x.offset[:, 1],
+        np.log1p(np.maximum(x.speed, 0)) / LOG_SPEED_SCALE,
+        np.sin(rad), np.cos(rad),
+        x.interpolated.astype(np.float64),
+    ], axis=1).astype(np.float32)
+
+
+def to_inputs(x: Tokens, *, add_bos: bool = True) -> Inputs:
+    tokens = x.tokens.astype(np.int64)
+    dow, minute = x.dow.astype(np.int64), (x.minute // MINUTE_BUCKET).astype(np.int64)
+    cont = continuous(x)
+    pre = [BOS] if add_bos else []
+    return Inputs(
+        np.concatenate([pre, tokens]).astype(np.int64),
+        np.concatenate([[7] * len(pre), dow]).astype(np.int64),
+        np.concatenate([[96] * len(pre), minute]).astype(np.int64),
+        np.concatenate([np.zeros((len(pre), N_CONTINUOUS), np.float32), cont]))
+
+
+def collate(seqs: list[Inputs], max_len: int | None = None) -> Inputs:
+    """Right-pad to the longest sequence (PAD tokens, zero features); truncate to ``max_len``."""
+    n = max(len(s.tokens) for s in seqs)
+    n = min(n, max_len) if max_len else n
+    out = Inputs(np.full((len(seqs), n), PAD, np.int64), np.full((len(seqs), n), 7, np.int64),
+                 np.full((len(seqs), n), 96, np.int64), np.zeros((len(seqs), n, N_CONTINUOUS), np.float32))
+    for i, s in enumerate(seqs):
+        k = min(len(s.tokens), n)
+        out.tokens[i, :k], out.dow[i, :k], out.minute[i, :k], out.cont[i, :k] = \
+            s.tokens[:k], s.dow[:k], s.minute[:k], s.cont[:k]
+    return out

@@ -1,0 +1,171 @@
+"""Loading real trajectory datasets into PostGIS/MobilityDB tables (``pgtraj load``).
+
+GeoLife 1.3 (Microsoft Research Asia; see ../shared/data/README.md) becomes, in schema ``geolife``:
+
+* ``points``: one row per fix, as recorded (duplicates and out-of-order times kept: cleaning is the reader's
+  job and it reports what it removes), with ``ts timestamptz`` and ``geom geometry(Point, 4326)``;
+* ``labels``: transport-mode intervals;
+* ``trajectories``: one ``LINESTRING M`` (M = epoch seconds, fixes ordered by time) per original file, with
+  its user, time span, point count and split (``pgtraj.splits``);
+* ``trips``: the same as MobilityDB ``tgeompoint`` sequences (duplicate timestamps dropped: MobilityDB
+  requires strictly increasing time; MobilityDB also normalises each sequence, leaving out fixes that lie
+  exactly on the line between their neighbours, which describes the same movement with fewer instants).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from tqdm import tqdm
+
+from pgtraj.core.errors import SourceError
+from pgtraj.core.splits import chronological_split
+
+
+def default_data_dir() -> Path:
+    """``$PGTRAJ_DATA``, else ``../shared/data`` beside a source checkout (where CI and developers have it)."""
+    import os
+
+    if os.environ.get("PGTRAJ_DATA"):
+        return Path(os.environ["PGTRAJ_DATA"])
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def parse_ids(spec: str | None) -> list[int] | None:
+    """'0-4,17' -> [0, 1, 2, 3, 4, 17]; None or 'all' -> None (every id)."""
+    if not spec or spec == "all":
+        return None
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.strip().partition("-")
+        try:
+            out.extend(range(int(a), int(b or a) + 1))
+        except ValueError as exc:
+            raise SourceError(f"bad id list {spec!r}", hint="use e.g. 0-9,17") from exc
+    return out
+
+
+@dataclass
+class LoadReport:
+    schema: str
+    points: int = 0
+    trajectories: int = 0
+    trips: int = 0
+    labels: int = 0
+    users: int = 0
+    seconds: dict = field(default_factory=dict)
+
+
+def load_geolife(conn: psycopg.Connection, data_dir: str | Path, *, schema: str = "geolife",
+                 users: list[int] | None = None, replace: bool = False, progress: bool = True, log=print) -> LoadReport:
+    """Load GeoLife parquet files into ``schema`` (one transaction: all or nothing)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    data_dir = Path(data_dir)
+    points_file, labels_file = data_dir / "points.parquet", data_dir / "labels.parquet"
+    for f in (points_file, labels_file):
+        if not f.exists():
+            raise SourceError(f"GeoLife file {f} not found", hint="pass --path to the folder with points.parquet")
+    s = sql.Identifier(schema)
+    report = LoadReport(schema)
+    with conn.transaction():
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"{schema}.points"]).fetchone()[0]
+        if exists and not replace:
+            raise SourceError(f"{schema}.points already exists", hint="pass --replace to load again (drops the schema)")
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(s))
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(s))
+        conn.execute(sql.SQL("""
+            CREATE TABLE {s}.points (
+                user_id  smallint NOT NULL,
+                traj_id  integer NOT NULL,
+                ts_epoch bigint NOT NULL,
+                lat      double precision NOT NULL,
+                lon      double precision NOT NULL,
+                alt_ft   real,
+                ts       timestamptz GENERATED ALWAYS AS (to_timestamp(ts_epoch)) STORED,
+                geom     geometry(Point, 4326) GENERATED ALWAYS AS (ST_SetSRID(ST_MakePoint(lon, lat), 4326)) STORED)
+            """).format(s=s))
+        t0 = time.perf_counter()
+        pf = pq.ParquetFile(points_file)
+        bar = tqdm(total=pf.metadata.num_rows, unit=" fixes", unit_scale=True, desc="points", disable=not progress)
+        with conn.cursor().copy(sql.SQL("COPY {}.points (user_id, traj_id, ts_epoch, lat, lon, alt_ft)"
+                                        " FROM STDIN (FORMAT csv)").format(s)) as copy:
+            for i in range(pf.metadata.num_row_groups):
+                batch = pf.read_row_group(i, columns=["user_id", "traj_id", "ts", "lat", "lon", "alt_ft"])
+                bar.update(batch.num_rows)
+                if users is not None:
+                    batch = batch.filter(pc.is_in(batch["user_id"], pa.array(users, pa.int16())))
+                if batch.num_rows:
+                    buf = io.BytesIO()  # pyarrow writes CSV in C++: no per-row Python on 18 M rows
+                    pacsv.write_csv(batch, buf, pacsv.WriteOptions(include_header=False))
+                    copy.write(buf.getvalue())
+                    report.points += batch.num_rows
+        bar.close()
+        report.seconds["copy_points"] = time.perf_counter() - t0
+        if report.points == 0:
+            raise SourceError(f"no GeoLife points for users {users}", hint="GeoLife 1.3 user ids run from 0 to 139")
+
+        labels = pq.read_table(labels_file)
+        if users is not None:
+            labels = labels.filter(pc.is_in(labels["user_id"], pa.array(users, pa.int16())))
+        conn.execute(sql.SQL("CREATE TABLE {}.labels (user_id smallint, start_ts timestamptz, end_ts timestamptz,"
+                             " mode text)").format(s))
+        with conn.cursor().copy(sql.SQL("COPY {}.labels FROM STDIN").format(s)) as copy:
+            for r in labels.to_pylist():
+                copy.write_row((r["user_id"], _ts(r["start_ts"]), _ts(r["end_ts"]), r["mode"]))
+        report.labels = labels.num_rows
+
+        t0 = time.perf_counter()
+        log(f"building {schema}.trajectories (LINESTRING M)")
+        conn.execute(sql.SQL("""
+            CREATE TABLE {s}.trajectories AS
+            SELECT traj_id, min(user_id)::smallint AS user_id, min(ts) AS start_ts, max(ts) AS end_ts,
+                   count(*)::integer AS n_points, NULL::text AS split,
+                   ST_SetSRID(ST_MakeLine(ST_MakePointM(lon, lat, ts_epoch) ORDER BY ts_epoch), 4326)
+                       ::geometry(LineStringM, 4326) AS geom
+              FROM {s}.points GROUP BY traj_id""").format(s=s))
+        conn.execute(sql.SQL("ALTER TABLE {s}.trajectories ADD PRIMARY KEY (traj_id)").format(s=s))
+        ids, user, start = (np.array(c) for c in zip(*conn.execute(sql.SQL(
+            "SELECT traj_id, user_id, extract(epoch FROM start_ts) FROM {}.trajectories").format(s)).fetchall()))
+        split = chronological_split(user, start.astype(float))
+        with conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE _split (traj_id int, split text) ON COMMIT DROP")
+            with cur.copy("COPY _split FROM STDIN") as copy:
+                for row in zip(ids.tolist(), split.tolist()):
+                    copy.write_row(row)
+            cur.execute(sql.SQL("UPDATE {}.trajectories t SET split = x.split FROM _split x WHERE x.traj_id = t.traj_id")
+                        .format(s))
+        report.trajectories, report.users = len(ids), len(np.unique(user))
+        report.seconds["trajectories"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        log(f"building {schema}.trips (MobilityDB tgeompoint)")
+        conn.execute(sql.SQL("""
+            CREATE TABLE {s}.trips AS
+            SELECT traj_id, min(user_id)::smallint AS user_id,
+                   tgeompointSeq(array_agg(tgeompoint(geom, ts) ORDER BY ts)) AS trip
+              FROM (SELECT DISTINCT ON (traj_id, ts_epoch) traj_id, user_id, ts, geom
+                      FROM {s}.points ORDER BY traj_id, ts_epoch) p
+             GROUP BY traj_id""").format(s=s))
+        conn.execute(sql.SQL("ALTER TABLE {s}.trips ADD PRIMARY KEY (traj_id)").format(s=s))
+        report.trips = conn.execute(sql.SQL("SELECT count(*) FROM {}.trips").format(s)).fetchone()[0]
+        report.seconds["trips"] = time.perf_counter() - t0
+        conn.execute(sql.SQL("CREATE INDEX ON {}.points (traj_id, ts_epoch)").format(s))
+    for table in ("points", "trajectories", "trips", "labels"):
+        conn.execute(sql.SQL("ANALYZE {}.{}").format(s, sql.Identifier(table)))
+    return report
+
+
+def _ts(epoch: int):
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(epoch, timezone.utc)

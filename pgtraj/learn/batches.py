@@ -1,0 +1,118 @@
+"""Batches for training: cleaned trajectories -> tokens -> padded tensors, plus the augmentations that make
+contrastive views (downsampling, cropping, distortion), applied to the raw fixes before tokenizing."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pgtraj.core.contract import INPUT_NAMES
+from pgtraj.core.features import Inputs, collate, to_inputs
+from pgtraj.core.tokenizer import Tokenizer
+from pgtraj.core.trajectory import M_PER_DEG, Trajectory
+
+
+def augment(tr: Trajectory, rng: np.random.Generator, *, keep: tuple = (0.5, 0.9), crop: tuple = (0.7, 1.0),
+            noise_m: float = 30.0) -> Trajectory:
+    """A random view of the same trip: a contiguous crop, a random subset of its fixes, positions jittered."""
+    n = len(tr)
+    length = max(2, int(n * rng.uniform(*crop)))
+    start = int(rng.integers(0, n - length + 1))
+    tr = tr.take(slice(start, start + length))
+    mask = rng.random(len(tr)) < rng.uniform(*keep)
+    mask[[0, -1]] = True
+    tr = tr.take(mask)
+    dlat = rng.normal(0, noise_m, len(tr)) / M_PER_DEG
+    dlon = rng.normal(0, noise_m, len(tr)) / (M_PER_DEG * np.cos(np.radians(tr.lat)))
+    return Trajectory(tr.id, tr.t, tr.lat + dlat, tr.lon + dlon, tr.part)
+
+
+def to_tensors(b: Inputs, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(getattr(b, k)).to(device) for k in INPUT_NAMES}
+
+
+def in_batches(encoded: list, batch_size: int, max_len: int | None = None):
+    """(chunk, padded input tensors) over tokenized trajectories in order: how every evaluation runs a model
+    over a list (call it under torch.no_grad(), with the model in eval mode)."""
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        yield chunk, to_tensors(collate([to_inputs(x) for x in chunk], max_len=max_len))
+
+
+class Batches:
+    """Random batches of (windows of) trajectories, tokenized on the fly. Deterministic for a seed.
+
+    Batches for next()/masked objectives are length-grouped: ``pool`` batches' worth of windows are drawn at
+    once, sorted by length, cut into batches and served in random order. Every window is still drawn
+    uniformly; what changes is who shares a batch, so padding drops (GeoLife: ~22% of a random batch is
+    real tokens, ~90% of a grouped one). ``state()``/``restore()`` carry the pending pool across a resume.
+
+    ``labels`` (one int per trajectory) add a "label" tensor to next() batches; with ``tail`` a long trip's
+    window is its last ``max_len`` tokens (destination: the target is the end)."""
+
+    def __init__(self, trajectories: list[Trajectory], tokenizer: Tokenizer, *, batch_size: int, max_len: int,
+                 seed: int = 0, device: str = "cpu", pool: int = 16, labels: list[int] | None = None,
+                 tail: bool = False):
+        if not trajectories:
+            raise ValueError("no trajectories to train on")
+        if labels is not None and len(labels) != len(trajectories):
+            raise ValueError(f"{len(labels)} labels for {len(trajectories)} trajectories")
+        self.trajs, self.tok, self.batch_size, self.max_len = trajectories, tokenizer, batch_size, max_len
+        self.rng = np.random.default_rng(seed)
+        self.device, self.pool, self.labels, self.tail = device, pool, labels, tail
+        self._encoded: dict[int, Inputs] = {}   # tokenizing is deterministic: once per trajectory
+        self._pending: list[list[tuple[int, int]]] = []  # (trajectory index, window start) per queued batch
+
+    def _inputs(self, i: int) -> Inputs:
+        if i not in self._encoded:
+            self._encoded[i] = to_inputs(self.tok.encode(self.trajs[i]))
+        return self._encoded[i]
+
+    def _start(self, inp: Inputs) -> int:
+        n = len(inp.tokens)
+        if n <= self.max_len:
+            return 0
+        return n - self.max_len if self.tail else int(self.rng.integers(0, n - self.max_len + 1))
+
+    def _window(self, inp: Inputs, s: int) -> Inputs:
+        return inp.window(s, s + self.max_len)
+
+    def sample(self) -> list[Trajectory]:
+        return [self.trajs[i] for i in self.rng.integers(0, len(self.trajs), self.batch_size)]
+
+    def encode(self, trajs: list[Trajectory]) -> dict[str, torch.Tensor]:
+        wins = []
+        for t in trajs:
+            inp = to_inputs(self.tok.encode(t))
+            wins.append(self._window(inp, self._start(inp)))
+        return to_tensors(collate(wins), self.device)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if not self._pending:
+            idx = self.rng.integers(0, len(self.trajs), self.batch_size * self.pool).tolist()
+            picks = [(i, self._start(self._inputs(i))) for i in idx]
+            picks.sort(key=lambda p: min(len(self._inputs(p[0]).tokens) - p[1], self.max_len))
+            batches = [picks[k:k + self.batch_size] for k in range(0, len(picks), self.batch_size)]
+            self._pending = [batches[j] for j in self.rng.permutation(len(batches))]
+        batch = self._pending.pop()
+        out = to_tensors(collate([self._window(self._inputs(i), s) for i, s in batch]), self.device)
+        if self.labels is not None:
+            out["label"] = torch.tensor([self.labels[i] for i, _ in batch], device=self.device)
+        return out
+
+    def views(self) -> tuple[dict, dict]:
+        """Two augmented views of the same batch of trips (contrastive objectives)."""
+        trajs = self.sample()
+        return (self.encode([augment(t, self.rng) for t in trajs]),
+                self.encode([augment(t, self.rng) for t in trajs]))
+
+    def resize(self, batch_size: int) -> None:
+        """A new batch size from the next batch on (queued batches of the old size are dropped)."""
+        self.batch_size, self._pending = batch_size, []
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "pending": [list(map(list, b)) for b in self._pending]}
+
+    def restore(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self._pending = [[tuple(p) for p in b] for b in state["pending"]]
