@@ -12,7 +12,7 @@
 -- parallel worker may not), loading models from the cached files when it has to.
 --
 -- Trajectories: PostGIS LINESTRING M (M = epoch seconds; any SRID PostGIS knows, transformed to WGS84; SRID
--- 0 is read as WGS84 and out-of-range coordinates are refused); 45_forms.sql adds, for every function here,
+-- 0 is read as WGS84 and out-of-range coordinates are refused); 55_forms.sql adds, for every function here,
 -- the same function over a MobilityDB tgeompoint or tgeogpoint and over arrays of point fixes and their
 -- times. Unusable input (no M, not a line, NaN, time going backwards, ...) raises SQLSTATE 22023 naming
 -- the problem.

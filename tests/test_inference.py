@@ -487,3 +487,4 @@ def test_every_trajectory_form_reads_the_same(conn):
             assert got == want, form
         else:  # MobilityDB keeps a subset of collinear fixes: the same trip, nearly the same numbers
             assert got["next"] == want["next"] and float(vec(got["embed"]) @ vec(want["embed"])) > 0.99, form
+        assert conn.execute(f"SELECT pgtraj.similarity({arg}, {arg}, 'm')").fetchone()[0] > 0.999, form

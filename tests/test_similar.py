@@ -41,6 +41,10 @@ def test_similar_by_id_vector_and_trajectory_agree_with_exact_search(embedded):
     by_traj = embedded.execute("SELECT id FROM pgtraj.similar('trips', 'embedding', (SELECT geom FROM trips"
                                " WHERE id = 3), 'm', k => 6)").fetchall()
     assert by_traj[0][0] == "3" and [r[0] for r in by_traj[1:]] == [r[0] for r in by_id]
+    as_tgeompoint = ("(SELECT tgeompointSeq(array_agg(tgeompoint(ST_Force2D(d.geom), to_timestamp(ST_M(d.geom)))"
+                     " ORDER BY d.path)) FROM trips t, ST_DumpPoints(t.geom) d WHERE t.id = 3)")
+    by_temporal = embedded.execute(f"SELECT id FROM pgtraj.similar('trips', 'embedding', {as_tgeompoint}, 'm', k => 1)")
+    assert by_temporal.fetchall() == [("3",)]
 
 
 @pytest.mark.parametrize("call, sqlstate", [
