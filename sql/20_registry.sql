@@ -65,8 +65,9 @@ BEGIN
             coalesce(_register.metrics, '{}'), _register.primary_metric, coalesce(_register.higher_is_better, true),
             _register.embedding_dim, _register.training_run_id, _register.description, who)
     RETURNING id INTO new_id;
-    INSERT INTO pgtraj.model_artifacts (model_id, kind, bytes, sha256)  -- each checked by its trigger
-    SELECT new_id, k, g, encode(sha256(g), 'hex') FROM unnest(kinds, graphs) AS u(k, g);
+    INSERT INTO pgtraj.model_artifacts (model_id, kind, format, bytes, sha256)  -- each checked by its trigger
+    SELECT new_id, k, CASE k WHEN 'weights' THEN 'npz' ELSE 'onnx' END, g, encode(sha256(g), 'hex')
+      FROM unnest(kinds, graphs) AS u(k, g);
     RETURN QUERY SELECT new_id, new_ver;
 END
 $$;

@@ -88,7 +88,7 @@ COMMENT ON FUNCTION pgtraj.line(geometry[], timestamptz[]) IS
 CREATE OR REPLACE FUNCTION pgtraj._tokenize(wkb bytea, tokenizer text)
 RETURNS TABLE (pos integer, token integer, cell h3index, t double precision, dwell real, dt real,
                dow smallint, minute smallint, offset_x real, offset_y real, speed real, heading real,
-               interpolated boolean)
+               interpolated boolean, move smallint)
 LANGUAGE plpython3u IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
 return pgtraj.encoding.tokenize(plpy, wkb, tokenizer)
@@ -97,9 +97,9 @@ $$;
 CREATE OR REPLACE FUNCTION pgtraj.tokenize(traj geometry, tokenizer jsonb)
 RETURNS TABLE (pos integer, token integer, cell h3index, t double precision, dwell real, dt real,
                dow smallint, minute smallint, offset_x real, offset_y real, speed real, heading real,
-               interpolated boolean)
+               interpolated boolean, move smallint)
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT * FROM pgtraj._tokenize(pgtraj._wkb(traj), tokenizer::text)
 $$;
 COMMENT ON FUNCTION pgtraj.tokenize(geometry, jsonb) IS
-    'H3 tokens and features of a LINESTRING M trajectory (M = epoch seconds, any SRID) under a tokenizer (JSON)';
+    'H3 tokens and features of a LINESTRING M trajectory (M = epoch seconds, any SRID) under a tokenizer (JSON); move: which grid neighbour of the previous cell (0 straight on, then clockwise by 60 degrees; 6 a jump; 7 the first cell)';

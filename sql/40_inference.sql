@@ -53,9 +53,12 @@ BEGIN
                   HINT = format('SELECT version FROM pgtraj.models WHERE name = %L lists its versions', m[1]);
         END IF;
     END IF;
-    SELECT a.sha256, x.meta_sha256 INTO r.sha256, r.meta_sha256
+    -- a model of pgtraj 0.1 predicts next cells with a next_cell graph instead of next_move
+    SELECT a.kind, a.sha256, x.meta_sha256 INTO r.kind, r.sha256, r.meta_sha256
       FROM pgtraj.model_artifacts a JOIN pgtraj.model_registry x ON x.id = a.model_id
-     WHERE a.model_id = r.model_id AND a.kind = _resolve.kind;
+     WHERE a.model_id = r.model_id
+       AND a.kind IN (_resolve.kind, CASE _resolve.kind WHEN 'next_move' THEN 'next_cell' END)
+     ORDER BY a.kind = _resolve.kind DESC LIMIT 1;
     IF r.sha256 IS NULL THEN
         RAISE EXCEPTION 'pgtraj: model % has no % graph (it has: %)', quote_literal(model), quote_literal(kind),
               (SELECT string_agg(a.kind, ', ' ORDER BY a.kind) FROM pgtraj.model_artifacts a
@@ -129,7 +132,7 @@ RETURNS TABLE (rank integer, cell text, lat double precision, lon double precisi
                expected_seconds double precision)
 LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return pgtraj.next_cell.predict_next(plpy, wkb, pgtraj.models.Ref.of(m, 'next_cell'), k, constrained)
+return pgtraj.next_move.predict_next(plpy, wkb, pgtraj.models.Ref.of(m, pgtraj.next_move.KINDS), k, constrained)
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.predict_next(traj geometry, model text, k integer DEFAULT 5,
@@ -140,10 +143,10 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 SET search_path = pg_catalog, pg
     SELECT p.rank, p.cell::@extschema:h3@.h3index,
            @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakePoint(p.lon, p.lat), 4326),
            p.probability, p.expected_seconds
-      FROM pgtraj._predict_next(pgtraj._wkb(traj), pgtraj._resolve(model, 'next_cell'), k, constrained) p
+      FROM pgtraj._predict_next(pgtraj._wkb(traj), pgtraj._resolve(model, 'next_move'), k, constrained) p
 $$;
 COMMENT ON FUNCTION pgtraj.predict_next(geometry, text, integer, boolean) IS
-    'The k likeliest next H3 cells of a trajectory (rank, cell, centre point, probability, expected seconds until it); constrained: grid neighbours of the current cell first';
+    'The k likeliest next H3 cells of a trajectory (rank, cell, centre point, probability, expected seconds until it): grid neighbours of its last cell, at most six; constrained applies to models of pgtraj 0.1 only (next_cell graphs: grid neighbours first)';
 
 CREATE OR REPLACE FUNCTION pgtraj._predict_destination(wkb bytea, m pgtraj.model_ref, k integer)
 RETURNS TABLE (rank integer, cell text, lat double precision, lon double precision, probability double precision)
@@ -167,7 +170,7 @@ RETURNS TABLE (step integer, cell text, lat double precision, lon double precisi
                probability double precision)
 LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return pgtraj.next_cell.predict_path(plpy, wkb, pgtraj.models.Ref.of(m, 'next_cell'), steps, beam)
+return pgtraj.next_move.predict_path(plpy, wkb, pgtraj.models.Ref.of(m, pgtraj.next_move.KINDS), steps, beam)
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.predict_path(traj geometry, model text, steps integer DEFAULT 10, beam integer DEFAULT 4)
@@ -175,7 +178,7 @@ RETURNS geometry
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakeLine(
                @extschema:postgis@.ST_MakePointM(p.lon, p.lat, p.t) ORDER BY p.step), 4326)
-      FROM pgtraj._predict_path(pgtraj._wkb(traj), pgtraj._resolve(model, 'next_cell'), steps, beam) p
+      FROM pgtraj._predict_path(pgtraj._wkb(traj), pgtraj._resolve(model, 'next_move'), steps, beam) p
 $$;
 COMMENT ON FUNCTION pgtraj.predict_path(geometry, text, integer, integer) IS
     'The likeliest continuation of a trip (beam search over grid-neighbour moves) as a LINESTRING M from its last fix, M = predicted epoch seconds';

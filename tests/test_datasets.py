@@ -132,10 +132,11 @@ def test_quickstart_end_to_end(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "PGTRAJ_DSN"}, "PGTRAJ_HOME": str(home)}
     try:
         out = subprocess.run([sys.executable, "-m", "pgtraj", "quickstart", "--users", ",".join(map(str, SMALL_USERS)),
-                              "--out", str(tmp_path), "--preset", "tiny", "--pretrain-steps", "8", "--steps", "8"],
+                              "--out", str(tmp_path), "--steps", "4"],
                              capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr
         assert "loaded GeoLife" in out.stderr and "in SQL: pgtraj.tokenize" in out.stderr
+        assert "registered pgtraj-base v1" in out.stderr and "initialised from pgtraj-base v1" in out.stderr
         assert "registered geolife-next v1" in out.stderr and "5 trips most similar" in out.stderr
         assert (tmp_path / "prediction.png").stat().st_size > 1000
         import json

@@ -53,8 +53,7 @@ def test_model_ranks_align_with_prefix_predictions():
     for i in (1, 5, n - 1):  # predict token i from the prefix tokens[:i], with nothing after it
         b = to_tensors(collate([inp], max_len=i + 1))  # BOS + i tokens
         with torch.no_grad():
-            logits, _ = model.next_logits(**b)
-        lg = logits[0, -1].numpy().copy()
+            lg = model.lm_head(model.next_step(**b)[0])[0, -1].numpy().copy()
         lg[:S] = -np.inf
         assert ranks[i - 1] == int(np.sum(lg >= lg[x.tokens[i]]))
 

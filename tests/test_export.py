@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pgtraj.core.contract import GRAPHS, INPUT_NAMES
+from pgtraj.core.tokenizer import JUMP
 from pgtraj.learn.export import export, max_abs_diff, torch_outputs
 
 from .conftest import CACHE
@@ -43,10 +44,11 @@ def test_parity_with_torch(trained, kind):
         assert diff < 1e-4, f"{kind}: max abs diff {diff}"
 
 
-def test_next_cell_reads_each_sequence_at_its_last_real_token(trained):
+@pytest.mark.parametrize("kind", ["next_move", "next_cell"])
+def test_next_step_graphs_read_each_sequence_at_its_last_real_token(trained, kind):
     b = batch([TRIPS[1], max(TRIPS, key=len)])
-    probs, _ = torch_outputs(trained, "next_cell", b)
-    alone, _ = torch_outputs(trained, "next_cell", batch([TRIPS[1]]))
+    probs, _ = torch_outputs(trained, kind, b)
+    alone, _ = torch_outputs(trained, kind, batch([TRIPS[1]]))
     assert np.allclose(probs[0], alone[0], atol=1e-5)  # padding of the short one changes nothing
     assert np.allclose(probs.sum(-1), 1.0, atol=1e-5)
 
@@ -69,12 +71,19 @@ assert np.max(np.abs(out - np.load({str(tmp_path / 'want.npy')!r}))) < 1e-4
     assert proc.returncode == 0, proc.stderr
 
 
-def test_token_nll_agrees_with_next_cell_on_prefixes(trained):
+def test_token_nll_agrees_with_next_move_on_prefixes(trained):
     b = batch([TRIPS[4]])
     (nll,) = torch_outputs(trained, "token_nll", b)
     n = int((b["tokens"] != 0).sum())
-    for p in (1, n // 2, n - 2):  # position p predicts token p + 1 from the prefix 0..p
+    moves = b["move"][0].tolist()
+    checked = 0
+    for p in range(1, n - 1):  # position p predicts the move to cell p + 1 from the prefix 0..p
+        if moves[p + 1] > JUMP:  # no move to score (the first cell after BOS)
+            assert nll[0, p] == 0.0
+            continue
         prefix = {k: v[:, :p + 1] for k, v in b.items()}
-        probs, _ = torch_outputs(trained, "next_cell", prefix)
-        assert np.isclose(nll[0, p], -np.log(probs[0, int(b["tokens"][0, p + 1])]), rtol=1e-4)
+        probs, _ = torch_outputs(trained, "next_move", prefix)
+        assert np.isclose(nll[0, p], -np.log(probs[0, moves[p + 1]]), rtol=1e-4)
+        checked += 1
+    assert checked >= n // 2
     assert nll[0, n - 1] == 0.0  # nothing follows the last token

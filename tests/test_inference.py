@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pgtraj.core.features import collate, to_inputs
+from pgtraj.core.tokenizer import JUMP
 from pgtraj.db import registry
 from pgtraj.learn.batches import Batches, to_tensors
 from pgtraj.learn.export import export
@@ -114,41 +115,106 @@ def test_similarity_is_the_cosine_of_embeddings(conn):
     assert abs(s_self - 1.0) < 1e-6 and abs(s_other - float(vec(a) @ vec(b))) < 1e-5
 
 
-def test_predict_next_matches_the_client_and_the_grid(conn, models):
-    trip = TRIPS[4]
-    rows = conn.execute("SELECT rank, cell::text, ST_X(geom), ST_Y(geom), probability, expected_seconds"
-                        " FROM pgtraj.predict_next((SELECT geom FROM trips WHERE id = 4), 'm', k => 8,"
-                        " constrained => false)").fetchall()
+def client_next_step(model, trip):
     x = TOK.encode(trip)
     with torch.no_grad():
-        logits, dt = models[0].next_logits(**to_tensors(collate([to_inputs(x)])))
-    p = torch.softmax(logits[0, -1], -1).numpy()
+        h, move_logits, dt = model.next_step(**to_tensors(collate([to_inputs(x)])))
+    return x, h, move_logits, dt
+
+
+def test_predict_next_names_grid_neighbours_by_the_move_head(conn, models):
+    import h3
+
+    from pgtraj.core.tokenizer import move_frames
+
+    rows = conn.execute("SELECT rank, cell::text, ST_X(geom), ST_Y(geom), probability, expected_seconds"
+                        " FROM pgtraj.predict_next((SELECT geom FROM trips WHERE id = 4), 'm', k => 8)").fetchall()
+    x, _, move_logits, dt = client_next_step(models[0], TRIPS[4])
+    p = torch.softmax(move_logits[0, -1], -1).numpy()
+    frame = move_frames(x.cells)[-1]
+    slots = [s for s in np.argsort(-p[:6], kind="stable") if frame[s]]
+    assert [r[0] for r in rows] == list(range(1, len(slots) + 1))  # at most the six neighbours: k = 8 gives 6
+    assert [r[1] for r in rows] == [h3.int_to_str(int(frame[s])) for s in slots]
+    assert np.allclose([r[4] for r in rows], p[slots], atol=1e-5)
+    assert np.allclose([r[5] for r in rows], np.expm1(dt[0, -1].item()), rtol=1e-4)
+    here = h3.int_to_str(int(x.cells[-1]))
+    assert all(h3.grid_distance(here, r[1]) == 1 for r in rows)
+    lat, lon = h3.cell_to_latlng(rows[0][1])
+    assert abs(rows[0][2] - lon) < 1e-9 and abs(rows[0][3] - lat) < 1e-9
+
+
+def test_a_trip_outside_the_vocabulary_gets_neighbours_and_a_notice(conn):
+    """Where the vocabulary knows no cell (another region), predictions are the trip's own grid neighbours,
+    never a known cell far away, and a NOTICE says that they rest on motion alone."""
+    import h3
+
+    trip = TRIPS[4]
+    said = []
+    conn.add_notice_handler(lambda d: said.append((d.message_primary, d.message_hint)))
+    rows = conn.execute(f"SELECT cell::text, probability FROM pgtraj.predict_next({LINE}, 'm', k => 6)",
+                        [(trip.lon - 120.0).tolist(), trip.lat.tolist(), trip.t.tolist()]).fetchall()
+    last = h3.latlng_to_cell(float(trip.lat[-1]), float(trip.lon[-1]) - 120.0, 9)
+    assert rows and all(h3.grid_distance(last, c) == 1 for c, _ in rows)
+    assert abs(sum(p for _, p in rows) - 1.0) < 0.5  # most of the mass is on the six neighbours
+    assert any("0% of this trip's cells are in the vocabulary of \"m\" v1" in m and "fine-tune" in h for m, h in said), said
+    said.clear()
+    conn.execute("SELECT count(*) FROM pgtraj.predict_next((SELECT geom FROM trips WHERE id = 4), 'm')")
+    assert not said  # a trip the vocabulary knows: nothing to say
+
+
+def test_a_next_cell_graph_is_served_over_the_vocabulary(conn, models):
+    """A model registered with the vocabulary graph (next_cell, as every model of pgtraj 0.1 was) is served
+    by the same functions: the k likeliest tokens, grid neighbours first when constrained."""
+    import h3
+
+    register(conn, models[0], name="vocab", graphs=("encoder", "next_cell"))
+    rows = conn.execute("SELECT rank, cell::text, probability, expected_seconds FROM pgtraj.predict_next("
+                        "(SELECT geom FROM trips WHERE id = 4), 'vocab', k => 8, constrained => false)").fetchall()
+    x, h, _, dt = client_next_step(models[0], TRIPS[4])
+    with torch.no_grad():
+        p = torch.softmax(models[0].lm_head(h[0, -1]), -1).numpy()
     p[:5] = -1
     want = np.argsort(-p)[:8]
     assert [r[0] for r in rows] == list(range(1, 9))
-    import h3
-
     assert [r[1] for r in rows] == [h3.int_to_str(TOK.token_cell(int(t))) for t in want]
-    assert np.allclose([r[4] for r in rows], p[want], atol=1e-5)
-    assert np.allclose([r[5] for r in rows], np.expm1(dt[0, -1].item()), rtol=1e-4)
-    lat, lon = h3.cell_to_latlng(rows[0][1])
-    assert abs(rows[0][2] - lon) < 1e-9 and abs(rows[0][3] - lat) < 1e-9
-    # constrained: the cells next to the current one come first
-    cons = conn.execute("SELECT cell::text FROM pgtraj.predict_next((SELECT geom FROM trips WHERE id = 4), 'm',"
+    assert np.allclose([r[2] for r in rows], p[want], atol=1e-5)
+    assert np.allclose([r[3] for r in rows], np.expm1(dt[0, -1].item()), rtol=1e-4)
+    cons = conn.execute("SELECT cell::text FROM pgtraj.predict_next((SELECT geom FROM trips WHERE id = 4), 'vocab',"
                         " k => 3)").fetchall()
     here = h3.int_to_str(int(x.cells[-1]))
     assert all(h3.grid_distance(here, c) <= 1 for (c,) in cons)
+    path = conn.execute("SELECT ST_X(d.geom), ST_Y(d.geom) FROM ST_DumpPoints(pgtraj.predict_path((SELECT geom"
+                        " FROM trips WHERE id = 4), 'vocab', steps => 4)) d ORDER BY d.path").fetchall()
+    cells = [h3.latlng_to_cell(lat, lon, 9) for lon, lat in path[1:]]  # after the last fix: cell centres
+    assert len(cells) == 4 and h3.grid_distance(here, cells[0]) == 1
+    assert all(h3.grid_distance(a, b) == 1 for a, b in zip(cells, cells[1:]))
 
 
-def test_score_is_the_mean_surprise(conn, models):
+def test_score_is_the_mean_surprise_of_the_moves(conn, models):
     (got,) = conn.execute("SELECT pgtraj.score(geom, 'm') FROM trips WHERE id = 6").fetchone()
-    x = TOK.encode(TRIPS[6])
-    b = to_tensors(collate([to_inputs(x)]))
-    with torch.no_grad():
-        logits, _ = models[0].next_logits(**b)
-    logp = torch.log_softmax(logits[0, :-1], -1)
-    want = -logp.gather(-1, b["tokens"][0, 1:, None]).mean().item()
-    assert abs(got - want) < 1e-4
+    x, _, move_logits, _ = client_next_step(models[0], TRIPS[6])
+    logp = torch.log_softmax(move_logits[0, :-1], -1)
+    nxt = torch.from_numpy(np.asarray(to_inputs(x).move[1:], dtype=np.int64))
+    has = nxt <= JUMP
+    want = -logp.gather(-1, nxt.clamp_max(JUMP)[:, None]).squeeze(-1)[has].mean().item()
+    assert has.sum() >= len(nxt) - 1 and abs(got - want) < 1e-4
+
+
+def test_graphs_of_pgtraj_0_1_are_still_served(conn):
+    """Models registered before moves existed have graphs with four inputs (no move) and a next_cell graph:
+    they load, and every function serves them."""
+    from .graphs import legacy
+
+    mv = registry.register(conn, "old", objective="next_cell", tokenizer=json.loads(TOK.to_json()),
+                           artifacts={k: legacy(k) for k in ("encoder", "next_cell", "token_nll")},
+                           config={"train": {"max_len": 48}}, embedding_dim=make_model().cfg.d_model)
+    registry.deploy(conn, "old", mv.version)
+    emb, score = conn.execute("SELECT pgtraj.embed(geom, 'old')::text, pgtraj.score(geom, 'old') FROM trips"
+                              " WHERE id = 4").fetchone()
+    assert np.isclose(np.linalg.norm(vec(emb)), 1.0, atol=1e-5) and score > 0
+    rows = conn.execute("SELECT rank, probability FROM pgtraj.predict_next((SELECT geom FROM trips WHERE id = 4),"
+                        " 'old', k => 5)").fetchall()
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5] and all(0 <= r[1] <= 1 for r in rows)
 
 
 def test_redeploy_is_seen_without_reconnecting(conn, db, models):
@@ -305,6 +371,7 @@ def test_predict_destination_needs_a_destination_head(conn, models):
 
 def test_fill_gaps_recovers_the_skipped_cells_like_the_client(conn, models):
     from pgtraj.core.tokenizer import MASK
+    from pgtraj.learn.tasks.masked_spans import hide_masked
 
     register(conn, models[0], name="mlm", graphs=("encoder", "masked"))
     sparse = TRIPS[9].take(slice(0, None, 12))  # every 12th fix: cells in between are skipped
@@ -317,10 +384,11 @@ def test_fill_gaps_recovers_the_skipped_cells_like_the_client(conn, models):
     assert all(a[2] <= b[2] for a, b in zip(rows, rows[1:]))
     b = to_tensors(collate([to_inputs(x)]))
     b["tokens"][0, gaps + 1] = MASK
-    cont = b["cont"].clone()  # the spatial features of masked positions are hidden, as in training
-    cont[0, torch.from_numpy(gaps + 1)] = cont[0, torch.from_numpy(gaps + 1)] * torch.tensor([1, 1, 0, 0, 0, 0, 0, 1.0])
+    masked = torch.zeros_like(b["tokens"], dtype=torch.bool)
+    masked[0, gaps + 1] = True
+    cont, move = hide_masked(b["cont"], b["move"], masked)  # what gives a masked cell away, as in training
     with torch.no_grad():
-        logits = models[0].lm_head(models[0].backbone(b["tokens"], b["dow"], b["minute"], cont))
+        logits = models[0].lm_head(models[0].hidden(b["tokens"], b["dow"], b["minute"], cont, move))
     logits[..., :5] = -torch.inf
     import h3
 

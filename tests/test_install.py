@@ -56,7 +56,7 @@ def test_fresh_install_creates_everything(empty_db, cluster):
         assert tables == {"installation", "schema_migrations", "model_registry", "model_artifacts",
                           "deployment_log", "training_runs", "jobs", "embedding_errors", "embedding_targets",
                           "embedding_queue"}
-    assert any("pgtraj 0.1.0 installed" in line for line in logs)
+    assert any(f"pgtraj {__version__} installed" in line for line in logs)
 
 
 def test_rerun_is_a_no_op(db, cluster):

@@ -208,7 +208,7 @@ def sql_tokens(conn, where: str, tokenizer: Tokenizer, column="geom", table="tri
                   dow=np.array(cols[6], np.int8), minute=np.array(cols[7], np.int16),
                   offset=np.stack([np.array(cols[8], np.float32), np.array(cols[9], np.float32)], axis=1),
                   speed=np.array(cols[10], np.float32), heading=np.array(cols[11], np.float32),
-                  interpolated=np.array(cols[12], bool))
+                  interpolated=np.array(cols[12], bool), move=np.array(cols[13], np.int8))
 
 
 def test_database_tokenizes_byte_identically_to_the_client(conn):

@@ -1,6 +1,7 @@
 """The README's SQL API examples, run as written through psql (meta-commands and all) against GeoLife user 0
 loaded by `pgtraj load`, with tiny models registered under the README's model names. The only change made to
-the text is the training budget: the README trains the `small` preset for 600 steps, the suite a tiny one.
+the text is the training budget: the README fine-tunes pgtraj-base for 300 steps, the suite trains a tiny
+model.
 
 It runs in the database pg_cron serves (the README schedules jobs) and removes what it made afterwards."""
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from pgtraj import __version__
+from pgtraj.app import base_model
 from pgtraj.core.features import collate, to_inputs
 from pgtraj.db import registry
 from pgtraj.db.cluster import PG_BINDIR
@@ -30,7 +33,7 @@ from .test_model import TOK, TRIPS, make_model
 from .test_sql_training import TINY
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-README_TRAINING = '{"preset": "small", "steps": 600, "id_column": "traj_id"}'
+README_TRAINING = '{"init_from": "pgtraj-base", "steps": 300, "id_column": "traj_id"}'
 
 
 def readme_sql() -> str:
@@ -51,7 +54,7 @@ def readme_db(cluster):
     install(url, python_path=cluster.python_path, log=lambda m: None)
     with psycopg.connect(url, autocommit=True) as c:
         load_geolife(c, GEOLIFE, users=[0], progress=False, log=lambda m: None)
-        register(c, make_model(seed=3, d_model=128).eval(), name="geolife-embed", graphs=("encoder", "masked"))
+        base_model.add(c, log=lambda m: None)  # pgtraj-base, as `pgtraj models add base` and the main job add it
         register(c, trained(1), name="geolife-next")
         register(c, make_model(seed=4).eval(), name="geolife-dest", graphs=("encoder", "destination"))
         register(c, make_model(seed=5).eval(), name="geolife-tte", graphs=("encoder", "travel_time"))
@@ -66,7 +69,7 @@ def readme_db(cluster):
         c.execute("SELECT cron.unschedule(jobid) FROM cron.job WHERE jobname LIKE 'pgtraj%'")
         c.execute("DELETE FROM pgtraj.embedding_targets WHERE name = 'trajectories'")
         c.execute("DROP SCHEMA geolife CASCADE")
-        names = ["geolife-embed", "geolife-next", "geolife-dest", "geolife-tte", "geolife-mode", "external"]
+        names = ["pgtraj-base", "geolife-next", "geolife-dest", "geolife-tte", "geolife-mode", "external"]
         c.execute("DELETE FROM pgtraj.deployment_log WHERE model_name = ANY (%s)", [names])
         c.execute("DELETE FROM pgtraj.model_registry WHERE name = ANY (%s)", [names])
 
@@ -109,6 +112,6 @@ def test_readme_sql_examples_run_as_written(readme_db, tmp_path):
         assert one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'geolife.trajectories'::regclass"
                    " AND NOT tgisinternal")[0] == 0
     # what the queries printed: the version, k rows where the README asks for k
-    assert re.search(r"^ 0\.1\.0$", proc.stdout, re.M)
+    assert re.search(rf"^ {re.escape(__version__)}$", proc.stdout, re.M)
     assert len(re.findall(r"^\(10 rows\)$", proc.stdout, re.M)) >= 3  # similar x2 and the plain ORDER BY
     assert "(5 rows)" in proc.stdout and "(3 rows)" in proc.stdout  # predict_next k 5, predict_destination k 3

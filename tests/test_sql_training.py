@@ -49,7 +49,7 @@ def test_train_registers_deploys_and_serves(conn, db):
     assert any(re.search(r"\d+ train / \d+ val pieces from trips", m) for m in said), said
     assert any("step 6/6" in m for m in said), said
     graphs = conn.execute("SELECT artifacts FROM pgtraj.models WHERE name = 'sq'").fetchone()[0]
-    assert graphs == ["encoder", "next_cell", "token_nll"]
+    assert graphs == ["encoder", "next_move", "token_nll", "weights"]
     rows = conn.execute("SELECT count(*) FROM pgtraj.predict_next((SELECT geom FROM trips WHERE id = 3), 'sq')"
                         ).fetchone()
     assert rows == (5,)
@@ -68,6 +68,21 @@ def test_deploy_only_when_better(conn):
     assert conn.execute("SELECT version FROM pgtraj.deployments WHERE name = 'sq'").fetchone() == (3,)
 
 
+def test_auto_deploy_compares_models_of_other_tokenizers_by_the_next_move_only(conn):
+    """A val_loss over another vocabulary is not comparable; the next-move loss is (same resolution)."""
+    train(conn, config={**TINY, "steps": 30})
+    other = {**TINY, "steps": 1, "lr": 1e-6, "tokenizer": {**TINY["tokenizer"], "min_count": 3}}
+    train(conn, config=other)
+    outcome = conn.execute("SELECT outcome FROM pgtraj.training_status ORDER BY id DESC LIMIT 1").fetchone()[0]
+    assert re.fullmatch(r"registered v2, not deployed: v2 has another tokenizer than the deployed v1; its next-move"
+                        r" val_loss \d+\.\d+ is not better than \d+\.\d+", outcome), outcome
+    conn.execute("UPDATE pgtraj.model_registry SET metrics = metrics - 'val_move_ce' WHERE version = 1")
+    train(conn, config={**other, "steps": 30})
+    outcome = conn.execute("SELECT outcome FROM pgtraj.training_status ORDER BY id DESC LIMIT 1").fetchone()[0]
+    assert "so their val_loss cannot be compared" in outcome, outcome
+    assert conn.execute("SELECT version FROM pgtraj.deployments WHERE name = 'sq'").fetchone() == (1,)
+
+
 def test_auto_deploy_over_a_version_without_val_loss_or_of_another_objective(conn):
     train(conn)
     conn.execute("UPDATE pgtraj.model_registry SET metrics = metrics - 'val_loss', primary_metric = NULL")  # as registered by a client
@@ -81,7 +96,7 @@ def test_auto_deploy_over_a_version_without_val_loss_or_of_another_objective(con
 
 def test_train_from_a_query_with_hybrid(conn):
     train(conn, name="hq", source="SELECT id, geom, split FROM trips WHERE id < 50", objective="hybrid")
-    assert conn.execute("SELECT artifacts FROM pgtraj.models WHERE name = 'hq'").fetchone()[0] == ["encoder", "masked"]
+    assert conn.execute("SELECT artifacts FROM pgtraj.models WHERE name = 'hq'").fetchone()[0] == ["encoder", "masked", "weights"]
     assert conn.execute("SELECT vector_dims(pgtraj.embed(geom, 'hq')) FROM trips LIMIT 1").fetchone() == (32,)
 
 
@@ -95,6 +110,48 @@ def test_a_failed_run_is_recorded_and_changes_nothing(conn):
                                           " ORDER BY id DESC LIMIT 1").fetchone()
     assert status == "failed" and outcome == "nothing registered" and "training trajectories" in error
     assert conn.execute("SELECT count(*), max(version) FROM pgtraj.model_registry").fetchone() == (1, 1)
+
+
+def test_fine_tune_from_a_registered_model(conn):
+    """init_from names a registered model: fine-tuning starts from its stored weights (and, on data whose
+    cells it knows, its vocabulary), and the shape comes with it."""
+    train(conn, name="pre", objective="foundation")
+    said = []
+    conn.add_notice_handler(lambda d: said.append(d.message_primary))
+    config = {k: v for k, v in TINY.items() if k != "preset"}
+    train(conn, name="ft", config={**config, "init_from": "pre"})
+    assert any("initialised from pre v1 (pretrained 6 steps, foundation)" in m for m in said), said
+    assert any("with the pretrained vocabulary (it knows 100%" in m for m in said), said
+    same = conn.execute("SELECT a.tokenizer = b.tokenizer, a.config -> 'model' = b.config -> 'model'"
+                        " FROM pgtraj.model_registry a, pgtraj.model_registry b WHERE a.name = 'pre' AND b.name = 'ft'"
+                        ).fetchone()
+    assert same == (True, True)
+    assert conn.execute("SELECT count(*) FROM pgtraj.predict_next((SELECT geom FROM trips WHERE id = 3), 'ft')"
+                        ).fetchone()[0] >= 1
+    with pytest.raises(psycopg.Error, match="another model shape than this config: d_ff 512 here, 64 there, d_model 128 here, 32 there"):
+        train(conn, name="ft", config={**config, "preset": "small", "init_from": "pre"})
+
+
+def test_init_from_cannot_name_a_file_from_sql(conn, tmp_path):
+    """The attack: a checkpoint is a pickle, and unpickling runs code. init_from names registered models
+    only, so a caller of CALL pgtraj.train cannot make the server load a file."""
+    import os
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    evil = tmp_path / "checkpoint.pt"
+    evil.write_bytes(pickle.dumps(Payload()))
+    os.chmod(tmp_path, 0o755)
+    os.chmod(evil, 0o644)
+    with pytest.raises(psycopg.Error) as err:
+        train(conn, name="ft", config={**TINY, "init_from": str(evil)})
+    assert err.value.sqlstate == "22023" and "invalid model name" in str(err.value), str(err.value)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("args, sqlstate", [

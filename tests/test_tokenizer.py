@@ -8,14 +8,18 @@ import pytest
 
 from pgtraj.core.synthetic import grid_trips
 from pgtraj.core.tokenizer import (
+    JUMP,
     SPECIAL_TOKENS,
+    START,
     UNK,
     Tokenizer,
     TokenizerConfig,
     TokenizerError,
     cell_parents,
+    move_frames,
+    moves,
 )
-from pgtraj.core.trajectory import Trajectory
+from pgtraj.core.trajectory import Trajectory, bearing_deg
 
 TRIPS = grid_trips(60, seed=1)
 
@@ -136,3 +140,40 @@ def test_no_training_data_is_refused():
 def test_not_a_tokenizer_json():
     with pytest.raises(TokenizerError, match="not a pgtraj tokenizer"):
         Tokenizer.from_json('{"format": "something else"}')
+
+
+def _centre(c):
+    return h3.cell_to_latlng(h3.int_to_str(int(c)))
+
+
+@pytest.mark.parametrize("lat, lon", [(39.9, 116.4), (-3.85, -32.42), (52.37, 4.9), (-12.1, -77.0)])
+def test_move_frames_order_neighbours_by_angle_from_the_way_in(lat, lon):
+    """Every frame lists the six neighbours once, slot 0 the one straight on and the others clockwise
+    60 degrees apart, in any hemisphere; a move is the next cell's slot."""
+    a = h3.str_to_int(h3.latlng_to_cell(lat, lon, 9))
+    b = h3.str_to_int(h3.grid_ring(h3.int_to_str(a), 1)[0])
+    frame = move_frames(np.array([a, b], np.uint64))[1]
+    assert sorted(frame.tolist()) == sorted(h3.str_to_int(c) for c in h3.grid_ring(h3.int_to_str(b), 1))
+    way_in = bearing_deg(*_centre(a), *_centre(b))
+    turns = [(bearing_deg(*_centre(b), *_centre(c)) - way_in) % 360 for c in frame]
+    for slot, turn in enumerate(turns):
+        assert min(abs(turn - 60 * slot), 360 - abs(turn - 60 * slot)) < 15, (slot, turns)
+    assert frame[3] == a  # slot 3 is back where it came from
+    path = np.array([a, b, frame[0], a], np.uint64)
+    assert moves(path).tolist() == [START, moves(path[:2])[1], 0, JUMP]
+
+
+def test_moves_of_a_straight_road_go_on_and_never_back(tok):
+    x = tok.encode(Trajectory("line", np.arange(40) * 30.0, np.linspace(40.00, 40.05, 40), np.full(40, 116.3)))
+    assert x.move[0] == START and len(x) > 10
+    # it zigzags across the hexagons (up to 120 degrees where it runs along their edges) but never turns
+    # back, nor jumps (the tokenizer fills skipped cells in)
+    assert set(x.move[1:].tolist()) <= {0, 1, 2, 4, 5} and np.mean(x.move[1:] == 0) > 0.3
+    assert np.array_equal(x.move, moves(x.cells))
+
+
+def test_a_pentagon_frame_has_an_empty_slot():
+    pent = h3.str_to_int(h3.get_pentagons(9)[0])
+    before = h3.str_to_int(h3.grid_ring(h3.int_to_str(pent), 1)[0])
+    frame = move_frames(np.array([before, pent], np.uint64))[1]
+    assert (frame == 0).sum() == 1 and frame[-1] == 0

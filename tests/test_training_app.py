@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 
+import numpy as np
 import onnxruntime as ort
 import psycopg
 import pytest
@@ -36,9 +38,11 @@ def test_train_registers_model_and_run(db, tmp_path):
     assert (tmp_path / "run" / "training_curve.png").exists()
     with psycopg.connect(db) as conn:
         mv = registry.load(conn, "gl")  # deployed
-        assert set(mv.artifacts) == {"encoder", "next_cell", "token_nll"} and mv.metrics["onnx_max_abs_diff"]["encoder"] < 1e-4
-        for graph in mv.artifacts.values():  # loadable by onnxruntime straight from the registry
-            ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        assert set(mv.artifacts) == {"encoder", "next_move", "token_nll", "weights"} and mv.metrics["onnx_max_abs_diff"]["encoder"] < 1e-4
+        for kind, graph in mv.artifacts.items():  # loadable by onnxruntime straight from the registry
+            if kind != "weights":
+                ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        assert set(np.load(io.BytesIO(mv.artifacts["weights"]), allow_pickle=False)) >= {"backbone.tok.weight"}
         status, run_metrics = conn.execute(
             "SELECT r.status, r.metrics FROM pgtraj.training_runs r JOIN pgtraj.model_registry m"
             " ON m.training_run_id = r.id WHERE m.id = %s", [mv.id]).fetchone()
@@ -81,6 +85,6 @@ def test_fine_tune_classifier_from_a_label_column(db, tmp_path):
     assert "initialised from" in out.stderr + out.stdout
     with psycopg.connect(db) as conn:
         mv = registry.load(conn, "tul", 1)
-    assert set(mv.artifacts) == {"encoder", "classify"} and set(mv.config["classes"]) == users
+    assert set(mv.artifacts) == {"encoder", "classify", "weights"} and set(mv.config["classes"]) == users
     sess = ort.InferenceSession(mv.artifacts["classify"], providers=["CPUExecutionProvider"])
     assert sess.get_outputs()[0].shape[1] == len(users)

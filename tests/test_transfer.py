@@ -40,6 +40,17 @@ def test_export_import_round_trip(conn, databases, installed_template):
         databases.drop(other)
 
 
+def pickled() -> bytes:
+    """An .npz whose member is a pickled object: loading it with pickles allowed could run code."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **{"backbone.tok.weight": np.array([{"x": 1}], dtype=object)})
+    return buf.getvalue()
+
+
 def test_import_onnx_checks_the_graphs(conn, models):  # noqa: F811
     enc = export(models[0], "encoder", batch(TRIPS[:2]))
     nxt = export(models[0], "next_cell", batch(TRIPS[:2]))
@@ -54,6 +65,8 @@ def test_import_onnx_checks_the_graphs(conn, models):  # noqa: F811
                           ({"encoder": b64(enc[: len(enc) // 2])}, "not an ONNX model (truncated"),
                           ({"encoder": b64(b"\x3a\x00")}, "onnxruntime cannot load it"),  # an empty graph
                           ({"next_cell": b64(enc)}, "outputs, expected 2"),
+                          ({"encoder": b64(enc), "next_move": b64(nxt)}, "expected 7"),  # vocabulary-wide
+                          ({"encoder": b64(enc), "weights": b64(pickled())}, "Object arrays cannot be loaded"),
                           ({"teleport": b64(enc)}, "unknown kind"),
                           ({"encoder": "%%%"}, "base64")]:
         with pytest.raises(psycopg.Error) as err:

@@ -94,6 +94,11 @@ def _models(args) -> int:
     from pgtraj.db.registry import list_models
 
     with connect(resolve_dsn(args.dsn, args.data_dir)) as conn:
+        if args.action == "add":
+            from pgtraj.app.base_model import BASE_NAME, add
+
+            add(conn, name=args.name or BASE_NAME, deploy=not args.no_deploy, log=_say)
+            return 0
         rows = list_models(conn)
     if not rows:
         _say("no models registered")
@@ -101,6 +106,21 @@ def _models(args) -> int:
         metric = f"{r['primary_metric']}={r['primary_metric_value']:.4g}" if r["primary_metric"] else ""
         print(f"{r['name']:<24} v{r['version']:<4} {r['objective']:<14} {'*deployed*' if r['deployed'] else '':<10} "
               f"{metric} {','.join(r['artifacts'] or [])}")
+    return 0
+
+
+def _base(args) -> int:
+    """Rebuild the shipped base model from GeoLife (what pgtraj/assets/base holds)."""
+    from pathlib import Path
+
+    from pgtraj.app.base_model import ASSET_DIR, build
+    from pgtraj.db.datasets import default_data_dir
+
+    card = build(Path(args.path) if args.path else default_data_dir() / "geolife",
+                 json.loads(Path(args.config).read_text()), Path(args.out),
+                 release_dir=Path(args.release_dir) if args.release_dir else ASSET_DIR, log=_say)
+    _say(f"{card['name']}: {card['parameters']:,} parameters, {card['steps']} steps, {card['tokens_seen']:,} tokens"
+         f" in {card['wall_seconds']} s on {card['device']}; val_loss {card['metrics']['val_loss']:.4f}")
     return 0
 
 
@@ -124,8 +144,7 @@ def _quickstart(args) -> int:
 
     cluster = LocalCluster(args.data_dir)
     run(cluster, data_dir=Path(args.path) if args.path else default_data_dir() / "geolife",
-        users=parse_ids(args.users), out_dir=Path(args.out), preset=args.preset, pretrain_steps=args.pretrain_steps,
-        steps=args.steps, log=_say)
+        users=parse_ids(args.users), out_dir=Path(args.out), steps=args.steps, log=_say)
     return 0
 
 
@@ -185,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", help="training config JSON (see training/); its keys are TrainConfig fields")
     sp.add_argument("--objective", help="next_cell, masked_spans, contrastive, hybrid (pretraining); destination,"
                     " travel_time, classify (fine-tuning, usually with --init-from)")
-    sp.add_argument("--init-from", help="checkpoint.pt of a pretraining run to fine-tune from")
+    sp.add_argument("--init-from", help="a registered model (e.g. pgtraj-base, name@3) or a checkpoint.pt to"
+                                        " fine-tune from")
     sp.add_argument("--label-column", help="per-trajectory label for --objective classify (e.g. a mode or user id)")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -198,9 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--training", action="store_true", help="add torch, for training inside the database")
     sp.set_defaults(func=_runtime_env)
 
-    sp = sub.add_parser("models", help="list registered models")
+    sp = sub.add_parser("models", help="list registered models, or add the shipped base model (models add base)")
+    sp.add_argument("action", nargs="?", choices=["list", "add"], default="list")
+    sp.add_argument("what", nargs="?", choices=["base"], default="base", help="what to add: the shipped base model")
     target(sp)
+    sp.add_argument("--name", help="register it under this name (default pgtraj-base)")
+    sp.add_argument("--no-deploy", action="store_true", help="register without deploying")
     sp.set_defaults(func=_models)
+
+    sp = sub.add_parser("base", help="rebuild the shipped base model from GeoLife (training/base.json)")
+    sp.add_argument("action", choices=["build"])
+    sp.add_argument("--config", default="training/base.json", help="the recipe (TrainConfig keys)")
+    sp.add_argument("--path", help="GeoLife folder (default: $PGTRAJ_DATA/geolife, else ../shared/data/geolife)")
+    sp.add_argument("--out", default="pgtraj-output/runs/base", help="checkpoint, metrics and training curve")
+    sp.add_argument("--release-dir", help="where the release goes (default: the package's assets/base)")
+    sp.set_defaults(func=_base)
 
     sp = sub.add_parser("deploy", help="deploy a model version (number, latest, best, rollback)")
     target(sp)
@@ -209,15 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--note")
     sp.set_defaults(func=_deploy)
 
-    sp = sub.add_parser("quickstart", help="the main job: local database, install, load GeoLife, train, embed,"
-                                           " search and predict in SQL")
+    sp = sub.add_parser("quickstart", help="the main job: local database, install, the base model, load GeoLife,"
+                                           " fine-tune, embed, search and predict in SQL")
     sp.add_argument("--data-dir", help="home of the local database")
     sp.add_argument("--path", help="GeoLife folder (default: $PGTRAJ_DATA/geolife, else ../shared/data/geolife)")
     sp.add_argument("--users", default="0-9", help="GeoLife users to load (default 0-9; 'all' for every user)")
     sp.add_argument("--out", default="pgtraj-output", help="folder for the tokenizer, runs, summary and map")
-    sp.add_argument("--preset", default="small", help="model size (tiny, small, base, large)")
-    sp.add_argument("--pretrain-steps", type=int, default=400, help="hybrid pretraining steps")
-    sp.add_argument("--steps", type=int, default=600, help="next-cell fine-tuning steps")
+    sp.add_argument("--steps", type=int, default=200, help="next-move fine-tuning steps from pgtraj-base")
     sp.set_defaults(func=_quickstart)
     return p
 

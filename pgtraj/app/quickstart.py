@@ -1,8 +1,9 @@
-"""The README's main job, end to end on the local database: install, load real data, read and clean it,
-learn the tokenizer and tokenize inside PostgreSQL; pretrain a model (hybrid: masked spans + contrastive)
-and fine-tune it for next-cell prediction, register and deploy both; then, in SQL only, embed every
-trajectory into a pgvector column, index it with HNSW, search similar trips, predict next cells and score
-trips by surprise. Writes a summary JSON and a map (PNG) of one prediction."""
+"""The README's main job, end to end on the local database: install, add the shipped base model
+(pgtraj-base), load real data, read and clean it, learn a tokenizer and tokenize inside PostgreSQL;
+fine-tune the base model briefly for next-move prediction on the loaded users, register and deploy it;
+then, in SQL only, embed every trajectory with the base model into a pgvector column, index it with HNSW,
+search similar trips, predict next cells and score trips by surprise. Writes a summary JSON and a map
+(PNG) of one prediction."""
 
 from __future__ import annotations
 
@@ -21,12 +22,16 @@ from pgtraj.db.install import install
 from pgtraj.db.readers import QuerySource, TrajectoryReader
 
 
-def run(cluster: LocalCluster, *, data_dir: Path, users: list[int] | None, out_dir: Path, preset: str = "small",
-        pretrain_steps: int = 400, steps: int = 600, log=print) -> dict:
+def run(cluster: LocalCluster, *, data_dir: Path, users: list[int] | None, out_dir: Path, steps: int = 200,
+        log=print) -> dict:
+    from pgtraj.app import base_model
+
     url = cluster.start(log=log)
     install(url, python_path=cluster.python_path, log=log)
     summary: dict = {}
     with connect(url) as conn:
+        base = base_model.add(conn, log=log)
+        summary["base_model"] = {"name": base.name, "version": base.version}
         version, info = conn.execute("SELECT pgtraj.version(), pgtraj.runtime_info()").fetchone()
         log(f"SELECT pgtraj.version() -> {version}; PL/Python runs numpy {info['numpy']}, "
             f"onnxruntime {info['onnxruntime']}, h3 {info['h3']}")
@@ -62,7 +67,7 @@ def run(cluster: LocalCluster, *, data_dir: Path, users: list[int] | None, out_d
                  FROM (SELECT geom FROM geolife.trajectories WHERE split = 'test' ORDER BY traj_id LIMIT 1) g,
                       pgtraj.tokenize(g.geom, %s::jsonb) t""", [tok.to_json()]).fetchone()
         log(f"in SQL: pgtraj.tokenize(<first test trajectory>, tokenizer) -> {n} tokens over {cells} cells, {unk} UNK")
-    summary.update(models(url, out_dir, preset, pretrain_steps, steps, log))
+    summary.update(models(url, out_dir, steps, log))
     with connect(url, autocommit=True) as conn:
         summary.update(in_sql(conn, out_dir, log))
     (out_dir / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -71,37 +76,36 @@ def run(cluster: LocalCluster, *, data_dir: Path, users: list[int] | None, out_d
     return summary
 
 
-def models(url: str, out_dir: Path, preset: str, pretrain_steps: int, steps: int, log) -> dict:
-    """geolife-embed (hybrid pretraining) and geolife-next (next_cell fine-tuned from it), both deployed."""
+def models(url: str, out_dir: Path, steps: int, log) -> dict:
+    """geolife-next: pgtraj-base fine-tuned for the next move on the loaded users (its vocabulary too, when
+    it knows most of their cells), deployed."""
     from pgtraj.app.training import train_and_register
     from pgtraj.learn.train import TrainConfig
 
-    base = {"preset": preset, "max_len": 128, "batch_size": 32, "lr": 1e-3, "warmup": 50,
-            "eval_every": max(1, min(200, pretrain_steps, steps)),
-            "tokenizer": {"resolution": 9, "min_count": 5, "timezone": "Asia/Shanghai"}}
+    config = {"objective": "next_cell", "init_from": "pgtraj-base", "steps": steps, "max_len": 128,
+              "batch_size": 32, "lr": 5e-4, "warmup": 20, "eval_every": max(1, min(100, steps)), "eval_batches": 4,
+              "tokenizer": {"resolution": 9, "min_count": 5, "timezone": "Asia/Shanghai"}}
     runs = out_dir / "runs"
     shutil.rmtree(runs, ignore_errors=True)  # the main job starts from nothing each time
-    where = dict(id_column="traj_id", traj_column="geom", split_column="split", deploy=True, log=log)
-    embed = train_and_register(url, "geolife-embed", "geolife.trajectories", TrainConfig.from_dict(
-        {**base, "objective": "hybrid", "steps": pretrain_steps}), runs / "embed", **where)
-    nxt = train_and_register(url, "geolife-next", "geolife.trajectories", TrainConfig.from_dict(
-        {**base, "objective": "next_cell", "steps": steps, "init_from": str(runs / "embed" / "checkpoint.pt")}),
-        runs / "next", **where)
-    return {"models": {m.name: {"version": m.version, "val_loss": m.metrics["val_loss"]} for m in (embed, nxt)}}
+    nxt = train_and_register(url, "geolife-next", "geolife.trajectories", TrainConfig.from_dict(config),
+                             runs / "next", id_column="traj_id", traj_column="geom", split_column="split",
+                             deploy=True, log=log)
+    return {"models": {nxt.name: {"version": nxt.version, "val_loss": nxt.metrics["val_loss"],
+                                  "fine_tuned_from": "pgtraj-base", "steps": steps}}}
 
 
 def in_sql(conn, out_dir: Path, log) -> dict:
     """What a user does next, in SQL only."""
     out: dict = {}
     conn.execute("ALTER TABLE geolife.trajectories ADD COLUMN IF NOT EXISTS embedding vector")
-    conn.execute("CALL pgtraj.embed_table('geolife.trajectories', 'geom', 'embedding', 'geolife-embed')")
+    conn.execute("CALL pgtraj.embed_table('geolife.trajectories', 'geom', 'embedding', 'pgtraj-base')")
     dim = conn.execute("SELECT vector_dims(embedding) FROM geolife.trajectories WHERE embedding IS NOT NULL"
                        " LIMIT 1").fetchone()[0]
     conn.execute(f"ALTER TABLE geolife.trajectories ALTER COLUMN embedding TYPE vector({int(dim)})")
     conn.execute("CREATE INDEX IF NOT EXISTS trajectories_embedding_hnsw ON geolife.trajectories"
                  " USING hnsw (embedding vector_cosine_ops)")
     embedded, = conn.execute("SELECT count(embedding) FROM geolife.trajectories").fetchone()
-    log(f"in SQL: CALL pgtraj.embed_table(...) -> {embedded} embeddings (vector({dim})), HNSW index built")
+    log(f"in SQL: CALL pgtraj.embed_table(..., 'pgtraj-base') -> {embedded} embeddings (vector({dim})), HNSW index built")
     query_id, = conn.execute("SELECT traj_id FROM geolife.trajectories WHERE split = 'test' AND embedding IS NOT NULL"
                              " ORDER BY n_points DESC LIMIT 1").fetchone()
     similar = conn.execute("""
@@ -122,7 +126,7 @@ def in_sql(conn, out_dir: Path, log) -> dict:
           FROM geolife.trajectories
          WHERE split = 'test' AND ST_DistanceSphere(ST_StartPoint(geom), ST_EndPoint(geom)) > 1000
          ORDER BY 2 DESC LIMIT 3""").fetchall()
-    log(f"in SQL: the 3 most surprising test trips (pgtraj.score, nats per cell): {surprise}")
+    log(f"in SQL: the 3 most surprising test trips (pgtraj.score, nats per move): {surprise}")
     out.update(embedded=embedded, similar_to={str(query_id): similar}, prediction=[r[:4] for r in rows],
                most_surprising=surprise)
     _map(conn, query_id, rows, out_dir / "prediction.png")

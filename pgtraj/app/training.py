@@ -16,8 +16,8 @@ from pgtraj.core.clean import CleaningConfig, CleaningReport, clean
 from pgtraj.db import registry
 from pgtraj.db.connection import connect
 from pgtraj.db.readers import QuerySource, TrajectoryReader, _table
-from pgtraj.learn.pipeline import fit_and_export
-from pgtraj.learn.train import TrainConfig, train
+from pgtraj.learn.pipeline import Pretrained, fit_and_export
+from pgtraj.learn.train import TrainConfig, TrainingError, train
 
 
 def read_split(conn: psycopg.Connection, table: str, split: str, *, id_column: str = "id",
@@ -39,6 +39,20 @@ def read_labels(conn: psycopg.Connection, table: str, *, id_column: str, label_c
     return dict(conn.execute(query).fetchall())
 
 
+def registered_init(conn: psycopg.Connection, init_from: str | None) -> Pretrained | None:
+    """The registered model ``init_from`` names ('name': its deployed version, 'name@3'), to fine-tune
+    from; None when it is unset or a checkpoint file (learn.train reads those)."""
+    if not init_from or Path(init_from).is_file():
+        return None
+    name, _, version = init_from.partition("@")
+    mv = registry.load(conn, name, version or "deployed")
+    if "weights" not in mv.artifacts:
+        raise TrainingError(f"{name} v{mv.version} has no weights to fine-tune from",
+                            hint="models registered before pgtraj 0.2 carry ONNX graphs only: train a new version")
+    return Pretrained.registered(f"{name} v{mv.version}", mv.artifacts["weights"], mv.tokenizer, mv.config,
+                                 mv.objective)
+
+
 def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_dir: Path, *, id_column: str = "id",
                        traj_column: str = "geom", split_column: str = "split", label_column: str | None = None,
                        deploy: bool = False, progress: bool = True, log=print) -> registry.ModelVersion | None:
@@ -49,7 +63,8 @@ def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_di
         with connect(dsn) as conn:
             splits = [read_split(conn, table, s, **columns, log=lambda m: None) for s in ("train", "val")]
             labels = read_labels(conn, table, id_column=id_column, label_column=label_column) if label_column else None
-        train(*splits, cfg, out_dir, labels=labels, progress=False, log=lambda m: None)
+            init = registered_init(conn, cfg.init_from)
+        train(*splits, cfg, out_dir, labels=labels, progress=False, log=lambda m: None, init=init)
         return None
     with connect(dsn, autocommit=True) as conn:
         # the run is opened and closed by this connection's backend (pgtraj._run_start/_run_finish)
@@ -59,7 +74,8 @@ def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_di
             train_set = read_split(conn, table, "train", **columns, log=log)
             val_set = read_split(conn, table, "val", **columns, log=log)
             labels = read_labels(conn, table, id_column=id_column, label_column=label_column) if label_column else None
-            trained = fit_and_export(train_set, val_set, cfg, out_dir, labels=labels, progress=progress, log=log)
+            trained = fit_and_export(train_set, val_set, cfg, out_dir, labels=labels, progress=progress, log=log,
+                                     init=registered_init(conn, cfg.init_from))
             with conn.transaction():
                 mv = registry.register(conn, name, **trained.registration(label_column), training_run_id=run_id)
                 conn.execute("SELECT pgtraj._run_finish(%s, 'succeeded', NULL, %s, %s, %s)",

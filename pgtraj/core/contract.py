@@ -13,8 +13,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# every graph's inputs, right-padded with PAD: tokens, dow, minute int64 (B, T); cont float32 (B, T, 8)
-INPUT_NAMES = ("tokens", "dow", "minute", "cont")
+from pgtraj.core.tokenizer import N_SLOTS
+
+# every graph's inputs, right-padded with PAD: tokens, dow, minute int64 (B, T); cont float32 (B, T, 8);
+# move int64 (B, T)
+INPUT_NAMES = ("tokens", "dow", "minute", "cont", "move")
+# graphs exported before moves existed (pgtraj 0.1) take the first four; they are still served
+LEGACY_INPUT_NAMES = INPUT_NAMES[:4]
 
 # the columns of a training source, one spelling everywhere: CLI flags (--id-column, ...), Python keyword
 # arguments (app.training) and the config keys of CALL pgtraj.train
@@ -28,7 +33,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 class Output:
     name: str
     rank: int
-    width: str | None = None    # "V": the tokenizer's vocabulary size; None: any
+    width: str | int | None = None  # "V": the tokenizer's vocabulary size; a number: that; None: any
     per_position: bool = False  # axes (batch, length), else (batch[, width])
 
 
@@ -41,6 +46,10 @@ class Graph:
 
 GRAPHS = {g.kind: g for g in (
     Graph("encoder", (Output("embedding", 2),), ("pgtraj.embed", "pgtraj.similarity")),
+    # the next move (slots of the last cell's move frame, then a jump): names any cell on Earth
+    Graph("next_move", (Output("probs", 2, N_SLOTS + 1), Output("log1p_dt", 1)),
+          ("pgtraj.predict_next", "pgtraj.predict_path")),
+    # the next vocabulary token: what models of pgtraj 0.1 were registered with, still served
     Graph("next_cell", (Output("probs", 2, "V"), Output("log1p_dt", 1)), ("pgtraj.predict_next", "pgtraj.predict_path")),
     Graph("token_nll", (Output("nll", 2, per_position=True),), ("pgtraj.score",)),
     Graph("destination", (Output("probs", 2, "V"),), ("pgtraj.predict_destination",)),

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pgtraj.core.tokenizer import BOS, PAD, Tokens
+from pgtraj.core.tokenizer import BOS, N_MOVES, PAD, Tokens
 
 MINUTE_BUCKET = 15  # minute-of-day embedding in 96 quarter-hour buckets
+# the day-of-week, quarter-hour and move values of positions that are not a cell (BOS, padding) or whose
+# value is hidden (absolute time from a route embedding, the move into a masked cell)
+NO_DOW, NO_MINUTE, NO_MOVE = 7, 96, N_MOVES
 
 # the columns of Inputs.cont, in order (continuous() writes them): what the torch side reads targets from
 # and hides, and what the runtime hides, by name
@@ -27,13 +30,15 @@ class Inputs:
     """One sequence (or a padded batch, with a leading batch axis) of model inputs."""
 
     tokens: np.ndarray      # int64 (T,)
-    dow: np.ndarray         # int64 (T,) 0-6, 7 for special positions
-    minute: np.ndarray      # int64 (T,) 0-95, 96 for special positions
+    dow: np.ndarray         # int64 (T,) 0-6, NO_DOW for special positions
+    minute: np.ndarray      # int64 (T,) 0-95, NO_MINUTE for special positions
     cont: np.ndarray        # float32 (T, N_CONTINUOUS)
+    move: np.ndarray        # int64 (T,) tokenizer move (0-7), NO_MOVE for special positions
 
     def window(self, start: int, stop: int) -> "Inputs":
         """Positions ``start`` to ``stop`` of one sequence (views, not copies)."""
-        return Inputs(self.tokens[start:stop], self.dow[start:stop], self.minute[start:stop], self.cont[start:stop])
+        return Inputs(self.tokens[start:stop], self.dow[start:stop], self.minute[start:stop], self.cont[start:stop],
+                      self.move[start:stop])
 
 
 def continuous(x: Tokens) -> np.ndarray:
@@ -56,19 +61,22 @@ def to_inputs(x: Tokens, *, add_bos: bool = True) -> Inputs:
     pre = [BOS] if add_bos else []
     return Inputs(
         np.concatenate([pre, tokens]).astype(np.int64),
-        np.concatenate([[7] * len(pre), dow]).astype(np.int64),
-        np.concatenate([[96] * len(pre), minute]).astype(np.int64),
-        np.concatenate([np.zeros((len(pre), N_CONTINUOUS), np.float32), cont]))
+        np.concatenate([[NO_DOW] * len(pre), dow]).astype(np.int64),
+        np.concatenate([[NO_MINUTE] * len(pre), minute]).astype(np.int64),
+        np.concatenate([np.zeros((len(pre), N_CONTINUOUS), np.float32), cont]),
+        np.concatenate([[NO_MOVE] * len(pre), x.move]).astype(np.int64))
 
 
 def collate(seqs: list[Inputs], max_len: int | None = None) -> Inputs:
     """Right-pad to the longest sequence (PAD tokens, zero features); truncate to ``max_len``."""
     n = max(len(s.tokens) for s in seqs)
     n = min(n, max_len) if max_len else n
-    out = Inputs(np.full((len(seqs), n), PAD, np.int64), np.full((len(seqs), n), 7, np.int64),
-                 np.full((len(seqs), n), 96, np.int64), np.zeros((len(seqs), n, N_CONTINUOUS), np.float32))
+    b = len(seqs)
+    out = Inputs(np.full((b, n), PAD, np.int64), np.full((b, n), NO_DOW, np.int64),
+                 np.full((b, n), NO_MINUTE, np.int64), np.zeros((b, n, N_CONTINUOUS), np.float32),
+                 np.full((b, n), NO_MOVE, np.int64))
     for i, s in enumerate(seqs):
         k = min(len(s.tokens), n)
-        out.tokens[i, :k], out.dow[i, :k], out.minute[i, :k], out.cont[i, :k] = \
-            s.tokens[:k], s.dow[:k], s.minute[:k], s.cont[:k]
+        out.tokens[i, :k], out.dow[i, :k], out.minute[i, :k], out.cont[i, :k], out.move[i, :k] = \
+            s.tokens[:k], s.dow[:k], s.minute[:k], s.cont[:k], s.move[:k]
     return out

@@ -11,7 +11,10 @@ Runs unchanged in the client (training) and inside PostgreSQL (inference): numpy
   unseen fine cell becomes UNK only when no ancestor was ever seen.
 * Per token: entry time (float64 epoch s), dwell, delta-t, day of week and minute of day (local time of the
   configured zone), the mean fix position's offset from the cell centre (in cell edge lengths), speed and
-  heading from the previous token.
+  heading from the previous token, and the **move** that reached it: which of the previous cell's six grid
+  neighbours it is, counted from "straight on" (see ``move_frames``). Moves mean the same everywhere on
+  Earth, vocabulary tokens only where the training data went: a model that predicts moves can name any
+  cell, in places it never saw.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from pgtraj.core.trajectory import M_PER_DEG, Trajectory, bearing_deg, haversine
 
 PAD, MASK, UNK, BOS, EOS = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = ("[PAD]", "[MASK]", "[UNK]", "[BOS]", "[EOS]")
+# moves: slots 0-5 of the previous cell's move frame (0 straight on, 1/5 60 degrees right/left, 2/4 120
+# degrees right/left, 3 back), a jump to a cell that is not a neighbour, the first token of a trajectory
+N_SLOTS, JUMP, START = 6, 6, 7
+N_MOVES = 8
 FORMAT = "pgtraj.tokenizer/1"
 # bounds on what a tokenizer may ask for: one from a caller (pgtraj.tokenize(traj, tokenizer)) must not be
 # able to turn a short trajectory into millions of tokens, or a JSON document into gigabytes
@@ -90,15 +97,69 @@ class Tokens:
     speed: np.ndarray       # float32 m/s from the previous token's position
     heading: np.ndarray     # float32 degrees clockwise from north
     interpolated: np.ndarray  # bool: inserted along the grid path, not observed
+    move: np.ndarray        # int8: slot of this cell in the previous cell's move frame, JUMP or START
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    FIELDS = ("tokens", "cells", "t", "dwell", "dt", "dow", "minute", "offset", "speed", "heading", "interpolated")
+    FIELDS = ("tokens", "cells", "t", "dwell", "dt", "dow", "minute", "offset", "speed", "heading", "interpolated",
+              "move")
+
+    def slice(self, start: int | None = None, stop: int | None = None) -> "Tokens":
+        """Tokens ``start`` to ``stop`` (views)."""
+        return Tokens(*(getattr(self, f)[start:stop] for f in self.FIELDS))
 
     def to_bytes(self) -> bytes:
         """Canonical byte form (what the client/server parity test compares)."""
         return b"".join(np.ascontiguousarray(getattr(self, f)).tobytes() for f in self.FIELDS)
+
+
+def move_frames(cells: np.ndarray) -> np.ndarray:
+    """(n, 6) uint64: for each cell of a path (consecutive cells differ), its grid neighbours in the order of
+    their direction relative to the move that entered it (from the cell before; north for the first):
+    slot 0 is the neighbour straight on, then clockwise (1: 60 degrees right, ..., 5: 60 degrees left).
+    A pentagon's missing sixth neighbour is 0. The next cell's slot in this frame is its move."""
+    cells = np.asarray(cells, dtype=np.uint64)
+    frames = np.zeros((len(cells), N_SLOTS), np.uint64)
+    if not len(cells):
+        return frames
+    uniq, inv = np.unique(cells, return_inverse=True)
+    rings = np.zeros((len(uniq), N_SLOTS), np.uint64)
+    for j, c in enumerate(uniq.tolist()):
+        ring = [n for n in h3i.grid_disk(c, 1).tolist() if n != c]
+        rings[j, :len(ring)] = ring
+    ring = rings[inv]                                                     # (n, 6)
+    known = np.unique(np.concatenate([uniq, rings.reshape(-1)]))          # each centre computed once
+    at = _centres(known)
+    centre = at[np.searchsorted(known, cells)]
+    ring_centre = at[np.searchsorted(known, ring.reshape(-1))].reshape(len(cells), N_SLOTS, 2)
+    heading_in = np.zeros(len(cells))
+    heading_in[1:] = bearing_deg(centre[:-1, 0], centre[:-1, 1], centre[1:, 0], centre[1:, 1])
+    rel = (bearing_deg(centre[:, None, 0], centre[:, None, 1], ring_centre[..., 0], ring_centre[..., 1])
+           - heading_in[:, None] + 30.0) % 360.0
+    rel[ring == 0] = np.inf                                               # a pentagon's gap goes last
+    return np.take_along_axis(ring, np.argsort(rel, axis=1, kind="stable"), axis=1)
+
+
+def moves(cells: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:
+    """int8 (n,): each cell's slot in the previous cell's move frame, JUMP when it is no neighbour, START
+    for the first."""
+    cells = np.asarray(cells, dtype=np.uint64)
+    frames = move_frames(cells) if frames is None else frames
+    out = np.full(len(cells), START, np.int8)
+    if len(cells) > 1:
+        hit = frames[:-1] == cells[1:, None]
+        out[1:] = np.where(hit.any(axis=1), hit.argmax(axis=1), JUMP)
+    return out
+
+
+def _centres(cells: np.ndarray) -> np.ndarray:
+    """(n, 2) lat/lon of cell centres (0, 0 for the null cell 0)."""
+    out = np.zeros((len(cells), 2))
+    for i, c in enumerate(cells.tolist()):
+        if c:
+            out[i] = h3i.cell_to_latlng(c)
+    return out
 
 
 def cell_parents(cells: np.ndarray, res: int) -> np.ndarray:
@@ -185,11 +246,18 @@ class Tokenizer:
         res = ((self.vocab >> _RES_SHIFT) & np.uint64(0xF)).astype(np.int64)
         table = np.zeros((self.vocab_size, max(len(levels), 1)), np.int64)
         parents = {lv: cell_parents(self.vocab, lv) for lv in levels}
-        known = np.unique(np.concatenate([p[res > lv] for lv, p in parents.items()] or [np.zeros(0, np.uint64)]))
+        known = self.ancestor_cells()
         for j, lv in enumerate(levels):
             ok = res > lv
             table[len(SPECIAL_TOKENS) + np.flatnonzero(ok), j] = np.searchsorted(known, parents[lv][ok]) + 1
         return table
+
+    def ancestor_cells(self) -> np.ndarray:
+        """The sorted cells of the ancestor embedding table: row i + 1 is ``ancestor_cells()[i]``."""
+        cfg = self.config
+        res = ((self.vocab >> _RES_SHIFT) & np.uint64(0xF)).astype(np.int64)
+        parents = [cell_parents(self.vocab[res > lv], lv) for lv in range(cfg.coarsest_resolution, cfg.resolution)]
+        return np.unique(np.concatenate(parents or [np.zeros(0, np.uint64)]))
 
     def neighbour_table(self, k: int = 1) -> np.ndarray:
         """(vocab_size, width) int64: the tokens of the cells within ``k`` grid steps of each token's cell
@@ -243,7 +311,7 @@ class Tokenizer:
             dow=((days + 3) % 7).astype(np.int8),  # 1970-01-01 was a Thursday
             minute=np.floor((local - days * 86400.0) / 60.0).astype(np.int16),
             offset=offset.astype(np.float32), speed=(dist / np.maximum(dt, 1e-3)).astype(np.float32),
-            heading=heading.astype(np.float32), interpolated=interp)
+            heading=heading.astype(np.float32), interpolated=interp, move=moves(run_cells))
 
     def _cells(self, traj: Trajectory) -> np.ndarray:
         # h3 has no vectorised latlng_to_cell; map() over plain floats is the cheapest exact way to call it

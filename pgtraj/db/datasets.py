@@ -6,7 +6,8 @@ GeoLife 1.3 (Microsoft Research Asia; see ../shared/data/README.md) becomes, in 
   job and it reports what it removes), with ``ts timestamptz`` and ``geom geometry(Point, 4326)``;
 * ``labels``: transport-mode intervals;
 * ``trajectories``: one ``LINESTRING M`` (M = epoch seconds, fixes ordered by time) per original file, with
-  its user, time span, point count and split (``pgtraj.splits``);
+  its user, time span, point count and split (``core.splits.geolife_split``: chronological per user, and
+  ``'unseen'`` for users 120-139, which no training reads);
 * ``trips``: the same as MobilityDB ``tgeompoint`` sequences (duplicate timestamps dropped: MobilityDB
   requires strictly increasing time; MobilityDB also normalises each sequence, leaving out fixes that lie
   exactly on the line between their neighbours, which describes the same movement with fewer instants).
@@ -25,7 +26,7 @@ from psycopg import sql
 from tqdm import tqdm
 
 from pgtraj.core.errors import SourceError
-from pgtraj.core.splits import chronological_split
+from pgtraj.core.splits import geolife_split
 
 
 def default_data_dir() -> Path:
@@ -136,7 +137,7 @@ def load_geolife(conn: psycopg.Connection, data_dir: str | Path, *, schema: str 
         conn.execute(sql.SQL("ALTER TABLE {s}.trajectories ADD PRIMARY KEY (traj_id)").format(s=s))
         ids, user, start = (np.array(c) for c in zip(*conn.execute(sql.SQL(
             "SELECT traj_id, user_id, extract(epoch FROM start_ts) FROM {}.trajectories").format(s)).fetchall()))
-        split = chronological_split(user, start.astype(float))
+        split = geolife_split(user, start.astype(float))
         with conn.cursor() as cur:
             cur.execute("CREATE TEMP TABLE _split (traj_id int, split text) ON COMMIT DROP")
             with cur.copy("COPY _split FROM STDIN") as copy:
@@ -163,6 +164,44 @@ def load_geolife(conn: psycopg.Connection, data_dir: str | Path, *, schema: str 
     for table in ("points", "trajectories", "trips", "labels"):
         conn.execute(sql.SQL("ANALYZE {}.{}").format(s, sql.Identifier(table)))
     return report
+
+
+@dataclass
+class GeoLifeFiles:
+    """GeoLife read straight from its parquet files (no database): what the benchmarks and the base model's
+    recipe use to reach all 140 users quickly. One Trajectory per original file, in ``traj_id`` order."""
+
+    trajectories: list
+    user: np.ndarray
+    split: np.ndarray          # core.splits.geolife_split
+    labels: list               # (user_id, start_ts, end_ts, mode) rows
+
+
+def read_geolife_files(data_dir: str | Path, users=None) -> GeoLifeFiles:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pgtraj.core.trajectory import Trajectory
+
+    data_dir = Path(data_dir)
+    if not (data_dir / "points.parquet").exists():
+        raise SourceError(f"GeoLife file {data_dir / 'points.parquet'} not found",
+                          hint="set PGTRAJ_DATA to the folder with geolife/points.parquet")
+    table = pq.read_table(data_dir / "points.parquet", columns=["user_id", "traj_id", "ts", "lat", "lon"])
+    if users is not None:
+        table = table.filter(pc.is_in(table["user_id"], value_set=pa.array(list(users), pa.int16())))
+    cols = {c: table[c].to_numpy() for c in ("user_id", "traj_id", "ts", "lat", "lon")}
+    order = np.lexsort((cols["ts"], cols["traj_id"]))  # stable: a file's fixes in time order
+    cols = {c: v[order] for c, v in cols.items()}
+    ids, first = np.unique(cols["traj_id"], return_index=True)
+    bounds = np.append(first, len(order))
+    trajs = [Trajectory(int(i), cols["ts"][a:b].astype(np.float64), cols["lat"][a:b], cols["lon"][a:b])
+             for i, a, b in zip(ids.tolist(), bounds[:-1], bounds[1:])]
+    user = cols["user_id"][first].astype(np.int64)
+    start = cols["ts"][first].astype(np.float64)
+    labels = pq.read_table(data_dir / "labels.parquet").to_pylist() if (data_dir / "labels.parquet").exists() else []
+    return GeoLifeFiles(trajs, user, geolife_split(user, start), labels)
 
 
 def _ts(epoch: int):

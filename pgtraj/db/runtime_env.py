@@ -21,7 +21,7 @@ SYSTEM_PYTHON = os.environ.get("PGTRAJ_SYSTEM_PYTHON", "/usr/bin/python3")
 REQUIREMENTS = PACKAGE_DIR / "runtime" / "requirements.txt"
 TRAINING_REQUIREMENTS = PACKAGE_DIR / "runtime" / "requirements-train.txt"
 # what the server never needs: SQL/migrations are applied by the client, caches are rebuilt
-_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc", "sql", "migrations")
+_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc", "sql", "migrations", "assets")
 
 
 def ensure_runtime_env(venv: Path, *, training: bool = False, log=print) -> Path:

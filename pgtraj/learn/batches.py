@@ -8,7 +8,7 @@ import torch
 
 from pgtraj.core.contract import INPUT_NAMES
 from pgtraj.core.features import Inputs, collate, to_inputs
-from pgtraj.core.tokenizer import Tokenizer
+from pgtraj.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
 from pgtraj.core.trajectory import M_PER_DEG, Trajectory
 
 
@@ -48,18 +48,22 @@ class Batches:
     real tokens, ~90% of a grouped one). ``state()``/``restore()`` carry the pending pool across a resume.
 
     ``labels`` (one int per trajectory) add a "label" tensor to next() batches; with ``tail`` a long trip's
-    window is its last ``max_len`` tokens (destination: the target is the end)."""
+    window is its last ``max_len`` tokens (destination: the target is the end).
+
+    ``hide_cells``: the share of sequences whose cell tokens all read UNK (their "cells_hidden" entry is
+    True), as in a place the vocabulary does not know: the model learns to go by moves, time and motion
+    alone there, which is what carries over to new places."""
 
     def __init__(self, trajectories: list[Trajectory], tokenizer: Tokenizer, *, batch_size: int, max_len: int,
                  seed: int = 0, device: str = "cpu", pool: int = 16, labels: list[int] | None = None,
-                 tail: bool = False):
+                 tail: bool = False, hide_cells: float = 0.0):
         if not trajectories:
             raise ValueError("no trajectories to train on")
         if labels is not None and len(labels) != len(trajectories):
             raise ValueError(f"{len(labels)} labels for {len(trajectories)} trajectories")
         self.trajs, self.tok, self.batch_size, self.max_len = trajectories, tokenizer, batch_size, max_len
         self.rng = np.random.default_rng(seed)
-        self.device, self.pool, self.labels, self.tail = device, pool, labels, tail
+        self.device, self.pool, self.labels, self.tail, self.hide_cells = device, pool, labels, tail, hide_cells
         self._encoded: dict[int, Inputs] = {}   # tokenizing is deterministic: once per trajectory
         self._pending: list[list[tuple[int, int]]] = []  # (trajectory index, window start) per queued batch
 
@@ -85,7 +89,18 @@ class Batches:
         for t in trajs:
             inp = to_inputs(self.tok.encode(t))
             wins.append(self._window(inp, self._start(inp)))
-        return to_tensors(collate(wins), self.device)
+        return self._hide(to_tensors(collate(wins), self.device))
+
+    def _hide(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n = len(batch["tokens"])
+        hidden = torch.from_numpy(self.rng.random(n) < self.hide_cells if self.hide_cells else np.zeros(n, bool))
+        hidden = hidden.to(self.device)
+        if self.hide_cells:
+            cell = batch["tokens"] >= len(SPECIAL_TOKENS)
+            batch["tokens"] = torch.where(cell & hidden[:, None], torch.full_like(batch["tokens"], UNK),
+                                          batch["tokens"])
+        batch["cells_hidden"] = hidden
+        return batch
 
     def next(self) -> dict[str, torch.Tensor]:
         if not self._pending:
@@ -95,7 +110,7 @@ class Batches:
             batches = [picks[k:k + self.batch_size] for k in range(0, len(picks), self.batch_size)]
             self._pending = [batches[j] for j in self.rng.permutation(len(batches))]
         batch = self._pending.pop()
-        out = to_tensors(collate([self._window(self._inputs(i), s) for i, s in batch]), self.device)
+        out = self._hide(to_tensors(collate([self._window(self._inputs(i), s) for i, s in batch]), self.device))
         if self.labels is not None:
             out["label"] = torch.tensor([self.labels[i] for i, _ in batch], device=self.device)
         return out

@@ -8,12 +8,13 @@ chains with interpolated (Jelinek-Mercer) smoothing, weights chosen on the valid
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pgtraj.core.features import collate, to_inputs
-from pgtraj.core.tokenizer import MASK, SPECIAL_TOKENS, Tokens
+from pgtraj.core.tokenizer import MASK, SPECIAL_TOKENS, Tokens, move_frames
 from pgtraj.learn.batches import in_batches, to_tensors
 from pgtraj.learn.model import TrajectoryModel
 
@@ -100,7 +101,7 @@ def model_ranks(model: TrajectoryModel, encoded: list[Tokens], *, batch_size: in
     out = []
     for chunk, b in in_batches(encoded, batch_size, max_len):
         with torch.no_grad():
-            logits, _ = model.next_logits(**b)
+            logits = model.lm_head(model.next_step(**b)[0])
         logits[..., : len(SPECIAL_TOKENS)] = -torch.inf
         for row, x in enumerate(chunk):
             n = min(len(x.tokens), max_len - 1)
@@ -115,6 +116,218 @@ def model_ranks(model: TrajectoryModel, encoded: list[Tokens], *, batch_size: in
                 lg = np.where(near, lg + 1e6, lg)
             out.extend(int(np.sum(lg[k] >= lg[k, t])) for k, t in enumerate(tgt))
     return np.array(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Next step in the user's terms: after a prefix that ends at an observed fix, rank the true next cell at
+# the tokenizer's resolution (a coarse fallback token names no cell, so it counts as a miss), whatever the
+# vocabulary knows. Every method ranks cells; a cell it cannot name has rank infinity.
+
+# slots of a move frame by their angle from straight on (right before left at equal angles)
+STRAIGHT_ON_ORDER = np.array([0, 1, 5, 2, 4, 3])
+
+
+@dataclass
+class StepCases:
+    """The judged next steps of a list of tokenized trajectories: trajectory index, token index i (the
+    prefix is tokens 0..i, i >= 1 so that the last move is known), the true next cell and the move frame
+    of token i."""
+
+    traj: np.ndarray
+    index: np.ndarray
+    current: np.ndarray    # uint64 (n,): where the prefix ends
+    truth: np.ndarray      # uint64 (n,)
+    frames: np.ndarray     # uint64 (n, 6)
+
+    @classmethod
+    def of(cls, encoded: list[Tokens], max_len: int) -> "StepCases":
+        parts = []
+        for k, x in enumerate(encoded):
+            n = min(len(x), max_len - 1)
+            i = np.arange(1, n - 1)
+            i = i[~x.interpolated[i]]
+            if len(i):
+                parts.append((np.full(len(i), k), i, x.cells[i], x.cells[i + 1], move_frames(x.cells[:n])[i]))
+        if not parts:
+            raise ValueError("no next steps to judge")
+        return cls(*(np.concatenate(c) for c in zip(*parts)))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def frame_ranks(self, scores: np.ndarray) -> np.ndarray:
+        """Ranks of the true cells given scores (n, 6) of each frame's cells (-inf: not named); pessimistic
+        ties; infinity when the true cell is not in the frame."""
+        hit = self.frames == self.truth[:, None]
+        own = np.where(hit, scores, -np.inf).max(axis=1)
+        ranks = (scores >= own[:, None]).sum(axis=1).astype(np.float64)
+        ranks[~hit.any(axis=1) | ~np.isfinite(own)] = np.inf
+        return ranks
+
+
+def step_metrics(ranks: np.ndarray, top1_error_m: np.ndarray | None = None) -> dict:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out = {"acc@1": float(np.mean(ranks <= 1)), "acc@5": float(np.mean(ranks <= 5)),
+           "mrr": float(np.mean(1.0 / ranks)), "n": int(len(ranks))}
+    if top1_error_m is not None:
+        out["top1_error_m_median"] = float(np.median(top1_error_m))
+    return out
+
+
+def straight_on_scores(cases: StepCases) -> np.ndarray:
+    """The grid neighbour that continues the last move first, then the others by angle."""
+    scores = np.empty((len(cases), 6))
+    scores[:, STRAIGHT_ON_ORDER] = -np.arange(6, dtype=np.float64)
+    return np.where(cases.frames == 0, -np.inf, scores)
+
+
+class CellMarkov:
+    """P(next cell | last k cells) = sum_j lambda_j P_j (j = 0: popularity), maximum-likelihood P_j, over
+    true cells. ``backoff``: cells it gives the same probability (0 included: never seen after this
+    context) are ordered by straight_on_scores, so unseen places fall back on the grid."""
+
+    def __init__(self, order: int, lambdas: tuple[float, ...] | None = None, backoff: bool = True):
+        self.order, self.backoff = order, backoff
+        self.lambdas = lambdas or tuple([1.0 / (order + 1)] * (order + 1))
+        self.counts = [defaultdict(Counter) for _ in range(order + 1)]
+
+    def fit(self, encoded: list[Tokens]) -> "CellMarkov":
+        for x in encoded:
+            seq = x.cells.tolist()
+            for i, nxt in enumerate(seq):
+                for j in range(self.order + 1):
+                    if i >= j:
+                        self.counts[j][tuple(seq[i - j:i])][nxt] += 1
+        self.totals = [{ctx: sum(c.values()) for ctx, c in level.items()} for level in self.counts]
+        return self
+
+    def _p(self, ctx: tuple, cell: int) -> float:
+        p = 0.0
+        for j in range(self.order + 1):
+            if len(ctx) >= j:
+                key = ctx[len(ctx) - j:]
+                c = self.counts[j].get(key)
+                if c:
+                    p += self.lambdas[j] * c.get(cell, 0) / self.totals[j][key]
+        return p
+
+    def ranks(self, cases: StepCases, encoded: list[Tokens]) -> tuple[np.ndarray, np.ndarray]:
+        """Ranks of the true cells, and each case's top-1 cell."""
+        so = straight_on_scores(cases)
+        out, top = np.empty(len(cases)), np.zeros(len(cases), np.uint64)
+        for n, (k, i) in enumerate(zip(cases.traj.tolist(), cases.index.tolist())):
+            cells = encoded[k].cells
+            ctx = tuple(cells[max(0, i + 1 - self.order):i + 1].tolist())
+            cand = set(cases.frames[n][cases.frames[n] != 0].tolist())
+            for j in range(1, self.order + 1):  # every cell seen after this context can be named
+                c = self.counts[j].get(ctx[len(ctx) - j:]) if len(ctx) >= j else None
+                cand.update(c or ())
+            cand = list(cand)
+            p = np.array([self._p(ctx, c) for c in cand])
+            if self.backoff:  # ties in probability broken by the grid; lambda_0 > 0 keeps probabilities apart
+                slot = {c: s for s, c in enumerate(cases.frames[n].tolist())}
+                p = p + 1e-9 * np.array([np.exp(so[n, slot[c]]) if c in slot else 0.0 for c in cand])
+            truth = int(cases.truth[n])
+            own = p[cand.index(truth)] if truth in cand else 0.0
+            out[n] = np.inf if own <= 0 else float(np.sum(p >= own))
+            top[n] = cand[int(np.argmax(p))] if len(cand) and p.max() > 0 else 0
+        return out, top
+
+
+def tune_cell_markov(order: int, train: list[Tokens], val: list[Tokens], max_len: int,
+                     backoff: bool = True) -> CellMarkov:
+    """The interpolation weights with the best validation MRR from a small grid."""
+    grid = {1: [(0.01, 0.99), (0.05, 0.95), (0.2, 0.8)],
+            2: [(0.01, 0.29, 0.7), (0.01, 0.49, 0.5), (0.02, 0.18, 0.8), (0.05, 0.35, 0.6)]}[order]
+    mc = CellMarkov(order, backoff=backoff).fit(train)
+    cases = StepCases.of(val, max_len)
+    best = max(grid, key=lambda lam: (setattr(mc, "lambdas", lam), step_metrics(mc.ranks(cases, val)[0])["mrr"])[1])
+    mc.lambdas = best
+    return mc
+
+
+class MoveMarkov:
+    """P(next move | last k moves), counted on training trips: a place-free baseline (what motion alone
+    predicts), backed off to shorter contexts and then to straight on."""
+
+    def __init__(self, order: int):
+        self.order = order
+        self.counts = [defaultdict(Counter) for _ in range(order + 1)]
+
+    def fit(self, encoded: list[Tokens]) -> "MoveMarkov":
+        for x in encoded:
+            m = x.move.tolist()
+            for i in range(1, len(m)):
+                for j in range(self.order + 1):
+                    if i >= j:
+                        self.counts[j][tuple(m[i - j:i])][m[i]] += 1
+        return self
+
+    def scores(self, cases: StepCases, encoded: list[Tokens]) -> np.ndarray:
+        so = straight_on_scores(cases)
+        out = np.empty((len(cases), 6))
+        for n, (k, i) in enumerate(zip(cases.traj.tolist(), cases.index.tolist())):
+            m = encoded[k].move.tolist()
+            for j in range(self.order, -1, -1):  # the longest context seen
+                c = self.counts[j].get(tuple(m[i + 1 - j:i + 1])) if i + 1 >= j else None
+                if c:
+                    break
+            total = sum(c.values()) if c else 1
+            out[n] = [(c.get(s, 0) / total if c else 0.0) for s in range(6)]
+        return np.where(cases.frames == 0, -np.inf, out + 1e-9 * np.exp(so))
+
+
+def model_step_scores(model: TrajectoryModel, tok, cases: StepCases, encoded: list[Tokens], *, how: str = "move",
+                      batch_size: int = 32, max_len: int = 512) -> np.ndarray:
+    """(n, 6) scores of each case's frame cells under the model. ``how``: "move" (the next-move head),
+    "vocab" (the next-token head, constrained to the grid neighbours; a neighbour whose token is a coarse
+    fallback or UNK cannot be named), "mix" (move logit + token logit of the neighbour's token)."""
+    model.eval()
+    out = np.full((len(cases), 6), -np.inf)
+    by_traj = defaultdict(list)
+    for n, k in enumerate(cases.traj.tolist()):
+        by_traj[k].append(n)
+    order = sorted(by_traj)
+    frame_tokens = tok.lookup(cases.frames.reshape(-1)).reshape(-1, 6) if how != "move" else None
+    for start in range(0, len(order), batch_size):
+        ks = order[start:start + batch_size]
+        b = to_tensors(collate([to_inputs(encoded[k]) for k in ks], max_len=max_len))
+        with torch.no_grad():
+            h, move_logits, _ = model.next_step(**b)
+        for row, k in enumerate(ks):
+            idx = np.array(by_traj[k])
+            pos = cases.index[idx] + 1                              # input position of token i (BOS first)
+            if how in ("move", "mix"):
+                out[idx] = move_logits[row, pos, :6].numpy()
+            if how in ("vocab", "mix"):
+                ft = frame_tokens[idx]
+                with torch.no_grad():
+                    lv = model.lm_head(h[row, pos]).numpy()
+                tl = np.take_along_axis(lv, ft, axis=1)
+                if how == "vocab":
+                    exact = tok.vocab[np.maximum(ft - len(SPECIAL_TOKENS), 0)] == cases.frames[idx]
+                    out[idx] = np.where((ft >= len(SPECIAL_TOKENS)) & exact, tl, -np.inf)
+                else:
+                    out[idx] += tl
+    return np.where(cases.frames == 0, -np.inf, out)
+
+
+def top1_error_m(cases: StepCases, top: np.ndarray) -> np.ndarray:
+    """Metres from each case's top-1 cell to the true cell (centre to centre); a method that names
+    nothing is scored as if it had said "where it is now"."""
+    import h3.api.numpy_int as h3i
+
+    from pgtraj.core.trajectory import haversine_m
+
+    top = np.where(top == 0, cases.current, top)
+    true = np.array([h3i.cell_to_latlng(int(c)) for c in cases.truth.tolist()])
+    pred = np.array([h3i.cell_to_latlng(int(c)) for c in top.tolist()])
+    return haversine_m(true[:, 0], true[:, 1], pred[:, 0], pred[:, 1])
+
+
+def frame_top1(cases: StepCases, scores: np.ndarray) -> np.ndarray:
+    """The top-1 cell of frame scores."""
+    return cases.frames[np.arange(len(cases)), scores.argmax(axis=1)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,7 +467,7 @@ def perplexity(model: TrajectoryModel, encoded: list[Tokens], *, batch_size: int
     nll, n = 0.0, 0
     for chunk, b in in_batches(encoded, batch_size, max_len):
         with torch.no_grad():
-            logp = torch.log_softmax(model.next_logits(**b)[0], dim=-1)
+            logp = torch.log_softmax(model.lm_head(model.next_step(**b)[0]), dim=-1)
         for row, x in enumerate(chunk):
             k = min(len(x.tokens), max_len - 1)
             tgt = torch.from_numpy(x.tokens[1:k].astype(np.int64))

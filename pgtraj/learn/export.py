@@ -31,8 +31,8 @@ class _Graph(nn.Module):
         super().__init__()
         self.model, self.run = model, GRAPH_FORWARDS[kind]
 
-    def forward(self, tokens, dow, minute, cont):
-        return self.run(self.model, tokens, dow, minute, cont)
+    def forward(self, *inputs):
+        return self.run(self.model, *inputs)
 
 
 def export(model: TrajectoryModel, kind: str, example: dict[str, torch.Tensor]) -> bytes:
@@ -49,6 +49,20 @@ def export(model: TrajectoryModel, kind: str, example: dict[str, torch.Tensor]) 
                           dynamic_axes={**_DYNAMIC, **{o.name: {0: "batch", 1: "length"} if o.per_position
                                                        else {0: "batch"} for o in outputs}},
                           opset_version=17, dynamo=False)
+    return buf.getvalue()
+
+
+def weights_npz(model: TrajectoryModel) -> bytes:
+    """The model's weights as a numpy .npz archive (the registry's 'weights' artifact, what fine-tuning from
+    a registered model starts from: learn.pretrained); tied weights are stored once."""
+    seen, arrays = set(), {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        arrays[name] = t.detach().cpu().numpy()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 

@@ -2,9 +2,15 @@
 are thin wrappers around it (learn/tasks/).
 
 Input per position = token embedding + the sum of its H3 ancestors' embeddings (so rare and fallback cells
-share what their region learnt) + day-of-week and quarter-hour embeddings + a projection of the continuous
+share what their region learnt) + move embedding (which neighbour of the previous cell, relative to the way
+in: the same everywhere on Earth) + day-of-week and quarter-hour embeddings + a projection of the continuous
 features (delta-t, dwell, offset in the cell, speed, heading, interpolated). Pre-norm blocks with rotary
 position embeddings (RoPE) in attention. The same module exports to ONNX unchanged (learn/export.py).
+
+The cell vocabulary is the model's local knowledge (where this database's trips go); moves, time and motion
+are its core, which carries over to places it never saw: the next-move head names any grid neighbour, and
+``hide_cells`` (learn.batches) trains the core to work with cells hidden (UNK), as in a place outside the
+vocabulary.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pgtraj.core.errors import config_from_dict
-from pgtraj.core.features import N_CONTINUOUS, TIMING
-from pgtraj.core.tokenizer import PAD
+from pgtraj.core.features import N_CONTINUOUS, NO_DOW, NO_MINUTE, NO_MOVE, TIMING
+from pgtraj.core.tokenizer import N_SLOTS, PAD
 
 
 @dataclass
@@ -103,8 +109,9 @@ class Backbone(nn.Module):
         self.anc = nn.Embedding(cfg.ancestor_vocab_size, cfg.d_model, padding_idx=0)
         table = ancestors if ancestors is not None else torch.zeros(cfg.vocab_size, cfg.ancestor_levels, dtype=torch.long)
         self.register_buffer("ancestors", table.long(), persistent=True)  # travels in checkpoints and ONNX
-        self.dow = nn.Embedding(8, cfg.d_model)        # 7 = special position
-        self.minute = nn.Embedding(97, cfg.d_model)    # 96 quarter hours + special
+        self.dow = nn.Embedding(NO_DOW + 1, cfg.d_model)        # 7 days + special position
+        self.minute = nn.Embedding(NO_MINUTE + 1, cfg.d_model)  # 96 quarter hours + special
+        self.move = nn.Embedding(NO_MOVE + 1, cfg.d_model)      # 6 slots, jump, start + special
         self.cont = nn.Linear(N_CONTINUOUS, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -121,8 +128,8 @@ class Backbone(nn.Module):
             if m.padding_idx is not None:
                 nn.init.zeros_(m.weight[m.padding_idx])
 
-    def forward(self, tokens, dow, minute, cont, causal: bool = False):
-        x = (self.tok(tokens) + self.anc(self.ancestors[tokens]).sum(dim=2)
+    def forward(self, tokens, dow, minute, cont, move, causal: bool = False):
+        x = (self.tok(tokens) + self.anc(self.ancestors[tokens]).sum(dim=2) + self.move(move)
              + self.dow(dow) + self.minute(minute) + self.cont(cont))
         x = self.drop(x)
         keep = tokens != PAD                                   # (B, T)
@@ -154,6 +161,7 @@ class TrajectoryModel(nn.Module):
         self.backbone = Backbone(cfg, ancestors)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.backbone.tok.weight  # tied: a cell's input and output embedding agree
+        self.move_head = nn.Linear(d, N_SLOTS + 1)      # the next move: a slot of the move frame, or a jump
         self.time_head = nn.Linear(d, 1)                # log1p(seconds to the next cell)
         self.proj = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         # fine-tuning heads; the destination head maps into the tied cell space, so it starts from what
@@ -171,52 +179,59 @@ class TrajectoryModel(nn.Module):
                                      "ancestor_vocab_size": int(anc.max()) + 1, "ancestor_levels": anc.shape[1]})
         return cls(cfg, anc)
 
-    def forward(self, run, tokens, dow, minute, cont):
+    def forward(self, run, *inputs):
         """One entry point for every pass, so that a DistributedDataParallel wrapper sees (and synchronises)
-        them all: ``run`` is the method to run, e.g. ``model(TrajectoryModel.next_logits, *inputs)``."""
-        return run(self, tokens, dow, minute, cont)
+        them all: ``run`` is the method to run, e.g. ``model(TrajectoryModel.next_step, *inputs)``. Every
+        pass takes the inputs of core.contract.INPUT_NAMES, in that order."""
+        return run(self, *inputs)
 
-    def hidden(self, tokens, dow, minute, cont) -> torch.Tensor:
+    def hidden(self, tokens, dow, minute, cont, move) -> torch.Tensor:
         """Bidirectional hidden states (B, T, d_model)."""
-        return self.backbone(tokens, dow, minute, cont, causal=False)
+        return self.backbone(tokens, dow, minute, cont, move, causal=False)
 
-    def embed(self, tokens, dow, minute, cont) -> torch.Tensor:
-        """The similarity embedding: L2-normalised projection of the pooled bidirectional encoding."""
-        h = self.backbone(tokens, dow, minute, cont, causal=False)
+    def embed(self, tokens, dow, minute, cont, move) -> torch.Tensor:
+        """The route embedding: L2-normalised projection of the pooled bidirectional encoding of the trip
+        with its absolute time hidden (day and time of day), so that the same route driven another day
+        or hour embeds the same; durations, speeds and dwell times stay visible."""
+        dow, minute = torch.full_like(dow, NO_DOW), torch.full_like(minute, NO_MINUTE)
+        h = self.backbone(tokens, dow, minute, cont, move, causal=False)
         return F.normalize(self.proj(pool(h, tokens)), dim=-1)
 
-    def next_logits(self, tokens, dow, minute, cont) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal pass: next-token logits (B, T, V) and predicted log1p(seconds to next) (B, T)."""
-        h = self.backbone(tokens, dow, minute, cont, causal=True)
-        return self.lm_head(h), self.time_head(h).squeeze(-1)
+    def next_step(self, tokens, dow, minute, cont, move) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Causal pass: hidden states (B, T, d_model), next-move logits (B, T, 7: the six slots of the move
+        frame of each position's cell, then a jump) and predicted log1p(seconds to next) (B, T). The
+        next-token logits are ``lm_head`` of the hidden states, computed where they are needed (over a
+        large vocabulary they cost more than the rest of the model)."""
+        h = self.backbone(tokens, dow, minute, cont, move, causal=True)
+        return h, self.move_head(h), self.time_head(h).squeeze(-1)
 
-    def destination_logits(self, tokens, dow, minute, cont) -> torch.Tensor:
+    def destination_logits(self, tokens, dow, minute, cont, move) -> torch.Tensor:
         """Causal pass: logits (B, T, V) of the trip's last cell given each prefix."""
-        h = self.backbone(tokens, dow, minute, cont, causal=True)
+        h = self.backbone(tokens, dow, minute, cont, move, causal=True)
         return self.lm_head(self.dest_head(h))
 
-    def travel_time(self, tokens, dow, minute, cont) -> torch.Tensor:
+    def travel_time(self, tokens, dow, minute, cont, move) -> torch.Tensor:
         """log1p(seconds from the first to the last cell) (B,) of a route: its timing is hidden first
         (hide_timing), so only the route and the departure time are seen."""
-        h = self.backbone(*hide_timing(tokens, dow, minute, cont), causal=False)
+        h = self.backbone(*hide_timing(tokens, dow, minute, cont, move), causal=False)
         return self.tte_head(pool(h, tokens)).squeeze(-1)
 
-    def classify(self, tokens, dow, minute, cont) -> torch.Tensor:
+    def classify(self, tokens, dow, minute, cont, move) -> torch.Tensor:
         """Class logits (B, n_classes) from the pooled bidirectional encoding."""
         if self.classifier is None:
             raise ValueError("this model has no classification head (ModelConfig.n_classes = 0)")
-        return self.classifier(pool(self.backbone(tokens, dow, minute, cont, causal=False), tokens))
+        return self.classifier(pool(self.backbone(tokens, dow, minute, cont, move, causal=False), tokens))
 
 
-def hide_timing(tokens, dow, minute, cont):
+def hide_timing(tokens, dow, minute, cont, move):
     """Inputs for travel-time estimation: every position shows the departure's day and quarter hour, and
     the timing features are zeroed, so the elapsed time cannot be read off the input."""
-    first = (dow[:, :1] == 7).long()  # the first cell: position 1 after a BOS, 0 in a window without one
+    first = (dow[:, :1] == NO_DOW).long()  # the first cell: position 1 after a BOS, 0 in a window without one
     dow = torch.where(tokens != PAD, dow.gather(1, first).expand_as(dow), dow)
     minute = torch.where(tokens != PAD, minute.gather(1, first).expand_as(minute), minute)
     keep = torch.ones(cont.shape[-1], dtype=cont.dtype, device=cont.device)
     keep[TIMING] = 0.0
-    return tokens, dow, minute, cont * keep
+    return tokens, dow, minute, cont * keep, move
 
 
 def count_parameters(model: nn.Module) -> str:

@@ -12,16 +12,18 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pgtraj.learn.export import example_batch, export_checked
+from pgtraj.learn.export import example_batch, export_checked, weights_npz
+from pgtraj.learn.pretrained import Pretrained
 from pgtraj.learn.train import TrainConfig, TrainingError, TrainResult, train
 
-__all__ = ["TrainConfig", "Trained", "fit_and_export"]
+__all__ = ["Pretrained", "TrainConfig", "Trained", "fit_and_export"]
 
 
 @dataclass
 class Trained:
     result: TrainResult
-    graphs: dict[str, bytes]   # kind -> ONNX bytes, the graphs of its objective (Objective.graphs)
+    graphs: dict[str, bytes]   # kind -> ONNX bytes, the graphs of its objective (Objective.graphs), and
+                               # 'weights' -> its weights (learn.export.weights_npz), for fine-tuning
     metrics: dict              # training metrics, with each graph's ONNX-vs-torch parity
 
     def registration(self, label_column: str | None = None) -> dict:
@@ -35,14 +37,17 @@ class Trained:
 
 
 def fit_and_export(train_pieces: list, val_pieces: list, cfg: TrainConfig, out_dir: str | Path, *,
-                   labels: dict | None = None, progress: bool = True, log=print, on_step=None) -> Trained:
+                   labels: dict | None = None, progress: bool = True, log=print, on_step=None,
+                   init: Pretrained | None = None) -> Trained:
     """Train on cleaned pieces (learn.train.train: tokenizer, model, checkpoints), then export the graphs
-    its objective registers, each checked against torch on validation data."""
+    its objective registers, each checked against torch on validation data. ``init``: a registered model
+    to fine-tune from (Pretrained.registered), when ``cfg.init_from`` names one."""
     result = train(train_pieces, val_pieces, cfg, out_dir, labels=labels, progress=progress, log=log,
-                   on_step=on_step)
+                   on_step=on_step, init=init)
     example = example_batch(result.tokenizer, val_pieces, cfg.max_len)
     try:
         graphs, parity = export_checked(result.model, cfg.objective, example)
     except ValueError as exc:
         raise TrainingError(str(exc), hint="this is a bug") from None
-    return Trained(result, graphs, {**result.metrics, "onnx_max_abs_diff": parity})
+    return Trained(result, {**graphs, "weights": weights_npz(result.model)},
+                   {**result.metrics, "onnx_max_abs_diff": parity})

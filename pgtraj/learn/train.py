@@ -30,6 +30,7 @@ from pgtraj.core.trajectory import Trajectory
 from pgtraj.learn.batches import Batches
 from pgtraj.learn.lora import apply_lora, merge
 from pgtraj.learn.model import ModelConfig, TrajectoryModel, cosine_lr, count_parameters
+from pgtraj.learn.pretrained import VOCAB_FIELDS, Pretrained, load_into
 from pgtraj.learn.tasks import OBJECTIVES, batch_for
 
 
@@ -40,7 +41,7 @@ class TrainingError(PgtrajError, RuntimeError):
 @dataclass
 class TrainConfig:
     objective: str = "hybrid"
-    preset: str = "small"
+    preset: str | None = None                        # tiny | small | base | large; None: small, or init_from's
     model: dict = field(default_factory=dict)        # overrides of the preset (ModelConfig fields)
     tokenizer: dict = field(default_factory=dict)    # TokenizerConfig fields
     steps: int = 1000
@@ -55,7 +56,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                             # auto | cpu | cuda
     min_trajectories: int = 8
-    init_from: str | None = None                     # a checkpoint.pt to fine-tune from (its tokenizer too)
+    init_from: str | None = None                     # a checkpoint.pt or registered model to fine-tune from
+    vocabulary: str = "auto"                         # with init_from: auto | inherit | own (learn.pretrained)
+    hide_cells: float = 0.0                          # share of sequences shown without their cells (batches)
     lora: dict | None = None                         # {"r": 8, "alpha": 16}: train low-rank adapters only
 
     @classmethod
@@ -105,11 +108,13 @@ def _labelled(trajs: list[Trajectory], labels: dict, classes: list[str]) -> tupl
 
 
 def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConfig, out_dir: str | Path, *,
-          labels: dict | None = None, progress: bool = True, log=print, on_step=None) -> TrainResult:
+          labels: dict | None = None, progress: bool = True, log=print, on_step=None,
+          init: Pretrained | None = None) -> TrainResult:
     """Train (or resume training) in ``out_dir``. ``labels`` maps trajectory id -> class name for the
     classify objective (unlabelled trajectories are left out; the classes are those of the training split).
     ``on_step(step, model, record)`` is called after every optimiser step (callbacks: custom logging,
-    early stop by raising)."""
+    early stop by raising). ``init``: the pretrained model ``cfg.init_from`` names, when it names a
+    registered model (the caller reads the registry); a checkpoint path is read here."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     needs_labels = OBJECTIVES[cfg.objective].needs_labels
@@ -142,28 +147,41 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
         raise TrainingError(f"{ckpt_path} was written with another training config",
                             hint="use a new output directory, or the same config to resume")
     torch.manual_seed(cfg.seed)
-    init = torch.load(cfg.init_from, map_location="cpu", weights_only=False) if cfg.init_from and not ckpt else None
+    if cfg.init_from and not ckpt and init is None:
+        if not Path(cfg.init_from).is_file():
+            raise TrainingError(f"init_from {cfg.init_from!r} is not a checkpoint file",
+                                hint="a registered model is read by `pgtraj train` and CALL pgtraj.train")
+        init = Pretrained.checkpoint(cfg.init_from)
+    init = None if ckpt else init
+
+    def fit() -> Tokenizer:
+        return Tokenizer.fit(train_set, config_from_dict(TokenizerConfig, cfg.tokenizer, "tokenizer"))
+
     if ckpt:
         tok = Tokenizer.from_json(ckpt["tokenizer"])
-    elif init:  # fine-tuning keeps the pretrained vocabulary: token ids must mean the same cells
-        tok = Tokenizer.from_json(init["tokenizer"])
+    elif init:
+        tok, why = init.vocabulary(cfg.vocabulary, train_set, fit)
+        log(f"fine-tuning {init.source} with {why}: {tok.vocab_size} tokens")
     else:
-        tok = Tokenizer.fit(train_set, config_from_dict(TokenizerConfig, cfg.tokenizer, "tokenizer"))
+        tok = fit()
     if ckpt and ckpt.get("classes") is not None:
         classes = ckpt["classes"]
-    sizes = {**ModelConfig.preset(cfg.preset), **cfg.model, "n_classes": len(classes) if classes else 0}
-    model = TrajectoryModel.for_tokenizer(tok, sizes)
+    sizes = {**(ModelConfig.preset(cfg.preset or "small") if init is None or cfg.preset else {}), **cfg.model}
+    if ckpt:  # resuming: the shape it was written with (a fine-tuning run's is its pretrained model's)
+        sizes = {k: v for k, v in ckpt["model_config"].items() if k not in VOCAB_FIELDS}
+    elif init:  # the core's shape is the pretrained one's; dropout is a training choice
+        differ = {k: (sizes[k], v) for k, v in init.core_sizes().items() if k in sizes and sizes[k] != v
+                  and k != "dropout"}
+        if differ:
+            raise TrainingError(f"{init.source} has another model shape than this config: "
+                                + ", ".join(f"{k} {a} here, {b} there" for k, (a, b) in sorted(differ.items())),
+                                hint="leave preset and model unset to take the pretrained model's")
+        sizes = {**init.core_sizes(), **sizes}
+    model = TrajectoryModel.for_tokenizer(tok, {**sizes, "n_classes": len(classes) if classes else 0})
     mcfg = model.cfg
     if init:
-        if {**init["model_config"], "n_classes": 0} != {**mcfg.to_dict(), "n_classes": 0}:
-            raise TrainingError(f"{cfg.init_from} has another model shape than this config",
-                                hint="use the pretraining run's preset and model overrides")
-        # the backbone and shared heads come from the checkpoint; a head it lacks (or sized for other
-        # classes) starts fresh
-        own = model.state_dict()
-        state = {k: v for k, v in init["model"].items() if k in own and own[k].shape == v.shape}
-        model.load_state_dict(state, strict=False)
-        log(f"initialised from {cfg.init_from} (pretrained {init['step']} steps, {init['train_config']['objective']})")
+        load_into(model, tok, init)
+        log(f"initialised from {init.source} (pretrained {init.steps} steps, {init.objective})")
     if cfg.lora is not None:  # before loading a checkpoint: a LoRA run's checkpoint holds the adapters
         trainable = apply_lora(model, **cfg.lora)
         log(f"LoRA {cfg.lora}: training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -176,7 +194,7 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
                             weight_decay=cfg.weight_decay)
     batch_size, step, history = cfg.batch_size, 0, []
     data = Batches(train_set, tok, batch_size=batch_size, max_len=cfg.max_len, seed=cfg.seed + rank, device=device,
-                   labels=train_labels, tail=objective.tail_windows)
+                   labels=train_labels, tail=objective.tail_windows, hide_cells=cfg.hide_cells)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -230,7 +248,7 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
         step += 1
         record = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], **m}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            record["val_loss"] = evaluate(objective, model, val_set, tok, cfg, device, val_labels)
+            record.update(evaluate(objective, model, val_set, tok, cfg, device, val_labels))
             history.append(record)
             rngs = _gather((data.state(), torch.get_rng_state()), world)
             if rank == 0:
@@ -244,13 +262,14 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
     elapsed = time.perf_counter() - t0
     tokens_seen *= world
     final = {"steps": step, "val_loss": history[-1]["val_loss"] if history else None,
+             **{f"val_{k}": history[-1][f"val_{k}"] for k in VOCABULARY_FREE if history and f"val_{k}" in history[-1]},
              "train_loss": history[-1]["loss"] if history else None,
              "tokens_per_second": round(tokens_seen / elapsed, 1) if elapsed > 0 else None,
              "parameters": sum(p.numel() for p in model.parameters()), "device": device,
              "batch_size_final": batch_size, "processes": world}
     if rank == 0:
         metrics_file.close()
-        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curve.png", title=f"{cfg.objective} ({cfg.preset})")
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curve.png", title=f"{cfg.objective} ({cfg.preset or mcfg.d_model})")
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
     if world > 1:
         dist.barrier()
@@ -274,17 +293,26 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def evaluate(objective, model, val_set, tok, cfg: TrainConfig, device: str, labels: list[int] | None = None) -> float:
-    """Mean validation loss over a fixed set of batches (same seed every time: comparable across steps)."""
+# validation figures that do not depend on the vocabulary: comparable between models with other tokenizers
+VOCABULARY_FREE = ("move_ce",)
+
+
+def evaluate(objective, model, val_set, tok, cfg: TrainConfig, device: str, labels: list[int] | None = None) -> dict:
+    """Mean validation loss over a fixed set of batches (same seed every time: comparable across steps), as
+    "val_loss", and the vocabulary-free parts of it (e.g. "val_move_ce") where the objective has them."""
     was = torch.get_rng_state()
     torch.manual_seed(cfg.seed + 1)
     data = Batches(val_set, tok, batch_size=min(cfg.batch_size, max(2, len(val_set))), max_len=cfg.max_len,
                    seed=cfg.seed + 1, device=device, labels=labels, tail=objective.tail_windows)
     model.eval()
     with torch.no_grad():
-        losses = [objective.loss(batch_for(objective, data))[0].item() for _ in range(cfg.eval_batches)]
+        runs = [objective.loss(batch_for(objective, data)) for _ in range(cfg.eval_batches)]
     torch.set_rng_state(was)
-    return float(np.mean(losses))
+    out = {"val_loss": float(np.mean([loss.item() for loss, _ in runs]))}
+    for key in VOCABULARY_FREE:
+        if all(key in m for _, m in runs):
+            out[f"val_{key}"] = float(np.mean([m[key] for _, m in runs]))
+    return out
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

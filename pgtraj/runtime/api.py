@@ -14,7 +14,7 @@ from pgtraj.runtime.tasks import (  # noqa: F401
     destination,
     encoder,
     masked,
-    next_cell,
+    next_move,
     token_nll,
     travel_time,
 )

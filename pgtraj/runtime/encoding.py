@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from pgtraj.core.contract import INPUT_NAMES
 from pgtraj.core.errors import PgtrajError
 from pgtraj.core.features import collate
 from pgtraj.core.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -60,9 +59,35 @@ def length_batches(lengths: list[int], max_tokens: int = BATCH_TOKENS, max_rows:
 
 
 def run(session, seqs: list) -> list[np.ndarray]:
-    """One ONNX call over padded sequences (features.Inputs)."""
+    """One ONNX call over padded sequences (features.Inputs), given the inputs the graph takes (all of
+    INPUT_NAMES, or the first four for a graph of pgtraj 0.1)."""
     b = collate(seqs)
-    return session.run(None, {n: getattr(b, n) for n in INPUT_NAMES})
+    return session.run(None, {i.name: getattr(b, i.name) for i in session.get_inputs()})
+
+
+# below this share of a trip's cells known to the vocabulary at full resolution, predictions go by moves,
+# time and motion alone, and say so
+COVERAGE_NOTICE_BELOW = 0.5
+
+
+def coverage(tokenizer: Tokenizer, x) -> dict:
+    """How the vocabulary knows a tokenized trip: shares of its cells with a token of their own, with a
+    coarser ancestor's token only, and unknown (UNK)."""
+    n = max(len(x.tokens), 1)
+    cell = x.tokens >= len(SPECIAL_TOKENS)
+    exact = cell & (tokenizer.vocab[np.maximum(x.tokens - len(SPECIAL_TOKENS), 0)] == x.cells)
+    return {"known": float(exact.sum()) / n, "coarse": float((cell & ~exact).sum()) / n,
+            "unknown": float((~cell).sum()) / n}
+
+
+def coverage_notice(plpy, model: models.Model, ref, x) -> None:
+    """A NOTICE when the trip lies mostly outside what the model's vocabulary knows."""
+    c = coverage(model.tokenizer, x)
+    if plpy is not None and c["known"] < COVERAGE_NOTICE_BELOW:
+        plpy.notice(f"pgtraj: {c['known']:.0%} of this trip's cells are in the vocabulary of"
+                    f" {models.label(plpy, ref.model_id)} ({c['coarse']:.0%} only as a coarser cell, {c['unknown']:.0%} unknown):"
+                    " its predictions rest on the moves, times and speeds of the trip",
+                    hint="fine-tune the model on data from this area for predictions that know its places")
 
 
 def windows(inp, max_len: int) -> list:
@@ -109,4 +134,4 @@ def tokenize(plpy, wkb: bytes, tokenizer_json: str) -> list[tuple]:
     return list(zip(range(1, len(x) + 1), x.tokens.tolist(), [h3.int_to_str(int(c)) for c in x.cells],
                     x.t.tolist(), x.dwell.tolist(), x.dt.tolist(), x.dow.tolist(), x.minute.tolist(),
                     x.offset[:, 0].tolist(), x.offset[:, 1].tolist(), x.speed.tolist(), x.heading.tolist(),
-                    x.interpolated.tolist()))
+                    x.interpolated.tolist(), x.move.tolist()))

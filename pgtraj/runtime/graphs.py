@@ -11,7 +11,9 @@ from the protobuf wire format directly.
 
 from __future__ import annotations
 
-from pgtraj.core.contract import GRAPHS, INPUT_NAMES
+import re
+
+from pgtraj.core.contract import GRAPHS, INPUT_NAMES, LEGACY_INPUT_NAMES
 from pgtraj.core.errors import PgtrajError
 from pgtraj.runtime.server import InferenceError
 
@@ -168,9 +170,9 @@ def check(kind: str, data: bytes, vocab_size: int):
         sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for unparsable models
         raise GraphError(f"onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
-    names = [i.name for i in sess.get_inputs()]
-    if names != list(INPUT_NAMES):
-        raise GraphError(f"inputs are {names}, expected {list(INPUT_NAMES)}")
+    names = tuple(i.name for i in sess.get_inputs())
+    if names not in (INPUT_NAMES, LEGACY_INPUT_NAMES):
+        raise GraphError(f"inputs are {list(names)}, expected {list(INPUT_NAMES)}")
     outs, want = sess.get_outputs(), GRAPHS[kind].outputs
     if len(outs) != len(want):
         raise GraphError(f"{len(outs)} outputs, expected {len(want)}")
@@ -179,14 +181,52 @@ def check(kind: str, data: bytes, vocab_size: int):
             raise GraphError(f"output {o.name} has rank {len(o.shape)}, expected {spec.rank}")
         if spec.width == "V" and o.shape[-1] != vocab_size:
             raise GraphError(f"output {o.name} has width {o.shape[-1]}, the tokenizer has {vocab_size} tokens")
+        if isinstance(spec.width, int) and o.shape[-1] != spec.width:
+            raise GraphError(f"output {o.name} has width {o.shape[-1]}, expected {spec.width}")
     return sess
+
+
+# a weights archive holds at most this many arrays and bytes (a 'large' model is ~40 M parameters)
+MAX_WEIGHT_ARRAYS, MAX_WEIGHT_BYTES = 4096, 1 << 31
+_WEIGHT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,199}$")
+
+
+def check_weights(data: bytes) -> dict:
+    """The arrays of a model's weights (kind 'weights', format 'npz'): a zip of .npy arrays with parameter
+    names, numbers only. numpy reads it with pickling refused, so no stored object can run code."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+            if len(infos) > MAX_WEIGHT_ARRAYS or sum(i.file_size for i in infos) > MAX_WEIGHT_BYTES:
+                raise GraphError(f"weights archive too large ({len(infos)} arrays)")
+        arrays = dict(np.load(io.BytesIO(data), allow_pickle=False))
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise GraphError(f"weights are not a numpy .npz archive of arrays ({str(exc)[:120]})") from None
+    for name, a in arrays.items():
+        if not _WEIGHT_NAME.match(name) or not isinstance(a, np.ndarray) or a.dtype.kind not in "fiub":
+            raise GraphError(f"weights member {name[:60]!r} is not a numeric parameter array")
+    return arrays
 
 
 def check_artifact(plpy, row: dict) -> None:
     """Trigger side of every INSERT or UPDATE of pgtraj.model_artifacts: the graph must fit its kind and its
     model's tokenizer (an encoder's output width is the model's embedding_dim, recorded if it was not), or
-    the statement fails with 22023 naming the graph. Then it goes into the runtime's file cache."""
+    the statement fails with 22023 naming the graph. Then it goes into the runtime's file cache. Weights
+    (for fine-tuning; never served) must be an archive of numeric arrays, and stay out of the cache."""
     from pgtraj.runtime import models
+
+    if row["kind"] == "weights":
+        try:
+            check_weights(row["bytes"])
+        except GraphError as exc:
+            raise InferenceError(f"weights: {exc.message}", sqlstate="22023",
+                                 hint="store what pgtraj.learn.export.weights_npz writes") from None
+        return
 
     reg = plpy.execute(plpy.prepare(
         "SELECT tokenizer::pg_catalog.text AS tokenizer, embedding_dim, meta_sha256,"
@@ -202,8 +242,8 @@ def check_artifact(plpy, row: dict) -> None:
         sess = check(kind, data, tok.vocab_size)
     except GraphError as exc:
         raise InferenceError(f"graph {kind!r}: {exc.message}", sqlstate="22023",
-                             hint=exc.hint or "export with pgtraj/export.py, or match its inputs (tokens, dow,"
-                                              " minute, cont) and outputs") from None
+                             hint=exc.hint or "export with pgtraj.learn.export, or match its inputs"
+                                              f" ({', '.join(INPUT_NAMES)}) and outputs") from None
     if kind == "encoder":
         width = sess.get_outputs()[0].shape[-1]
         width = width if isinstance(width, int) else None

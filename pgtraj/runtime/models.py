@@ -57,13 +57,15 @@ class Ref:
                                  hint="SET pgtraj.threads = 1")
 
     @classmethod
-    def of(cls, m: dict | None, kind: str) -> "Ref":
-        """The Ref of a pgtraj.model_ref value (a dict in PL/Python) resolved for a graph of ``kind``."""
-        if m is None or m.get("kind") != kind:
-            raise InferenceError(f"expected a model resolved for its {kind} graph, got"
+    def of(cls, m: dict | None, kind: str | tuple[str, ...]) -> "Ref":
+        """The Ref of a pgtraj.model_ref value (a dict in PL/Python) resolved for a graph of ``kind`` (or
+        of one of several kinds: the first is what _resolve asks for, the others what it falls back to)."""
+        kinds = (kind,) if isinstance(kind, str) else kind
+        if m is None or m.get("kind") not in kinds:
+            raise InferenceError(f"expected a model resolved for its {kinds[0]} graph, got"
                                  f" {None if m is None else m.get('kind')!r}", sqlstate="22023",
-                                 hint=f"pass pgtraj._resolve(model, '{kind}')")
-        return cls(m["model_id"], kind, m["sha256"], m["meta_sha256"], m["threads"])
+                                 hint=f"pass pgtraj._resolve(model, '{kinds[0]}')")
+        return cls(m["model_id"], m["kind"], m["sha256"], m["meta_sha256"], m["threads"])
 
 
 class Model:
@@ -250,12 +252,13 @@ def warmup(plpy, ref: Ref) -> dict:
     """Load every graph of a model into this backend and its files into the server's cache."""
     model_id, meta_sha256, threads = ref.model_id, ref.meta_sha256, ref.threads
     t0 = time.perf_counter()
+    # the weights are for fine-tuning, never served
     rows = plpy.execute(_plan(plpy, "graphs", "SELECT kind, sha256 FROM pgtraj.model_artifacts WHERE model_id = $1"
-                              " ORDER BY kind", ["int8"]), [model_id])
+                              " AND kind OPERATOR(pg_catalog.<>) 'weights' ORDER BY kind", ["int8"]), [model_id])
     for r in rows:
         m, _ = session(plpy, Ref(model_id, r["kind"], r["sha256"], meta_sha256, threads))
-        if r["kind"] == "next_cell":
-            m.neighbours()  # constrained decoding's table: built once per backend, here rather than in a query
+        if r["kind"] == "next_cell":  # constrained decoding's table: built once per backend, not in a query
+            m.neighbours()
     name, version = name_version(plpy, model_id)
     return {"model": name, "version": version, "model_id": model_id,
             "graphs": [r["kind"] for r in rows], "threads": threads, "seconds": round(time.perf_counter() - t0, 4)}

@@ -155,6 +155,27 @@ def _run(plpy, name, source, source_opts, cfg, deploy) -> dict:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
+def _registered_init(plpy, init_from: str | None):
+    """The registered model ``init_from`` names, to fine-tune from (a checkpoint file is not a thing a
+    database caller may name: no path from SQL reaches the file system)."""
+    from pgtraj.learn.pipeline import Pretrained
+
+    if not init_from:
+        return None
+    ref = plpy.execute(plpy.prepare("SELECT (pgtraj._resolve($1, 'encoder')).model_id AS id", ["text"]),
+                       [init_from])[0]["id"]
+    row = plpy.execute(plpy.prepare(
+        "SELECT m.name, m.version, m.objective, m.tokenizer::pg_catalog.text AS tokenizer,"
+        " m.config::pg_catalog.text AS config, a.bytes FROM pgtraj.model_registry m"
+        " LEFT JOIN pgtraj.model_artifacts a ON a.model_id = m.id AND a.kind = 'weights' WHERE m.id = $1",
+        ["int8"]), [ref])[0]
+    if row["bytes"] is None:
+        raise InferenceError(f"{row['name']} v{row['version']} has no weights to fine-tune from", sqlstate="0A000",
+                             hint="models registered before pgtraj 0.2 carry ONNX graphs only: train a new version")
+    return Pretrained.registered(f"{row['name']} v{row['version']}", row["bytes"], row["tokenizer"],
+                                 json.loads(row["config"]), row["objective"])
+
+
 def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy, out_dir) -> dict:
     from pgtraj.core.errors import PgtrajError
     from pgtraj.learn.pipeline import fit_and_export
@@ -173,7 +194,8 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
 
     try:
         trained = fit_and_export(splits["train"], splits["val"], cfg, out_dir, labels=labels or None, progress=False,
-                                 log=lambda m: plpy.notice(f"pgtraj.train {name}: {m}"), on_step=on_step)
+                                 log=lambda m: plpy.notice(f"pgtraj.train {name}: {m}"), on_step=on_step,
+                                 init=_registered_init(plpy, cfg.init_from))
     except PgtrajError as exc:
         raise InferenceError(exc.message, sqlstate="22023", hint=exc.hint) from None
     reg = trained.registration(source_opts.get("label_column"))
@@ -186,9 +208,13 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
          f"trained in the database from {source}", list(reg["artifacts"]), list(reg["artifacts"].values())])[0]
     outcome = f"registered v{row['version']}"
     current = plpy.execute(plpy.prepare(
-        "SELECT m.version, (m.metrics OPERATOR(pg_catalog.->>) 'val_loss')::pg_catalog.float8 AS val_loss, m.objective"
-        " FROM pgtraj.deployments d JOIN pgtraj.model_registry m ON m.id = d.model_id WHERE d.name = $1", ["text"]),
-        [name])
+        "SELECT m.version, (m.metrics OPERATOR(pg_catalog.->>) 'val_loss')::pg_catalog.float8 AS val_loss, m.objective,"
+        " m.tokenizer OPERATOR(pg_catalog.=) $2 AS same_tokenizer,"
+        " (m.tokenizer OPERATOR(pg_catalog.->) 'config' OPERATOR(pg_catalog.->) 'resolution') OPERATOR(pg_catalog.=)"
+        " ($2 OPERATOR(pg_catalog.->) 'config' OPERATOR(pg_catalog.->) 'resolution') AS same_resolution,"
+        " (m.metrics OPERATOR(pg_catalog.->>) 'val_move_ce')::pg_catalog.float8 AS val_move_ce"
+        " FROM pgtraj.deployments d JOIN pgtraj.model_registry m ON m.id = d.model_id WHERE d.name = $1",
+        ["text", "jsonb"]), [name, json.dumps(reg["tokenizer"])])
     new_loss = metrics["val_loss"]
     live = current[0] if current.nrows() else None
     if deploy == "always" or live is None:
@@ -197,6 +223,19 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
         why = f" (the deployed v{live['version']} was trained for {live['objective']})"
     elif live["val_loss"] is None:
         why = f" (the deployed v{live['version']} has no val_loss to compare with)"
+    elif not live["same_tokenizer"]:
+        # a loss over another vocabulary measures another task; the next-move loss does not depend on it
+        new_move = metrics.get("val_move_ce")
+        if live["same_resolution"] and live["val_move_ce"] is not None and new_move is not None:
+            why = (f" (another tokenizer than v{live['version']}: next-move val_loss {new_move:.4f} <"
+                   f" {live['val_move_ce']:.4f})") if new_move < live["val_move_ce"] else None
+            unlike = (f", not deployed: v{row['version']} has another tokenizer than the deployed v{live['version']};"
+                      f" its next-move val_loss {new_move:.4f} is not better than {live['val_move_ce']:.4f}")
+        else:
+            why = None
+            unlike = (f", not deployed: v{row['version']} has another tokenizer than the deployed"
+                      f" v{live['version']}, so their val_loss cannot be compared; compare them on the same trips"
+                      " (pgtraj.score) and deploy with pgtraj.deploy")
     elif new_loss < live["val_loss"]:
         why = f" (val_loss {new_loss:.4f} < {live['val_loss']:.4f} of v{live['version']})"
     else:
@@ -205,6 +244,8 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
         plpy.execute(plpy.prepare("SELECT 1 FROM pgtraj.deploy($1, $2, $3)", ["text", "text", "text"]),
                      [name, str(row["version"]), f"training run {run_id} ({deploy})"])
         outcome += f", deployed{why}"
+    elif deploy == "auto" and not live["same_tokenizer"]:
+        outcome += unlike
     elif deploy == "auto":
         outcome += (f", not deployed: val_loss {new_loss:.4f} is not better than {current[0]['val_loss']:.4f}"
                     f" of the deployed v{current[0]['version']}")

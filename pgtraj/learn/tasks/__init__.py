@@ -18,7 +18,7 @@ from pgtraj.core.tokenizer import PAD
 from pgtraj.learn.model import TrajectoryModel
 
 OBJECTIVES: dict[str, type] = {}   # name -> Objective subclass
-GRAPH_FORWARDS: dict[str, object] = {}  # graph kind -> forward(model, tokens, dow, minute, cont)
+GRAPH_FORWARDS: dict[str, object] = {}  # graph kind -> forward(model, *inputs in INPUT_NAMES order)
 
 
 def objective(cls):
@@ -58,18 +58,19 @@ def last_real(tokens: torch.Tensor) -> torch.Tensor:
 
 
 @graph("encoder")  # every model is registered with it: the similarity embedding
-def encoder(model: TrajectoryModel, tokens, dow, minute, cont):
-    return model.embed(tokens, dow, minute, cont)
+def encoder(model: TrajectoryModel, tokens, dow, minute, cont, move):
+    return model.embed(tokens, dow, minute, cont, move)
 
 
 def batch_for(objective, batches) -> object:
     """What an objective's loss() takes, drawn from a learn.batches.Batches."""
     from pgtraj.learn.tasks.contrastive import Contrastive
+    from pgtraj.learn.tasks.foundation import Foundation
     from pgtraj.learn.tasks.hybrid import Hybrid
 
     if isinstance(objective, Contrastive):
         return batches.views()
-    if isinstance(objective, Hybrid):
+    if isinstance(objective, (Hybrid, Foundation)):
         return batches.next(), batches.views()
     return batches.next()
 
@@ -79,6 +80,7 @@ from pgtraj.learn.tasks import (  # noqa: E402,F401
     classify,
     contrastive,
     destination,
+    foundation,
     hybrid,
     masked_spans,
     next_cell,

@@ -27,5 +27,5 @@ class Classify(Objective):
 
 
 @graph("classify")
-def classify(model: TrajectoryModel, tokens, dow, minute, cont):
-    return torch.softmax(model.classify(tokens, dow, minute, cont), dim=-1)
+def classify(model: TrajectoryModel, tokens, dow, minute, cont, move):
+    return torch.softmax(model.classify(tokens, dow, minute, cont, move), dim=-1)

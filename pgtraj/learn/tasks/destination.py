@@ -37,7 +37,7 @@ class Destination(Objective):
 
 
 @graph("destination")
-def destination(model: TrajectoryModel, tokens, dow, minute, cont):
-    logits = model.destination_logits(tokens, dow, minute, cont)
+def destination(model: TrajectoryModel, tokens, dow, minute, cont, move):
+    logits = model.destination_logits(tokens, dow, minute, cont, move)
     last = last_real(tokens)
     return torch.softmax(logits[torch.arange(tokens.shape[0], device=tokens.device), last], dim=-1)

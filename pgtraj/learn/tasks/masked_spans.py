@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pgtraj.core.features import SPATIAL
+from pgtraj.core.features import NO_MOVE, SPATIAL
 from pgtraj.core.tokenizer import MASK, SPECIAL_TOKENS
 from pgtraj.learn.model import TrajectoryModel
 from pgtraj.learn.tasks import Objective, graph, objective
@@ -45,11 +45,10 @@ class MaskedSpans(Objective):
         return out & maskable
 
     def masked_logits(self, inp: torch.Tensor, batch: dict, masked: torch.Tensor) -> torch.Tensor:
-        """Logits (n_masked, V) at the masked positions of the corrupted tokens ``inp``; the continuous
-        features that would reveal where a masked token is are hidden too."""
-        cont = batch["cont"].clone()
-        cont[..., SPATIAL] = cont[..., SPATIAL] * (~masked).unsqueeze(-1)
-        h = self.net(TrajectoryModel.hidden, inp, batch["dow"], batch["minute"], cont)
+        """Logits (n_masked, V) at the masked positions of the corrupted tokens ``inp``; what would reveal
+        where a masked token is is hidden too (hide_masked)."""
+        cont, move = hide_masked(batch["cont"], batch["move"], masked)
+        h = self.net(TrajectoryModel.hidden, inp, batch["dow"], batch["minute"], cont, move)
         return self.model.lm_head(h[masked])  # tied to the token embedding: the same leaf DDP syncs
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -66,9 +65,20 @@ class MaskedSpans(Objective):
         return ce, {"mlm_ce": ce.item(), "mlm_acc": acc.item(), "masked": int(masked.sum())}
 
 
+def hide_masked(cont: torch.Tensor, move: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features of a masked position that give its cell away: its offset, speed and heading, its move,
+    and the move out of it (the next cell's slot in its frame). runtime/tasks/masked.py hides the same."""
+    spatial = torch.zeros(cont.shape[-1], dtype=torch.bool, device=cont.device)
+    spatial[SPATIAL] = True
+    cont = cont.masked_fill(masked.unsqueeze(-1) & spatial, 0.0)
+    after = torch.zeros_like(masked)
+    after[:, 1:] = masked[:, :-1]
+    return cont, move.masked_fill(masked | after, NO_MOVE)
+
+
 @graph("masked")
-def masked(model: TrajectoryModel, tokens, dow, minute, cont):
-    logits = model.lm_head(model.hidden(tokens, dow, minute, cont))
+def masked(model: TrajectoryModel, tokens, dow, minute, cont, move):
+    logits = model.lm_head(model.hidden(tokens, dow, minute, cont, move))
     special = torch.arange(logits.shape[-1], device=logits.device) < len(SPECIAL_TOKENS)
     probs = torch.softmax(logits, dim=-1).masked_fill(special, 0.0)  # a gap is filled with a place
     best, token = probs.max(dim=-1)

@@ -38,5 +38,5 @@ class TravelTime(Objective):
 
 
 @graph("travel_time")
-def travel_time(model: TrajectoryModel, tokens, dow, minute, cont):
-    return model.travel_time(tokens, dow, minute, cont)
+def travel_time(model: TrajectoryModel, tokens, dow, minute, cont, move):
+    return model.travel_time(tokens, dow, minute, cont, move)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pgtraj.core.contract import INPUT_NAMES
-from pgtraj.core.features import SPATIAL, Inputs, to_inputs
+from pgtraj.core.features import NO_MOVE, SPATIAL, Inputs, to_inputs
 from pgtraj.runtime import models
 from pgtraj.runtime.encoding import read, run
 from pgtraj.runtime.models import Ref
@@ -34,8 +34,11 @@ def fill_gaps(plpy, wkb, ref: Ref) -> list[tuple]:
         here = gaps[(gaps >= start) & (gaps < start + model.max_len)] - start
         if not len(here):
             continue
+        # hidden as learn/tasks/masked_spans.hide_masked hides them in training
         w.tokens[here] = MASK
         w.cont[np.ix_(here, SPATIAL)] = 0.0
+        w.move[here] = NO_MOVE
+        w.move[here[here + 1 < len(w.move)] + 1] = NO_MOVE
         token, prob = run(sess, [w])
         for pos in here:
             i = start + pos - 1  # index into x
