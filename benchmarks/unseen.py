@@ -1,6 +1,6 @@
 """Next step on people the model never saw, in the user's terms, against the strongest simple baselines.
 
-    .venv/bin/python benchmarks/unseen.py [--finetune-steps 300] [--eval-trajs 800]
+    .venv/bin/python benchmarks/unseen.py [--finetune-steps 300] [--fractions 0.01,0.1,1] [--eval-trajs 800]
 
 GeoLife protocol (pgtraj.core.splits): users 120-139 are never read by any training; the shipped base model
 (pgtraj/assets/base) was pretrained on users 10-119; users 0-9 stand for a user's own data. A case is a
@@ -11,7 +11,7 @@ Two settings, each evaluated on the same unseen-user cases (a fixed sample of --
 seen users' chronological test split:
   A. the base model as shipped (zero-shot) vs baselines fit on the base model's training data (10-119);
   B. a user's own data (0-9): fine-tuned from the base model vs the same model trained from scratch with the
-     same budget, and baselines fit on 0-9.
+     same budget, on all of it or on a share (--fractions: the few-shot curve), and baselines fit on 0-9.
 Baselines: straight on (the grid neighbour continuing the last move, then by angle), Markov-1/2 over true
 cells (interpolated, weights tuned on validation) alone and backed off to straight on, and a move Markov
 chain (order 3, place-free). Writes benchmarks/results/unseen.json.
@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(default_data_dir() / "geolife"))
     ap.add_argument("--base", default=str(ASSET_DIR), help="a base model release (pgtraj base build)")
     ap.add_argument("--finetune-steps", type=int, default=300)
+    ap.add_argument("--fractions", default="1", help="shares of users 0-9's training pieces to fine-tune on,"
+                                                     " e.g. 0.01,0.1,1 (the few-shot curve)")
     ap.add_argument("--eval-trajs", type=int, default=800)
     ap.add_argument("--out", default="pgtraj-output/bench/unseen")
     ap.add_argument("--results", default="benchmarks/results/unseen.json")
@@ -120,19 +122,30 @@ def main() -> None:
     b = baselines(tok, P["own_train"], P["own_val"], evals)
     init = Pretrained({k: v for k, v in model.state_dict().items()}, tok, card["model"], "pgtraj-base",
                       card["objective"], card["steps"])
+    # the tokenizer a user's own run would fit (the base vocabulary is inherited when it knows most cells)
+    tokenizer = {**card["train"]["tokenizer"], "min_count": 5}
     base_cfg = {"objective": "next_cell", "steps": args.finetune_steps, "batch_size": 32, "max_len": MAX_LEN,
-                "lr": 5e-4, "warmup": 30, "eval_every": max(args.finetune_steps // 2, 1), "eval_batches": 4,
-                "tokenizer": card["train"]["tokenizer"]}
-    for label, cfg, pre in (("fine-tuned from pgtraj-base", {**base_cfg, "init_from": "pgtraj-base"}, init),
-                            ("from scratch, same budget", {**base_cfg, "preset": "small", "lr": 1e-3,
-                                                         "tokenizer": {**base_cfg["tokenizer"], "min_count": 5}}, None)):
-        run = Path(args.out) / label.split()[0]
-        shutil.rmtree(run, ignore_errors=True)  # a benchmark starts from nothing (train() would resume)
-        t1 = time.perf_counter()
-        res = train(P["own_train"], P["own_val"], TrainConfig.from_dict(cfg), run, progress=False, log=lambda m: None,
-                    init=pre)
-        for name, r in model_results(res.model, res.tokenizer, evals).items():
-            b[name][label] = {**r, "steps": args.finetune_steps, "train_seconds": round(time.perf_counter() - t1)}
+                "warmup": 30, "eval_every": max(args.finetune_steps // 2, 1), "eval_batches": 4, "tokenizer": tokenizer,
+                "min_trajectories": 4}
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        # a user with less data: a random share of the training pieces (validation stays whole)
+        rng = np.random.default_rng(1)
+        train_set = [P["own_train"][i] for i in sorted(rng.choice(len(P["own_train"]),
+                                                                  max(8, round(fraction * len(P["own_train"]))),
+                                                                  replace=False))]
+        share = f", {fraction:.0%} of the data ({len(train_set)} pieces)" if fraction < 1 else ""
+        for label, cfg, pre in ((f"fine-tuned from pgtraj-base{share}", {**base_cfg, "lr": 5e-4,
+                                                                          "init_from": "pgtraj-base"}, init),
+                                (f"from scratch, same budget{share}", {**base_cfg, "lr": 1e-3, "preset": "small"},
+                                 None)):
+            run = Path(args.out) / f"{label.split()[0]}-{fraction}"
+            shutil.rmtree(run, ignore_errors=True)  # a benchmark starts from nothing (train() would resume)
+            res = train(train_set, P["own_val"], TrainConfig.from_dict(cfg), run, progress=False,
+                        log=lambda m: None, init=pre)
+            for name, r in model_results(res.model, res.tokenizer, evals).items():
+                b[name][label] = {**r, "steps": args.finetune_steps, "train_pieces": len(train_set),
+                                  "vocabulary": res.tokenizer.vocab_size}
+            print(label, {n: round(b[n][label]["acc@1"], 4) for n in evals}, flush=True)
     results["B: users 0-9 as a user's own data"] = b
     print_table("B", b)
     results["seconds"] = round(time.perf_counter() - t0)

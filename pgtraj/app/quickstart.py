@@ -134,27 +134,42 @@ def in_sql(conn, out_dir: Path, log) -> dict:
 
 
 def _map(conn, traj_id: int, rows: list, png: Path) -> None:
-    """The last part of a trip and its predicted next cells (outlines coloured by probability)."""
+    """The last stretch of a trip (up to ~1.5 km back from where it is now), the cell it is in and its
+    predicted next cells (coloured by probability), on axes in plain degrees."""
     import h3
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = conn.execute("SELECT ST_Y(d.geom), ST_X(d.geom) FROM geolife.trajectories g, ST_DumpPoints(g.geom) d"
-                       " WHERE g.traj_id = %s ORDER BY d.path", [traj_id]).fetchall()
-    lat, lon = np.array(pts[-300:]).T
-    fig, ax = plt.subplots(figsize=(6, 6))
-    ax.plot(lon, lat, "-", color="0.3", lw=1, label=f"trip {traj_id} (last fixes)")
+    from pgtraj.core.trajectory import haversine_m
+
+    pts = np.array(conn.execute("SELECT ST_Y(d.geom), ST_X(d.geom) FROM geolife.trajectories g,"
+                                " ST_DumpPoints(g.geom) d WHERE g.traj_id = %s ORDER BY d.path", [traj_id]).fetchall())
+    back = haversine_m(pts[:, 0], pts[:, 1], np.full(len(pts), pts[-1, 0]), np.full(len(pts), pts[-1, 1]))
+    far = np.flatnonzero(back > 1500.0)
+    lat, lon = pts[(far[-1] if len(far) else 0):].T
+    fig, ax = plt.subplots(figsize=(7, 7))
+
+    def outline(cell, **kw):
+        ring = np.array(h3.cell_to_boundary(cell) + (h3.cell_to_boundary(cell)[0],))
+        return ax.plot(ring[:, 1], ring[:, 0], **kw)
+
+    here = h3.latlng_to_cell(float(lat[-1]), float(lon[-1]), 9)
+    outline(here, color="k", lw=1.5, ls="--", label="the cell it is in now")
     for rank, cell, p, _, _, _ in rows:
         ring = np.array(h3.cell_to_boundary(cell) + (h3.cell_to_boundary(cell)[0],))
         ax.fill(ring[:, 1], ring[:, 0], color=plt.cm.viridis(float(p)), alpha=0.6)
-        ax.plot(ring[:, 1], ring[:, 0], color="k", lw=0.5)
+        outline(cell, color="k", lw=0.5)
         c = h3.cell_to_latlng(cell)
-        ax.annotate(f"{rank}: {float(p):.2f}", (c[1], c[0]), fontsize=8, ha="center")
-    ax.set_title("pgtraj.predict_next: the 5 likeliest next H3 cells")
-    ax.set_xlabel("longitude")
-    ax.set_ylabel("latitude")
+        ax.annotate(f"#{rank}: p={float(p):.2f}", (c[1], c[0]), fontsize=8, ha="center")
+    ax.plot(lon, lat, "-", color="tab:red", lw=1.2, label=f"trip {traj_id}, its last {len(lat)} fixes")
+    ax.plot(lon[-1:], lat[-1:], "o", color="tab:red", label="its last fix")
+    ax.set_title("pgtraj.predict_next: the 5 likeliest next H3 cells (resolution 9)")
+    ax.set_xlabel("longitude (degrees)")
+    ax.set_ylabel("latitude (degrees)")
+    ax.ticklabel_format(useOffset=False, style="plain")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(4))
     ax.legend(loc="best", fontsize=8)
     ax.set_aspect(1 / np.cos(np.radians(np.mean(lat))))
     fig.tight_layout()
