@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--fractions", default="1", help="shares of users 0-9's training pieces to fine-tune on,"
                                                      " e.g. 0.01,0.1,1 (the few-shot curve)")
     ap.add_argument("--eval-trajs", type=int, default=800)
+    ap.add_argument("--settings", default="A,B", help="A (the base model zero-shot), B (fine-tuning), or both")
     ap.add_argument("--out", default="pgtraj-output/bench/unseen")
     ap.add_argument("--results", default="benchmarks/results/unseen.json")
     args = ap.parse_args()
@@ -117,6 +118,8 @@ def main() -> None:
     results["A: base model vs baselines fit on users 10-119"] = a
     print_table("A", a)
 
+    if "B" not in args.settings.split(","):
+        return finish(results, args, t0)
     # B: a user's own data, fine-tuned from the base model or from scratch with the same budget
     evals = {"unseen users 120-139": unseen, "own users 0-9 (test split)": sample(P["own_test"], args.eval_trajs)}
     b = baselines(tok, P["own_train"], P["own_val"], evals)
@@ -148,6 +151,10 @@ def main() -> None:
             print(label, {n: round(b[n][label]["acc@1"], 4) for n in evals}, flush=True)
     results["B: users 0-9 as a user's own data"] = b
     print_table("B", b)
+    finish(results, args, t0)
+
+
+def finish(results: dict, args, t0: float) -> None:
     results["seconds"] = round(time.perf_counter() - t0)
     Path(args.results).write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.results} ({results['seconds']} s)")
