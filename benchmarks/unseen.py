@@ -78,12 +78,13 @@ def baselines(tok, fit_on: list, tune_on: list, evals: dict[str, list]) -> dict:
     return out
 
 
-def model_results(model, tok, evals: dict[str, list]) -> dict:
+def model_results(model, tok, evals: dict[str, list], how: str = "move") -> dict:
+    """The model's next-step figures; ``how``: which head ranks the neighbours (ev.model_step_scores)."""
     out = {}
     for name, pieces in evals.items():
         enc = [tok.encode(p) for p in pieces]
         cases = ev.StepCases.of(enc, MAX_LEN)
-        out[name] = judge(cases, ev.model_step_scores(model, tok, cases, enc, how="move", max_len=MAX_LEN))
+        out[name] = judge(cases, ev.model_step_scores(model, tok, cases, enc, how=how, max_len=MAX_LEN))
         known = np.concatenate([x.tokens >= 5 for x in enc]).mean()
         out[name]["cells_with_a_token"] = float(known)
     return out
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--fractions", default="1", help="shares of users 0-9's training pieces to fine-tune on,"
                                                      " e.g. 0.01,0.1,1 (the few-shot curve)")
     ap.add_argument("--eval-trajs", type=int, default=800)
+    ap.add_argument("--heads", default="", help="also rank A's cases with these heads of the base model: vocab"
+                    " (next token, constrained to the grid neighbours), mix (move + token logits)")
     ap.add_argument("--settings", default="A,B", help="A (the base model zero-shot), B (fine-tuning), or both")
     ap.add_argument("--out", default="pgtraj-output/bench/unseen")
     ap.add_argument("--results", default="benchmarks/results/unseen.json")
@@ -115,6 +118,9 @@ def main() -> None:
     a = baselines(tok, P["base_train"], P["base_val"], evals)
     for name, r in model_results(model, tok, evals).items():
         a[name]["pgtraj-base (zero-shot)"] = r
+    for how in args.heads.split(",") if args.heads else ():  # the same model ranked by its other heads
+        for name, r in model_results(model, tok, evals, how=how).items():
+            a[name][f"pgtraj-base, {how} head"] = r
     results["A: base model vs baselines fit on users 10-119"] = a
     print_table("A", a)
 

@@ -135,3 +135,42 @@ def test_perplexity_and_span_recovery_run_and_are_sane():
     # untrained model's guesses are further off: somewhere in the 5 km grid, not at the hidden cells
     assert rec["linear_interpolation_m"]["median"] < 2000
     assert rec["linear_interpolation_m"]["median"] < rec["model_m"]["mean"] < 10_000
+
+
+def test_step_cases_judge_real_next_cells_in_the_users_terms():
+    """Cases end at observed fixes; the truth is the next cell at full resolution; a grid step's truth is in
+    the frame, in the slot its move names; ranks and top-1 follow the scores, and naming nothing is no hit."""
+    from pgtraj.core.tokenizer import JUMP
+    from pgtraj.learn.evaluation import StepCases, frame_top1, step_metrics, straight_on_scores
+
+    xs = [TOK.encode(t) for t in TRIPS[:10]]
+    cases = StepCases.of(xs, max_len=64)
+    assert len(cases) > 50
+    for n in range(0, len(cases), 7):
+        x, i = xs[cases.traj[n]], cases.index[n]
+        assert i >= 1 and not x.interpolated[i] and cases.truth[n] == x.cells[i + 1] and cases.current[n] == x.cells[i]
+        if x.move[i + 1] < JUMP:
+            assert cases.frames[n][x.move[i + 1]] == cases.truth[n]
+    so = straight_on_scores(cases)
+    ranks = cases.frame_ranks(so)
+    slot = np.array([xs[k].move[i + 1] for k, i in zip(cases.traj, cases.index)])
+    order = np.argsort(-so, axis=1, kind="stable")  # straight on, then the others by angle
+    grid = slot < JUMP
+    assert np.all(ranks[grid] == 1 + np.argmax(order[grid] == slot[grid, None], axis=1))
+    assert np.all(np.isinf(ranks[~grid]))  # a jump is no neighbour: never found
+    assert step_metrics(ranks)["acc@1"] == np.mean(slot == 0)
+    nothing = np.full_like(so, -np.inf)
+    assert np.all(frame_top1(cases, nothing) == 0) and np.all(np.isinf(cases.frame_ranks(nothing)))
+
+
+def test_cell_markov_learns_routes_the_grid_cannot_guess():
+    """Fit and judged on the same trips, a second-order chain over true cells knows each next cell far
+    better than going straight on (Manhattan routes turn); backing off to straight on never hurts Acc@5."""
+    from pgtraj.learn.evaluation import CellMarkov, StepCases, step_metrics, straight_on_scores
+
+    xs = [TOK.encode(t) for t in TRIPS[:30]]
+    cases = StepCases.of(xs, max_len=64)
+    so = step_metrics(cases.frame_ranks(straight_on_scores(cases)))
+    plain = step_metrics(CellMarkov(2, backoff=False).fit(xs).ranks(cases, xs)[0])
+    backed = step_metrics(CellMarkov(2, backoff=True).fit(xs).ranks(cases, xs)[0])
+    assert plain["acc@1"] > so["acc@1"] and backed["acc@5"] >= plain["acc@5"]

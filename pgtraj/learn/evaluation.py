@@ -326,8 +326,9 @@ def top1_error_m(cases: StepCases, top: np.ndarray) -> np.ndarray:
 
 
 def frame_top1(cases: StepCases, scores: np.ndarray) -> np.ndarray:
-    """The top-1 cell of frame scores."""
-    return cases.frames[np.arange(len(cases)), scores.argmax(axis=1)]
+    """The top-1 cell of frame scores; 0 where a method names none of them (every score -inf)."""
+    top = cases.frames[np.arange(len(cases)), scores.argmax(axis=1)]
+    return np.where(np.isfinite(scores.max(axis=1)), top, 0).astype(np.uint64)
 
 
 # ---------------------------------------------------------------------------------------------------------
