@@ -161,6 +161,8 @@ def test_init_from_cannot_name_a_file_from_sql(conn, tmp_path):
     (dict(deploy="sometimes"), "22023"),
     (dict(source="nope"), "42P01"),
     (dict(config={**TINY, "split_column": "nope"}), "42703"),
+    (dict(config={**TINY, "tokenizer": {"resolution": 6}}), "22023"),  # refused before any row is read
+    (dict(config={**TINY, "vocabulary": "borrowed"}), "22023"),
 ])
 def test_refusals(conn, args, sqlstate):
     with pytest.raises(psycopg.Error) as err:

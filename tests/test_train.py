@@ -179,3 +179,18 @@ def test_lora_fine_tuning_run_resumes_and_returns_a_merged_model(tmp_path):
         train(TRAIN, VAL, lora_cfg, tmp_path / "b", progress=False, log=lambda m: None, on_step=crash)
     resumed = train(TRAIN, VAL, lora_cfg, tmp_path / "b", progress=False, log=lambda m: None)
     assert torch.equal(weights(straight.model), weights(resumed.model))
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"tokenizer": {"resolution": 6}}, "resolution must be"),
+    ({"tokenizer": {"timezone": "Mars/Olympus"}}, "unknown timezone"),
+    ({"tokenizer": {"resolutoin": 9}}, "resolutoin"),
+    ({"preset": "huge"}, "unknown preset"),
+    ({"vocabulary": "borrowed"}, "vocabulary must be"),
+    ({"hide_cells": 1.5}, "hide_cells"),
+])
+def test_a_bad_config_is_refused_before_any_data_is_read(bad, words):
+    from pgtraj.core.errors import PgtrajError
+
+    with pytest.raises(PgtrajError, match=words):
+        TrainConfig.from_dict({"objective": "next_cell", **bad})

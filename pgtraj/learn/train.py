@@ -30,7 +30,7 @@ from pgtraj.core.trajectory import Trajectory
 from pgtraj.learn.batches import Batches
 from pgtraj.learn.lora import apply_lora, merge
 from pgtraj.learn.model import ModelConfig, TrajectoryModel, cosine_lr, count_parameters
-from pgtraj.learn.pretrained import VOCAB_FIELDS, Pretrained, load_into
+from pgtraj.learn.pretrained import VOCAB_FIELDS, VOCABULARIES, Pretrained, load_into
 from pgtraj.learn.tasks import OBJECTIVES, batch_for
 
 
@@ -66,6 +66,14 @@ class TrainConfig:
         cfg = config_from_dict(cls, d, "training")
         if cfg.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {cfg.objective!r}", hint=f"one of {sorted(OBJECTIVES)}")
+        # checked here, before any data is read, rather than when the tokenizer is fitted on it
+        config_from_dict(TokenizerConfig, cfg.tokenizer, "tokenizer")
+        if cfg.preset is not None and cfg.preset not in ("tiny", "small", "base", "large"):
+            raise ConfigError(f"unknown preset {cfg.preset!r}", hint="one of tiny, small, base, large")
+        if cfg.vocabulary not in VOCABULARIES:
+            raise ConfigError(f"vocabulary must be one of {VOCABULARIES}, not {cfg.vocabulary!r}")
+        if not 0.0 <= cfg.hide_cells < 1.0:
+            raise ConfigError(f"hide_cells must be a share in [0, 1), not {cfg.hide_cells!r}")
         return cfg
 
     @classmethod
