@@ -21,18 +21,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from pgtraj.app.base_model import ASSET_DIR, load
 from pgtraj.core.clean import CleaningConfig, clean
-from pgtraj.core.contract import INPUT_NAMES
-from pgtraj.core.features import collate, to_inputs
 from pgtraj.core.splits import UNSEEN
 from pgtraj.core.trajectory import Trajectory, haversine_m
 from pgtraj.db.datasets import default_data_dir, read_geolife_files
-from pgtraj.learn.batches import to_tensors
-from pgtraj.learn.evaluation import distance_matrix, dtw, edr, frechet, search_metrics, split_odd_even, twin_ranks
-from pgtraj.learn.export import export
+from pgtraj.learn.evaluation import (
+    distance_matrix,
+    dtw,
+    edr,
+    frechet,
+    search_metrics,
+    split_odd_even,
+    twin_ranks,
+)
+from pgtraj.learn.export import onnx_embedder
 
 DAY = 86_400.0
 
@@ -80,15 +84,7 @@ def main() -> None:
           f" ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     model, tok, card = load(Path(args.base))
-    example = to_tensors(collate([to_inputs(tok.encode(queries[0]))]))
-    sess = ort.InferenceSession(export(model, "encoder", example), providers=["CPUExecutionProvider"])
-
-    def embed(trajs):
-        out = []
-        for i in range(0, len(trajs), 64):
-            b = collate([to_inputs(tok.encode(t)) for t in trajs[i:i + 64]], max_len=512)
-            out.append(sess.run(None, {n: getattr(b, n) for n in INPUT_NAMES})[0])
-        return np.concatenate(out)
+    embed = onnx_embedder(model, tok, queries[:1])
 
     def run(name, q, fn):
         t1 = time.perf_counter()

@@ -17,13 +17,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from pgtraj.app.training import read_split
-from pgtraj.core.features import collate, to_inputs
 from pgtraj.core.trajectory import Trajectory
 from pgtraj.db.connection import connect, resolve_dsn
-from pgtraj.learn.batches import to_tensors
 from pgtraj.learn.evaluation import (
     distance_matrix,
     dtw,
@@ -33,7 +30,7 @@ from pgtraj.learn.evaluation import (
     split_odd_even,
     twin_ranks,
 )
-from pgtraj.learn.export import INPUT_NAMES, export
+from pgtraj.learn.export import onnx_embedder
 from pgtraj.learn.train import load_checkpoint
 
 _M_PER_DEG = 111_195.0
@@ -80,15 +77,7 @@ def main() -> None:
     queries = [q for q, _ in pairs[:n_q]]
     database = [d for _, d in pairs]  # twins of the queries first, then the others' even halves
 
-    example = to_tensors(collate([to_inputs(tok.encode(queries[0]))]))
-    sess = ort.InferenceSession(export(model, "encoder", example), providers=["CPUExecutionProvider"])
-
-    def embed(trajs):
-        out = []
-        for i in range(0, len(trajs), 64):
-            b = collate([to_inputs(tok.encode(t)) for t in trajs[i:i + 64]], max_len=512)
-            out.append(sess.run(None, {n: getattr(b, n) for n in INPUT_NAMES})[0])
-        return np.concatenate(out)
+    embed = onnx_embedder(model, tok, queries[:1])
 
     def embedding_run(q, d):
         t0 = time.perf_counter()

@@ -30,6 +30,7 @@ import numpy as np
 from pgtraj.app.base_model import ASSET_DIR, load
 from pgtraj.core.clean import CleaningConfig, clean
 from pgtraj.core.splits import GEOLIFE_FINETUNE_USERS, GEOLIFE_PRETRAIN_USERS, UNSEEN
+from pgtraj.core.tokenizer import SPECIAL_TOKENS
 from pgtraj.db.datasets import default_data_dir, read_geolife_files
 from pgtraj.learn import evaluation as ev
 from pgtraj.learn.pretrained import Pretrained
@@ -85,7 +86,7 @@ def model_results(model, tok, evals: dict[str, list], how: str = "move") -> dict
         enc = [tok.encode(p) for p in pieces]
         cases = ev.StepCases.of(enc, MAX_LEN)
         out[name] = judge(cases, ev.model_step_scores(model, tok, cases, enc, how=how, max_len=MAX_LEN))
-        known = np.concatenate([x.tokens >= 5 for x in enc]).mean()
+        known = np.concatenate([x.tokens >= len(SPECIAL_TOKENS) for x in enc]).mean()
         out[name]["cells_with_a_token"] = float(known)
     return out
 

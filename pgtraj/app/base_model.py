@@ -12,12 +12,9 @@ them too.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from pathlib import Path
-
-import numpy as np
 
 from pgtraj import __version__
 from pgtraj.core.errors import PgtrajError
@@ -54,20 +51,15 @@ def verify(asset_dir: Path = ASSET_DIR) -> dict:
 
 def load(asset_dir: Path = ASSET_DIR):
     """(model, tokenizer, card) of the release, checked: a float32 TrajectoryModel with the shipped weights."""
-    import torch
-
     from pgtraj.core.tokenizer import Tokenizer
+    from pgtraj.learn.export import weights_state
     from pgtraj.learn.model import TrajectoryModel
 
     card = verify(asset_dir)
     tok = Tokenizer.from_json((asset_dir / "tokenizer.json").read_text())
     model = TrajectoryModel.for_tokenizer(tok, {k: v for k, v in card["model"].items()
                                                 if k not in ("vocab_size", "ancestor_vocab_size", "ancestor_levels")})
-    arrays = np.load(io.BytesIO((asset_dir / "weights.npz").read_bytes()), allow_pickle=False)
-    state = {k: torch.from_numpy(arrays[k].astype(np.float32) if arrays[k].dtype == np.float16 else arrays[k])
-             for k in arrays.files}
-    state["lm_head.weight"] = state["backbone.tok.weight"]  # tied, stored once
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(weights_state((asset_dir / "weights.npz").read_bytes()), strict=True)
     return model.eval(), tok, card
 
 
@@ -134,11 +126,7 @@ def build(data_dir: Path, config: dict, out_dir: Path, *, users=None, release_di
         for p in result.model.parameters():
             p.copy_(p.half().float())
     release_dir.mkdir(parents=True, exist_ok=True)
-    arrays = np.load(io.BytesIO(weights_npz(result.model)), allow_pickle=False)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: arrays[k].astype(np.float16) if arrays[k].dtype == np.float32 else arrays[k]
-                                for k in arrays.files})
-    (release_dir / "weights.npz").write_bytes(buf.getvalue())
+    (release_dir / "weights.npz").write_bytes(weights_npz(result.model, half=True))
     (release_dir / "tokenizer.json").write_text(result.tokenizer.to_json())
     metrics = result.metrics
     card = {

@@ -151,16 +151,16 @@ def _map(conn, traj_id: int, rows: list, png: Path) -> None:
     lat, lon = pts[(far[-1] if len(far) else 0):].T
     fig, ax = plt.subplots(figsize=(7, 7))
 
-    def outline(cell, **kw):
-        ring = np.array(h3.cell_to_boundary(cell) + (h3.cell_to_boundary(cell)[0],))
-        return ax.plot(ring[:, 1], ring[:, 0], **kw)
+    def ring(cell) -> np.ndarray:  # the cell's boundary, closed, as (lat, lon) rows
+        b = h3.cell_to_boundary(cell)
+        return np.array(b + b[:1])
 
-    here = h3.latlng_to_cell(float(lat[-1]), float(lon[-1]), 9)
-    outline(here, color="k", lw=1.5, ls="--", label="the cell it is in now")
+    here = ring(h3.latlng_to_cell(float(lat[-1]), float(lon[-1]), 9))
+    ax.plot(here[:, 1], here[:, 0], color="k", lw=1.5, ls="--", label="the cell it is in now")
     for rank, cell, p, _, _, _ in rows:
-        ring = np.array(h3.cell_to_boundary(cell) + (h3.cell_to_boundary(cell)[0],))
-        ax.fill(ring[:, 1], ring[:, 0], color=plt.cm.viridis(float(p)), alpha=0.6)
-        outline(cell, color="k", lw=0.5)
+        r = ring(cell)
+        ax.fill(r[:, 1], r[:, 0], color=plt.cm.viridis(float(p)), alpha=0.6)
+        ax.plot(r[:, 1], r[:, 0], color="k", lw=0.5)
         c = h3.cell_to_latlng(cell)
         ax.annotate(f"#{rank}: p={float(p):.2f}", (c[1], c[0]), fontsize=8, ha="center")
     ax.plot(lon, lat, "-", color="tab:red", lw=1.2, label=f"trip {traj_id}, its last {len(lat)} fixes")

@@ -227,6 +227,12 @@ class Tokenizer:
             todo[idx] = False
         return ids
 
+    def names_exactly(self, tokens: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        """Per token, whether it is the cell's own token (that cell in the vocabulary at full resolution),
+        not a coarser ancestor's or a special token."""
+        tokens = np.asarray(tokens)
+        return (tokens >= len(SPECIAL_TOKENS)) & (self.vocab[np.maximum(tokens - len(SPECIAL_TOKENS), 0)] == cells)
+
     def resolution_shares(self, tokens: np.ndarray) -> dict[str, float]:
         """How the given tokens resolved: share at each H3 resolution, and UNK (coverage on held-out data)."""
         tokens = np.asarray(tokens)

@@ -305,8 +305,7 @@ def model_step_scores(model: TrajectoryModel, tok, cases: StepCases, encoded: li
                     lv = model.lm_head(h[row, pos]).numpy()
                 tl = np.take_along_axis(lv, ft, axis=1)
                 if how == "vocab":
-                    exact = tok.vocab[np.maximum(ft - len(SPECIAL_TOKENS), 0)] == cases.frames[idx]
-                    out[idx] = np.where((ft >= len(SPECIAL_TOKENS)) & exact, tl, -np.inf)
+                    out[idx] = np.where(tok.names_exactly(ft, cases.frames[idx]), tl, -np.inf)
                 else:
                     out[idx] += tl
     return np.where(cases.frames == 0, -np.inf, out)

@@ -52,18 +52,33 @@ def export(model: TrajectoryModel, kind: str, example: dict[str, torch.Tensor]) 
     return buf.getvalue()
 
 
-def weights_npz(model: TrajectoryModel) -> bytes:
+def weights_npz(model: TrajectoryModel, *, half: bool = False) -> bytes:
     """The model's weights as a numpy .npz archive (the registry's 'weights' artifact, what fine-tuning from
-    a registered model starts from: learn.pretrained); tied weights are stored once."""
+    a registered model starts from: learn.pretrained); tied weights are stored once. ``half``: floats as
+    float16, compressed (the shipped base model's release)."""
     seen, arrays = set(), {}
     for name, t in model.state_dict().items():
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
-        arrays[name] = t.detach().cpu().numpy()
+        a = t.detach().cpu().numpy()
+        arrays[name] = a.astype(np.float16) if half and a.dtype == np.float32 else a
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    (np.savez_compressed if half else np.savez)(buf, **arrays)
     return buf.getvalue()
+
+
+def weights_state(data: bytes) -> dict[str, torch.Tensor]:
+    """A state dict from weights_npz bytes (float16 read back as float32; pickles refused), with the tied
+    output embedding restored."""
+    state = {}
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        for k in arrays.files:
+            a = arrays[k]  # each access reads the member again
+            state[k] = torch.from_numpy(a.astype(np.float32) if a.dtype == np.float16 else a)
+    if "backbone.tok.weight" in state:
+        state.setdefault("lm_head.weight", state["backbone.tok.weight"])
+    return state
 
 
 def example_batch(tokenizer: Tokenizer, pieces: list, max_len: int) -> dict[str, torch.Tensor]:
@@ -99,3 +114,22 @@ def max_abs_diff(model: TrajectoryModel, kind: str, onnx_bytes: bytes, batch: di
     got = sess.run(None, {n: batch[n].numpy() for n in INPUT_NAMES})
     want = torch_outputs(model, kind, batch)
     return max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
+
+
+def onnx_embedder(model: TrajectoryModel, tokenizer: Tokenizer, example: list, *, batch_size: int = 64,
+                  max_len: int = 512):
+    """A function trajectories -> embeddings (N, d) through the model's encoder exported to ONNX (traced on
+    ``example`` trajectories) and run by onnxruntime, as the database runs it."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(export(model, "encoder", example_batch(tokenizer, example, max_len)),
+                                providers=["CPUExecutionProvider"])
+
+    def embed(trajs: list) -> np.ndarray:
+        out = []
+        for i in range(0, len(trajs), batch_size):
+            b = collate([to_inputs(tokenizer.encode(t)) for t in trajs[i:i + batch_size]], max_len=max_len)
+            out.append(sess.run(None, {n: getattr(b, n) for n in INPUT_NAMES})[0])
+        return np.concatenate(out)
+
+    return embed

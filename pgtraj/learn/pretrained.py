@@ -11,7 +11,6 @@ new data knows starts as the pretrained model's UNK, what the model learnt for "
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 from pgtraj.core.errors import ConfigError
 from pgtraj.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
+from pgtraj.learn.export import weights_state
 from pgtraj.learn.model import TrajectoryModel
 
 VOCABULARIES = ("auto", "inherit", "own")
@@ -47,8 +47,7 @@ class Pretrained:
     @classmethod
     def registered(cls, label: str, weights: bytes, tokenizer, config: dict, objective: str | None) -> "Pretrained":
         """From a registry row: its 'weights' artifact (weights_npz), tokenizer and config."""
-        arrays = np.load(io.BytesIO(weights), allow_pickle=False)
-        state = {k: torch.from_numpy(np.array(arrays[k])) for k in arrays.files}
+        state = weights_state(weights)
         steps = (config.get("pretraining") or {}).get("steps") or (config.get("train") or {}).get("steps")
         return cls(state, tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_json(tokenizer),
                    config["model"], label, objective, steps)

@@ -75,7 +75,7 @@ def coverage(tokenizer: Tokenizer, x) -> dict:
     coarser ancestor's token only, and unknown (UNK)."""
     n = max(len(x.tokens), 1)
     cell = x.tokens >= len(SPECIAL_TOKENS)
-    exact = cell & (tokenizer.vocab[np.maximum(x.tokens - len(SPECIAL_TOKENS), 0)] == x.cells)
+    exact = tokenizer.names_exactly(x.tokens, x.cells)
     return {"known": float(exact.sum()) / n, "coarse": float((cell & ~exact).sum()) / n,
             "unknown": float((~cell).sum()) / n}
 
