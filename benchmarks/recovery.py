@@ -3,7 +3,7 @@ that benchmarks/next_location.py wrote (no training here).
 
     .venv/bin/python benchmarks/recovery.py --runs pgtraj-output/bench
 
-Span recovery uses the hybrid-pretrained model (its masked-span head) against linear interpolation in time
+Gap recovery (learn.evaluation.gap_recovery) uses the hybrid-pretrained model (its masked-span head) against linear interpolation in time
 between the known cells around each span; perplexity compares the fine-tuned and the randomly initialised
 next-cell models. Writes results/recovery.json.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from pgtraj.app.training import read_split
 from pgtraj.core.tokenizer import Tokens
 from pgtraj.db.connection import connect, resolve_dsn
-from pgtraj.learn.evaluation import perplexity, span_recovery
+from pgtraj.learn.evaluation import gap_recovery, perplexity
 from pgtraj.learn.train import load_checkpoint
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     enc = [Tokens(*(getattr(x, f)[: args.max_len - 1] for f in Tokens.FIELDS)) for x in map(tok.encode, test)]
     summary = {"test_pieces": len(enc), "pretrain": {"objective": ckpt["train_config"]["objective"],
                                                     "preset": ckpt["train_config"]["preset"], "steps": ckpt["step"]},
-               "span_recovery": span_recovery(pre, tok, enc, max_len=args.max_len),
+               "gap_recovery": gap_recovery(pre, tok, enc, max_len=args.max_len),
                "perplexity": {name: perplexity(load_checkpoint(runs / name / "checkpoint.pt")[0], enc, max_len=args.max_len)
                               for name in ("finetune", "scratch")},
                "vocab_size": tok.vocab_size}

@@ -53,11 +53,13 @@ BEGIN
                   HINT = format('SELECT version FROM pgtraj.models WHERE name = %L lists its versions', m[1]);
         END IF;
     END IF;
-    -- a model of pgtraj 0.1 predicts next cells with a next_cell graph instead of next_move
+    -- older models predict next cells with a next_cell graph instead of next_move (pgtraj 0.1), and fill
+    -- gaps with a masked graph (one cell per position) instead of masked_logp (0.2.0)
     SELECT a.kind, a.sha256, x.meta_sha256 INTO r.kind, r.sha256, r.meta_sha256
       FROM pgtraj.model_artifacts a JOIN pgtraj.model_registry x ON x.id = a.model_id
      WHERE a.model_id = r.model_id
-       AND a.kind IN (_resolve.kind, CASE _resolve.kind WHEN 'next_move' THEN 'next_cell' END)
+       AND a.kind IN (_resolve.kind, CASE _resolve.kind WHEN 'next_move' THEN 'next_cell'
+                                                        WHEN 'masked_logp' THEN 'masked' END)
      ORDER BY a.kind = _resolve.kind DESC LIMIT 1;
     IF r.sha256 IS NULL THEN
         RAISE EXCEPTION 'pgtraj: model % has no % graph (it has: %)', quote_literal(model), quote_literal(kind),
@@ -91,39 +93,73 @@ CREATE TRIGGER check_artifact AFTER INSERT OR UPDATE ON pgtraj.model_artifacts
 
 -- embeddings ---------------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], m pgtraj.model_ref) RETURNS vector[]
+-- aspect: 'route' (where a trip goes, any day or hour: what the two-argument forms give) or 'spacetime'
+-- (where and when: the route plus a code of its start and end times, core/aspects.py)
+CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], m pgtraj.model_ref, aspect text) RETURNS vector[]
 LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return pgtraj.encoder.embed_many(plpy, wkbs, pgtraj.models.Ref.of(m, 'encoder'))
+return pgtraj.encoder.embed_many(plpy, wkbs, pgtraj.models.Ref.of(m, 'encoder'), aspect)
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], m pgtraj.model_ref) RETURNS vector[]
+LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT pgtraj._embed(wkbs, m, 'route')
+$$;
+
+CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], model text, aspect text) RETURNS vector[]
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT pgtraj._embed(wkbs, pgtraj._resolve(model, 'encoder'), aspect)
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj._embed(wkbs bytea[], model text) RETURNS vector[]
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-    SELECT pgtraj._embed(wkbs, pgtraj._resolve(model, 'encoder'))
+    SELECT pgtraj._embed(wkbs, model, 'route')
 $$;
+
+CREATE OR REPLACE FUNCTION pgtraj.embed(traj geometry, model text, aspect text) RETURNS vector
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT (pgtraj._embed(ARRAY[pgtraj._wkb(traj)], model, aspect))[1]
+$$;
+COMMENT ON FUNCTION pgtraj.embed(geometry, text, text) IS
+    'Embedding of a LINESTRING M trajectory of one aspect: ''route'' (where it goes, any day or hour) or ''spacetime'' (where and when: the route plus a code of its start and end times, 32 more dimensions)';
 
 CREATE OR REPLACE FUNCTION pgtraj.embed(traj geometry, model text) RETURNS vector
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-    SELECT (pgtraj._embed(ARRAY[pgtraj._wkb(traj)], model))[1]
+    SELECT pgtraj.embed(traj, model, 'route')
 $$;
 COMMENT ON FUNCTION pgtraj.embed(geometry, text) IS
-    'Embedding (pgvector, unit length) of a LINESTRING M trajectory under a model (''name'' = deployed, ''name@N'' = version N)';
+    'Route embedding (pgvector, unit length) of a LINESTRING M trajectory under a model (''name'' = deployed, ''name@N'' = version N)';
+
+CREATE OR REPLACE FUNCTION pgtraj.embed(trajs geometry[], model text, aspect text) RETURNS vector[]
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT pgtraj._embed(ARRAY(SELECT pgtraj._wkb(u.g) FROM unnest(trajs) WITH ORDINALITY AS u(g, i) ORDER BY u.i),
+                         model, aspect)
+$$;
+COMMENT ON FUNCTION pgtraj.embed(geometry[], text, text) IS
+    'Embeddings of one aspect (route, spacetime) of many trajectories in one batched model call, in input order';
 
 CREATE OR REPLACE FUNCTION pgtraj.embed(trajs geometry[], model text) RETURNS vector[]
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-    SELECT pgtraj._embed(ARRAY(SELECT pgtraj._wkb(u.g) FROM unnest(trajs) WITH ORDINALITY AS u(g, i) ORDER BY u.i),
-                         model)
+    SELECT pgtraj.embed(trajs, model, 'route')
 $$;
 COMMENT ON FUNCTION pgtraj.embed(geometry[], text) IS
-    'Embeddings of many trajectories in one batched model call, in input order (NULL in, NULL out)';
+    'Route embeddings of many trajectories in one batched model call, in input order (NULL in, NULL out)';
+
+CREATE OR REPLACE FUNCTION pgtraj.similarity(a geometry, b geometry, model text, aspect text)
+RETURNS double precision
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT 1 - (e[1] OPERATOR(@extschema:vector@.<=>) e[2])
+      FROM pgtraj._embed(ARRAY[pgtraj._wkb(a), pgtraj._wkb(b)], model, aspect) AS e
+$$;
+COMMENT ON FUNCTION pgtraj.similarity(geometry, geometry, text, text) IS
+    'Cosine similarity of two trajectories'' embeddings of one aspect (route, spacetime)';
 
 CREATE OR REPLACE FUNCTION pgtraj.similarity(a geometry, b geometry, model text) RETURNS double precision
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
-    SELECT 1 - (e[1] OPERATOR(@extschema:vector@.<=>) e[2])
-      FROM pgtraj._embed(ARRAY[pgtraj._wkb(a), pgtraj._wkb(b)], model) AS e
+    SELECT pgtraj.similarity(a, b, model, 'route')
 $$;
 COMMENT ON FUNCTION pgtraj.similarity(geometry, geometry, text) IS
-    'Cosine similarity of two trajectories'' embeddings (1 = the same trip as the model sees it)';
+    'Cosine similarity of two trajectories'' route embeddings (1 = the same route as the model sees it)';
 
 -- next location ------------------------------------------------------------------------------------------
 
@@ -188,24 +224,24 @@ RETURNS TABLE (lat double precision, lon double precision, t double precision, f
                probability double precision)
 LANGUAGE plpython3u STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
-return pgtraj.masked.fill_gaps(plpy, wkb, pgtraj.models.Ref.of(m, 'masked'))
+return pgtraj.masked.fill_gaps(plpy, wkb, pgtraj.models.Ref.of(m, pgtraj.masked.KINDS))
 $$;
 
 CREATE OR REPLACE FUNCTION pgtraj.fill_gaps(traj geometry, model text) RETURNS geometry
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakeLine(
                @extschema:postgis@.ST_MakePointM(p.lon, p.lat, p.t) ORDER BY p.t, p.filled), 4326)
-      FROM pgtraj._fill_gaps(pgtraj._wkb(traj), pgtraj._resolve(model, 'masked')) p
+      FROM pgtraj._fill_gaps(pgtraj._wkb(traj), pgtraj._resolve(model, 'masked_logp')) p
 $$;
 COMMENT ON FUNCTION pgtraj.fill_gaps(geometry, text) IS
-    'The trajectory (WGS84 LINESTRING M) with the H3 cells it skipped between sparse fixes recovered by a masked-span model, instead of a straight line';
+    'The trajectory (WGS84 LINESTRING M) with the H3 cells it skipped between sparse fixes recovered by a masked-span model (its likeliest contiguous grid path between the fixes around each gap), instead of a straight line';
 
 CREATE OR REPLACE FUNCTION pgtraj.fill_gaps_detail(traj geometry, model text)
 RETURNS TABLE (geom geometry(PointM, 4326), filled boolean, probability double precision)
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT @extschema:postgis@.ST_SetSRID(@extschema:postgis@.ST_MakePointM(p.lon, p.lat, p.t), 4326),
            p.filled, p.probability
-      FROM pgtraj._fill_gaps(pgtraj._wkb(traj), pgtraj._resolve(model, 'masked')) p
+      FROM pgtraj._fill_gaps(pgtraj._wkb(traj), pgtraj._resolve(model, 'masked_logp')) p
      ORDER BY p.t, p.filled
 $$;
 COMMENT ON FUNCTION pgtraj.fill_gaps_detail(geometry, text) IS

@@ -99,14 +99,17 @@ BEGIN
 END
 $$;
 
+-- pgtraj 0.2.0's, without aspect (a procedure is never a view's dependency: dropping it is safe)
+DROP PROCEDURE IF EXISTS pgtraj.embed_table(regclass, name, name, text, integer);
 CREATE OR REPLACE PROCEDURE pgtraj.embed_table(source regclass, traj_column name, embedding_column name,
-                                               model text, batch_size integer DEFAULT 500)
+                                               model text, batch_size integer DEFAULT 500,
+                                               aspect text DEFAULT 'route')
 LANGUAGE plpython3u AS $$
 @BOOT@
-pgtraj.batch.embed_table(plpy, source, traj_column, embedding_column, model, batch_size)
+pgtraj.batch.embed_table(plpy, source, traj_column, embedding_column, model, batch_size, aspect)
 $$;
-COMMENT ON PROCEDURE pgtraj.embed_table(regclass, name, name, text, integer) IS
-    'Fills a vector column with a model''s embeddings, batch by batch (each committed): only rows with no embedding or one from another model version; unusable rows go to pgtraj.embedding_errors';
+COMMENT ON PROCEDURE pgtraj.embed_table(regclass, name, name, text, integer, text) IS
+    'Fills a vector column with a model''s embeddings of one aspect (route, spacetime), batch by batch (each committed): only rows with no embedding or one from another model version; unusable rows go to pgtraj.embedding_errors';
 
 -- Jobs as people want to read them: a 'running' job whose backend is gone was interrupted.
 CREATE OR REPLACE VIEW pgtraj.job_status AS

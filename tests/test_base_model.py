@@ -48,10 +48,10 @@ def test_models_add_base_registers_it_once_and_sql_serves_it(db):
     with psycopg.connect(db, autocommit=True) as conn:
         graphs, deployed, objective = conn.execute(
             "SELECT artifacts, deployed, objective FROM pgtraj.models WHERE name = 'pgtraj-base'").fetchone()
-        assert set(graphs) == {"encoder", "next_move", "token_nll", "masked", "weights"}
+        assert set(graphs) == {"encoder", "next_move", "token_nll", "masked_logp", "weights"}
         assert deployed and objective == card["objective"]
         warm = conn.execute("SELECT pgtraj.warmup('pgtraj-base')").fetchone()[0]
-        assert warm["graphs"] == ["encoder", "masked", "next_move", "token_nll"]  # the weights are not served
+        assert warm["graphs"] == ["encoder", "masked_logp", "next_move", "token_nll"]  # the weights are not served
         trip = TRIPS[3]
         emb, = conn.execute(f"SELECT pgtraj.embed({LINE}, 'pgtraj-base')::text",
                             [trip.lon.tolist(), trip.lat.tolist(), trip.t.tolist()]).fetchone()

@@ -62,6 +62,23 @@ def test_refresh_redoes_only_missing_and_stale_rows(conn, db, models):  # noqa: 
     assert conn.execute("SELECT count(*) FROM trips WHERE embedding_model = %s", [v2]).fetchone() == (N,)
 
 
+def test_spacetime_aspect_fills_a_wider_column(conn):
+    """aspect => 'spacetime': the route vector and the time code, as pgtraj.embed gives them, in a column 32
+    dimensions wider; a column of the other width is refused before any row is read."""
+    conn.execute("ALTER TABLE trips ADD COLUMN st vector(64)")
+    conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'st', 'm', aspect => 'spacetime')")
+    same = conn.execute("SELECT count(*), bool_and(st <-> pgtraj.embed(geom, 'm', 'spacetime') < 1e-5) FROM trips"
+                        " WHERE st IS NOT NULL").fetchone()
+    assert same == (N, True)
+    for column, aspect, width in (("st", "route", 32), ("embedding", "spacetime", 64)):
+        with pytest.raises(psycopg.Error) as err:
+            conn.execute(f"CALL pgtraj.embed_table('trips', 'geom', '{column}', 'm', aspect => '{aspect}')")
+        assert err.value.sqlstate == "42804" and f"embeds in {width} dimensions" in str(err.value)
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'st', 'm', aspect => 'when')")
+    assert err.value.sqlstate == "22023" and "aspect must be one of route, spacetime" in str(err.value)
+
+
 def test_a_bad_row_is_recorded_and_the_rest_kept(conn):
     conn.execute("UPDATE trips SET geom = ST_SetSRID(ST_MakeLine(ST_MakePointM(116.3, 95, 1e9),"
                  " ST_MakePointM(116.4, 95, 1e9 + 60)), 4326) WHERE id = 7")  # latitude 95

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from pgtraj.core.features import collate, to_inputs
-from pgtraj.core.tokenizer import SPECIAL_TOKENS
+from pgtraj.core.tokenizer import SPECIAL_TOKENS, Tokenizer
 from pgtraj.learn.batches import to_tensors
 from pgtraj.learn.evaluation import (
     MarkovChain,
@@ -122,19 +122,48 @@ def test_dtw_and_frechet_match_full_matrix_references():
         assert abs(dtw(a, b) - D[n, m]) < 1e-6 and abs(frechet(a, b) - F[n - 1, m - 1]) < 1e-6
 
 
-def test_perplexity_and_span_recovery_run_and_are_sane():
-    from pgtraj.learn.evaluation import perplexity, span_recovery
+def test_perplexity_and_gap_recovery_run_and_are_sane():
+    from pgtraj.learn.evaluation import gap_recovery, perplexity
 
     model = make_model().eval()
-    xs = [TOK.encode(t) for t in TRIPS[:6]]
+    xs = [TOK.encode(t) for t in TRIPS[:12]]
     ppl = perplexity(model, xs, max_len=64)
     assert 1.0 < ppl < 3 * TOK.vocab_size  # an untrained model is near uniform over the vocabulary
-    rec = span_recovery(model, TOK, xs, max_len=64)
-    assert rec["masked_tokens"] > 0
-    # the linear baseline between known neighbours on a grid path is within a few cells of the truth, and an
-    # untrained model's guesses are further off: somewhere in the 5 km grid, not at the hidden cells
-    assert rec["linear_interpolation_m"]["median"] < 2000
-    assert rec["linear_interpolation_m"]["median"] < rec["model_m"]["mean"] < 10_000
+    rec = gap_recovery(model, TOK, xs, spans=(3, 6), max_len=64)
+    assert rec["gaps"] > 0 and rec["hidden_cells"] >= 3 * rec["gaps"]
+    # linear interpolation between seen neighbours on a grid path is within a few cells of the truth; an
+    # untrained model's argmax lands anywhere in the 5 km grid, while its best path between the gap's ends
+    # stays a contiguous path there, near the line
+    assert rec["linear"]["median_m"] < 2000
+    assert rec["linear"]["median_m"] < rec["argmax"]["mean_m"] < 10_000
+    assert rec["path"]["mean_m"] < rec["argmax"]["mean_m"]
+
+
+def test_best_path_is_contiguous_and_follows_the_model():
+    """core.gaps.best_path: a path of exactly the gap's moves from one end to the other; where the model puts
+    its mass on a detour, the path takes it; with no belief, it keeps to the line."""
+    import h3.api.numpy_int as h3i
+
+    from pgtraj.core.gaps import best_path
+
+    a = h3i.latlng_to_cell(39.9, 116.4, 9)
+    ring = h3i.grid_ring(a, 3)
+    b = int(ring[0])
+    tok = Tokenizer(vocab=np.sort(h3i.grid_disk(a, 6).astype(np.uint64)))
+    flat = np.zeros((4, tok.vocab_size))
+    path = best_path(a, b, 5, tok.lookup, flat)  # 5 moves for a distance of 3: room for one detour
+    steps = [a, *map(int, path), b]
+    assert len(path) == 4 and all(h3i.are_neighbor_cells(u, v) for u, v in zip(steps, steps[1:]))
+    # the model believes in a cell 2 moves off the a-b line at position 2: the path goes through it
+    off = [int(c) for c in h3i.grid_ring(a, 2) if h3i.grid_distance(int(c), b) == 3][0]
+    belief = np.full((4, tok.vocab_size), -20.0)
+    belief[1, tok.lookup(np.array([off], np.uint64))[0]] = 0.0
+    assert int(best_path(a, b, 5, tok.lookup, belief)[1]) == off
+    line = np.array([h3i.cell_to_latlng(int(c)) for c in h3i.grid_path_cells(a, b)])
+    near = np.array([line[1], line[2], line[3], line[3]])
+    kept = best_path(a, b, 5, tok.lookup, flat, near=near, sigma_m=50.0)
+    assert int(kept[0]) == int(h3i.grid_path_cells(a, b)[1])
+    assert best_path(a, b, 2, tok.lookup, flat[:1]) is None  # too far for 2 moves
 
 
 def test_step_cases_judge_real_next_cells_in_the_users_terms():

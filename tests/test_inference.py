@@ -369,7 +369,47 @@ def test_predict_destination_needs_a_destination_head(conn, models):
     assert [r[0] for r in rows] == [1, 2, 3, 4] and np.allclose([r[1] for r in rows], np.sort(p)[::-1][:4], atol=1e-5)
 
 
-def test_fill_gaps_recovers_the_skipped_cells_like_the_client(conn, models):
+def test_fill_gaps_decodes_each_gap_as_a_contiguous_path_like_the_client(conn, models):
+    """A masked_logp graph: every run of skipped cells becomes the likeliest contiguous grid path between the
+    fixes around it (core.gaps.best_path on the model's log-probabilities, as the client computes them)."""
+    import h3.api.numpy_int as h3i
+
+    from pgtraj.core.gaps import best_path
+    from pgtraj.core.tokenizer import MASK
+    from pgtraj.learn.tasks.masked_spans import hide_masked
+
+    register(conn, models[0], name="gapper", graphs=("encoder", "masked_logp"))
+    sparse = TRIPS[9].take(slice(0, None, 12))
+    conn.execute(f"INSERT INTO trips VALUES (502, {LINE})", [sparse.lon.tolist(), sparse.lat.tolist(), sparse.t.tolist()])
+    rows = conn.execute("SELECT ST_Y(geom), ST_X(geom), ST_M(geom), filled, probability FROM pgtraj.fill_gaps_detail("
+                        "(SELECT geom FROM trips WHERE id = 502), 'gapper')").fetchall()
+    x = TOK.encode(sparse)
+    gaps = np.flatnonzero(x.interpolated)
+    assert len(gaps) > 0 and sum(r[3] for r in rows) == len(gaps) and sum(not r[3] for r in rows) == len(sparse)
+    b = to_tensors(collate([to_inputs(x)]))
+    b["tokens"][0, gaps + 1] = MASK
+    masked = torch.zeros_like(b["tokens"], dtype=torch.bool)
+    masked[0, gaps + 1] = True
+    cont, move = hide_masked(b["cont"], b["move"], masked)
+    with torch.no_grad():
+        logp = torch.log_softmax(models[0].lm_head(models[0].hidden(b["tokens"], b["dow"], b["minute"], cont, move)),
+                                 -1)[0].numpy()
+    want = {}
+    for run in np.split(gaps, np.flatnonzero(np.diff(gaps) > 1) + 1):
+        i, j = int(run[0]), int(run[-1]) + 1
+        ends = np.array([h3i.cell_to_latlng(int(x.cells[i - 1])), h3i.cell_to_latlng(int(x.cells[j]))])
+        near = ends[0] + np.outer(np.arange(1, len(run) + 1) / (len(run) + 1), ends[1] - ends[0])
+        path = best_path(int(x.cells[i - 1]), int(x.cells[j]), len(run) + 1, TOK.lookup, logp[run + 1], near=near)
+        want.update(zip(run.tolist(), path.tolist()))
+        chain = [int(x.cells[i - 1]), *map(int, path), int(x.cells[j])]
+        assert all(h3i.are_neighbor_cells(u, v) for u, v in zip(chain, chain[1:]))  # no jump, ends where seen
+    filled = [r for r in rows if r[3]]
+    got = [h3i.latlng_to_cell(r[0], r[1], 9) for r in filled]
+    assert got == [want[g] for g in gaps.tolist()]
+    assert all(0 < r[4] <= 1 for r in filled)
+
+
+def test_fill_gaps_serves_a_masked_graph_of_0_2_0_like_the_client(conn, models):
     from pgtraj.core.tokenizer import MASK
     from pgtraj.learn.tasks.masked_spans import hide_masked
 
@@ -415,6 +455,33 @@ def test_fill_gaps_never_jumps_further_than_the_gap(conn, models):
     longest = max(len(run) for run in "".join("1" if f else "0" for f in x.interpolated).split("0"))
     assert all(h3.grid_distance(a, b) <= longest for a, b in zip(sorted(filled), sorted(path)))
     assert all((r[3] is None) or 0 < r[3] <= 1 for r in rows if r[2])
+
+
+def test_spacetime_embeddings_tell_when_as_well_as_where(conn, models):
+    """The route embedding of a trip moved by 3 days is the same vector; its spacetime embedding is the route
+    part (weighted) and a time code (core.aspects), so the moved trip is less similar, the same trip at the
+    same time is identical, and the cosine is the weighted mean of route and time agreement."""
+    from pgtraj.core.aspects import TIME_CODE_DIM, TIME_PERIODS_S, TIME_WEIGHT
+
+    t = TRIPS[4]
+    moved = t.t + 3 * 86_400 + 5_000
+    a, b, sa, sb, sim = conn.execute(
+        f"WITH x AS (SELECT {LINE} AS a, {LINE} AS b) SELECT pgtraj.embed(a, 'm')::text, pgtraj.embed(b, 'm')::text,"
+        " pgtraj.embed(a, 'm', 'spacetime')::text, pgtraj.embed(b, 'm', 'spacetime')::text,"
+        " pgtraj.similarity(a, b, 'm', 'spacetime') FROM x",
+        [t.lon.tolist(), t.lat.tolist(), t.t.tolist(), t.lon.tolist(), t.lat.tolist(), moved.tolist()]).fetchone()
+    a, b, sa, sb = map(vec, (a, b, sa, sb))
+    d = models[0].cfg.d_model
+    assert len(a) == d and len(sa) == d + TIME_CODE_DIM
+    assert np.abs(a - b).max() < 1e-6  # a route embedding never sees absolute time
+    assert np.allclose(sa[:d], np.sqrt(1 - TIME_WEIGHT) * a, atol=1e-6) and abs(np.linalg.norm(sa) - 1) < 1e-5
+    dt = moved - t.t
+    agreement = np.mean([np.cos(2 * np.pi * dt[i] / p) for i in (0, -1) for p in TIME_PERIODS_S])
+    assert abs(sim - ((1 - TIME_WEIGHT) + TIME_WEIGHT * agreement)) < 1e-4 and sim < 0.95
+    assert abs(float(sa @ sb) - sim) < 1e-5
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("SELECT pgtraj.embed(geom, 'm', 'time') FROM trips LIMIT 1")
+    assert err.value.sqlstate == "22023" and "'route': where a trip goes" in err.value.diag.message_hint
 
 
 def test_point_arrays_are_a_trajectory_too(conn):

@@ -11,7 +11,7 @@ from pgtraj.core.errors import ConfigError
 from pgtraj.core.features import collate, to_inputs
 from pgtraj.core.synthetic import grid_trips
 from pgtraj.core.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerConfig
-from pgtraj.learn.batches import Batches, augment, to_tensors
+from pgtraj.learn.batches import Batches, to_tensors, twin_views
 from pgtraj.learn.model import ModelConfig, TrajectoryModel
 from pgtraj.learn.tasks import OBJECTIVES, batch_for
 from pgtraj.learn.tasks.masked_spans import MaskedSpans
@@ -79,12 +79,23 @@ def test_span_masks():
     assert np.mean(runs) > 1.5  # spans, not isolated cells
 
 
-def test_augmented_views_stay_the_same_trip():
+def test_twin_views_split_one_trip_between_them():
     rng = np.random.default_rng(0)
     tr = TRIPS[5]
-    v = augment(tr, rng)
-    assert 2 <= len(v) < len(tr) and v.t[0] >= tr.t[0] and v.t[-1] <= tr.t[-1]
-    assert np.all(np.diff(v.t) > 0)
+    a, b = twin_views(tr, rng)
+    for v in (a, b):
+        assert 2 <= len(v) < len(tr) and v.t[0] >= tr.t[0] and v.t[-1] <= tr.t[-1]
+        assert np.all(np.diff(v.t) > 0)
+    assert not set(a.t) & set(b.t)  # no fix in both
+    span = tr.t[-1] - tr.t[0]
+    assert min(a.t[-1], b.t[-1]) - max(a.t[0], b.t[0]) > 0.7 * span  # the same stretch, nearly whole
+
+
+def test_contrastive_views_hide_cells_of_a_pair_together():
+    data = Batches(TRIPS, TOK, batch_size=16, max_len=32, seed=0, hide_cells=0.5)
+    a, b = data.views()
+    assert torch.equal(a["cells_hidden"], b["cells_hidden"]) and 0 < a["cells_hidden"].sum() < 16
+    assert a["tokens"].shape[1] <= 32
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

@@ -96,7 +96,7 @@ def test_auto_deploy_over_a_version_without_val_loss_or_of_another_objective(con
 
 def test_train_from_a_query_with_hybrid(conn):
     train(conn, name="hq", source="SELECT id, geom, split FROM trips WHERE id < 50", objective="hybrid")
-    assert conn.execute("SELECT artifacts FROM pgtraj.models WHERE name = 'hq'").fetchone()[0] == ["encoder", "masked", "weights"]
+    assert conn.execute("SELECT artifacts FROM pgtraj.models WHERE name = 'hq'").fetchone()[0] == ["encoder", "masked_logp", "weights"]
     assert conn.execute("SELECT vector_dims(pgtraj.embed(geom, 'hq')) FROM trips LIMIT 1").fetchone() == (32,)
 
 
@@ -130,6 +130,28 @@ def test_fine_tune_from_a_registered_model(conn):
                         ).fetchone()[0] >= 1
     with pytest.raises(psycopg.Error, match="another model shape than this config: d_ff 512 here, 64 there, d_model 128 here, 32 there"):
         train(conn, name="ft", config={**config, "preset": "small", "init_from": "pre"})
+
+
+def test_fine_tuning_starts_from_the_base_model_by_default(conn):
+    """init_from 'auto' (the default): from pgtraj-base where it is registered and suits the run's
+    resolution and shape, else from scratch; a NOTICE says which and why, and null opts out."""
+    said = []
+    conn.add_notice_handler(lambda d: said.append(d.message_primary))
+    config = {k: v for k, v in TINY.items() if k != "preset"}
+    train(conn, name="a", config={**config, "preset": "tiny"})
+    assert any("from scratch (init_from 'auto': pgtraj-base is not registered here" in m for m in said), said
+    train(conn, name="pgtraj-base", objective="foundation")  # stands in for the shipped base model (tiny here)
+    said.clear()
+    train(conn, name="b", config=config)
+    assert any("training from pgtraj-base v1 (init_from 'auto'" in m for m in said), said
+    assert any("initialised from pgtraj-base v1" in m for m in said), said
+    for over, why in (({"tokenizer": {**TINY["tokenizer"], "resolution": 8}}, "resolution 8, pgtraj-base v1 has 9"),
+                      ({"preset": "small"}, "d_ff, d_model, n_heads, n_layers differ from pgtraj-base v1's"),
+                      ({"init_from": None}, None)):
+        said.clear()
+        train(conn, name="c", config={**config, **over})
+        assert not any("initialised from" in m for m in said), (over, said)
+        assert why is None or any(why in m for m in said), (over, said)
 
 
 def test_init_from_cannot_name_a_file_from_sql(conn, tmp_path):

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 from pgtraj import __version__
+from pgtraj.core.contract import BASE_MODEL
 from pgtraj.core.errors import PgtrajError
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "base"
-BASE_NAME = "pgtraj-base"
+BASE_NAME = BASE_MODEL
 FILES = ("weights.npz", "tokenizer.json", "card.json")
 
 

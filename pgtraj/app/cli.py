@@ -72,6 +72,8 @@ def _train(args) -> int:
     for key in ("objective", "steps", "device", "init_from"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    if cfg.get("init_from") == "none":
+        cfg["init_from"] = None
     out = Path(args.out or f"pgtraj-output/runs/{args.name}")
     mv = train_and_register(resolve_dsn(args.dsn, args.data_dir), args.name, args.table, TrainConfig.from_dict(cfg),
                             out, **{k: getattr(args, k) for k in SOURCE_OPTIONS}, deploy=args.deploy, log=_say)
@@ -205,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--objective", help="next_cell, masked_spans, contrastive, hybrid (pretraining); destination,"
                     " travel_time, classify (fine-tuning, usually with --init-from)")
     sp.add_argument("--init-from", help="a registered model (e.g. pgtraj-base, name@3) or a checkpoint.pt to"
-                                        " fine-tune from")
+                                        " fine-tune from; default auto: pgtraj-base where it is registered and"
+                                        " suits the run; none: from scratch")
     sp.add_argument("--label-column", help="per-trajectory label for --objective classify (e.g. a mode or user id)")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"])

@@ -13,10 +13,13 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgtraj.core.clean import CleaningConfig, CleaningReport, clean
+from pgtraj.core.contract import BASE_MODEL
+from pgtraj.core.errors import RegistryError
 from pgtraj.db import registry
 from pgtraj.db.connection import connect
 from pgtraj.db.readers import QuerySource, TrajectoryReader, _table
 from pgtraj.learn.pipeline import Pretrained, fit_and_export
+from pgtraj.learn.pretrained import AUTO, auto_start
 from pgtraj.learn.train import TrainConfig, TrainingError, train
 
 
@@ -39,17 +42,29 @@ def read_labels(conn: psycopg.Connection, table: str, *, id_column: str, label_c
     return dict(conn.execute(query).fetchall())
 
 
-def registered_init(conn: psycopg.Connection, init_from: str | None) -> Pretrained | None:
-    """The registered model ``init_from`` names ('name': its deployed version, 'name@3'), to fine-tune
-    from; None when it is unset or a checkpoint file (learn.train reads those)."""
-    if not init_from or Path(init_from).is_file():
+def registered_init(conn: psycopg.Connection, cfg: TrainConfig, log=print) -> Pretrained | None:
+    """The registered model ``cfg.init_from`` names ('name': its deployed version, 'name@3'; 'auto': the base
+    model where it suits the run), to fine-tune from; None when it is unset or a checkpoint file (learn.train
+    reads those)."""
+    if cfg.init_from == AUTO:
+        try:
+            base = _weights_of(registry.load(conn, BASE_MODEL, "deployed"))
+        except (RegistryError, TrainingError):
+            base = None
+        init, why = auto_start(base, cfg)
+        log(f"training {why}")
+        return init
+    if not cfg.init_from or Path(cfg.init_from).is_file():
         return None
-    name, _, version = init_from.partition("@")
-    mv = registry.load(conn, name, version or "deployed")
+    name, _, version = cfg.init_from.partition("@")
+    return _weights_of(registry.load(conn, name, version or "deployed"))
+
+
+def _weights_of(mv: registry.ModelVersion) -> Pretrained:
     if "weights" not in mv.artifacts:
-        raise TrainingError(f"{name} v{mv.version} has no weights to fine-tune from",
+        raise TrainingError(f"{mv.name} v{mv.version} has no weights to fine-tune from",
                             hint="models registered before pgtraj 0.2 carry ONNX graphs only: train a new version")
-    return Pretrained.registered(f"{name} v{mv.version}", mv.artifacts["weights"], mv.tokenizer, mv.config,
+    return Pretrained.registered(f"{mv.name} v{mv.version}", mv.artifacts["weights"], mv.tokenizer, mv.config,
                                  mv.objective)
 
 
@@ -63,7 +78,7 @@ def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_di
         with connect(dsn) as conn:
             splits = [read_split(conn, table, s, **columns, log=lambda m: None) for s in ("train", "val")]
             labels = read_labels(conn, table, id_column=id_column, label_column=label_column) if label_column else None
-            init = registered_init(conn, cfg.init_from)
+            init = registered_init(conn, cfg, log=lambda m: None)
         train(*splits, cfg, out_dir, labels=labels, progress=False, log=lambda m: None, init=init)
         return None
     with connect(dsn, autocommit=True) as conn:
@@ -75,7 +90,7 @@ def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_di
             val_set = read_split(conn, table, "val", **columns, log=log)
             labels = read_labels(conn, table, id_column=id_column, label_column=label_column) if label_column else None
             trained = fit_and_export(train_set, val_set, cfg, out_dir, labels=labels, progress=progress, log=log,
-                                     init=registered_init(conn, cfg.init_from))
+                                     init=registered_init(conn, cfg, log=log))
             with conn.transaction():
                 mv = registry.register(conn, name, **trained.registration(label_column), training_run_id=run_id)
                 conn.execute("SELECT pgtraj._run_finish(%s, 'succeeded', NULL, %s, %s, %s)",

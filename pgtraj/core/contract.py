@@ -27,6 +27,8 @@ SOURCE_OPTIONS = ("id_column", "traj_column", "split_column", "label_column")
 
 # what the registry's CHECK constraint allows (migrations/0001_registry.sql); 'name@3' names a version
 MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
+# the shipped base model's registered name (pgtraj models add base): where fine-tuning starts by default
+BASE_MODEL = "pgtraj-base"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ GRAPHS = {g.kind: g for g in (
     Graph("destination", (Output("probs", 2, "V"),), ("pgtraj.predict_destination",)),
     Graph("travel_time", (Output("log1p_seconds", 1),), ("pgtraj.predict_travel_time",)),
     Graph("classify", (Output("probs", 2),), ("pgtraj.classify",)),
+    # every position's log-probabilities over the vocabulary, read where cells are hidden: fill_gaps decodes
+    # a contiguous path from them (core.gaps)
+    Graph("masked_logp", (Output("logp", 3, "V", per_position=True),), ("pgtraj.fill_gaps", "pgtraj.fill_gaps_detail")),
+    # every position's likeliest cell: what models before masked_logp (pgtraj 0.2.0) were registered with
     Graph("masked", (Output("token", 2, per_position=True), Output("probability", 2, per_position=True)),
           ("pgtraj.fill_gaps", "pgtraj.fill_gaps_detail")),
 )}

@@ -1,5 +1,5 @@
 """Batches for training: cleaned trajectories -> tokens -> padded tensors, plus the augmentations that make
-contrastive views (downsampling, cropping, distortion), applied to the raw fixes before tokenizing."""
+contrastive views (splitting, downsampling, cropping, distortion), applied to the raw fixes before tokenizing."""
 
 from __future__ import annotations
 
@@ -12,19 +12,32 @@ from pgtraj.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
 from pgtraj.core.trajectory import M_PER_DEG, Trajectory
 
 
-def augment(tr: Trajectory, rng: np.random.Generator, *, keep: tuple = (0.5, 0.9), crop: tuple = (0.7, 1.0),
-            noise_m: float = 30.0) -> Trajectory:
-    """A random view of the same trip: a contiguous crop, a random subset of its fixes, positions jittered."""
-    n = len(tr)
-    length = max(2, int(n * rng.uniform(*crop)))
-    start = int(rng.integers(0, n - length + 1))
-    tr = tr.take(slice(start, start + length))
-    mask = rng.random(len(tr)) < rng.uniform(*keep)
-    mask[[0, -1]] = True
-    tr = tr.take(mask)
+def jitter(tr: Trajectory, rng: np.random.Generator, noise_m: float) -> Trajectory:
     dlat = rng.normal(0, noise_m, len(tr)) / M_PER_DEG
     dlon = rng.normal(0, noise_m, len(tr)) / (M_PER_DEG * np.cos(np.radians(tr.lat)))
     return Trajectory(tr.id, tr.t, tr.lat + dlat, tr.lon + dlon, tr.part)
+
+
+def twin_views(tr: Trajectory, rng: np.random.Generator, *, keep: tuple = (0.6, 1.0), crop: tuple = (0.9, 1.0),
+               noise_m: float = 15.0) -> tuple[Trajectory, Trajectory]:
+    """Two views of one stretch of road that share no fix: each fix goes to one view at random (as a trip
+    recorded twice at half the rate, the t2vec/TrajCL odd/even protocol), then each view loses a few fixes
+    and a little of its ends, and is jittered. What tells them apart from other trips is then where they go,
+    not which fixes they share."""
+    side = rng.random(len(tr)) < 0.5
+    side[0], side[-1] = True, False  # both views reach both ends
+    out = []
+    for mask in (side, ~side):
+        v = tr.take(mask)
+        if len(v) > 4:
+            length = max(2, int(len(v) * rng.uniform(*crop)))
+            start = int(rng.integers(0, len(v) - length + 1))
+            v = v.take(slice(start, start + length))
+            sub = rng.random(len(v)) < rng.uniform(*keep)
+            sub[[0, -1]] = True
+            v = v.take(sub)
+        out.append(jitter(v, rng, noise_m))
+    return out[0], out[1]
 
 
 def to_tensors(b: Inputs, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -56,7 +69,7 @@ class Batches:
 
     def __init__(self, trajectories: list[Trajectory], tokenizer: Tokenizer, *, batch_size: int, max_len: int,
                  seed: int = 0, device: str = "cpu", pool: int = 16, labels: list[int] | None = None,
-                 tail: bool = False, hide_cells: float = 0.0):
+                 tail: bool = False, hide_cells: float = 0.0, pairs: int | None = None):
         if not trajectories:
             raise ValueError("no trajectories to train on")
         if labels is not None and len(labels) != len(trajectories):
@@ -64,12 +77,15 @@ class Batches:
         self.trajs, self.tok, self.batch_size, self.max_len = trajectories, tokenizer, batch_size, max_len
         self.rng = np.random.default_rng(seed)
         self.device, self.pool, self.labels, self.tail, self.hide_cells = device, pool, labels, tail, hide_cells
+        self.pairs = pairs or batch_size
         self._encoded: dict[int, Inputs] = {}   # tokenizing is deterministic: once per trajectory
+        self._entered: dict[int, np.ndarray] = {}  # when each of its tokens' cells was entered (epoch s)
         self._pending: list[list[tuple[int, int]]] = []  # (trajectory index, window start) per queued batch
 
     def _inputs(self, i: int) -> Inputs:
         if i not in self._encoded:
-            self._encoded[i] = to_inputs(self.tok.encode(self.trajs[i]))
+            enc = self.tok.encode(self.trajs[i])
+            self._encoded[i], self._entered[i] = to_inputs(enc), enc.t
         return self._encoded[i]
 
     def _start(self, inp: Inputs) -> int:
@@ -81,20 +97,18 @@ class Batches:
     def _window(self, inp: Inputs, s: int) -> Inputs:
         return inp.window(s, s + self.max_len)
 
-    def sample(self) -> list[Trajectory]:
-        return [self.trajs[i] for i in self.rng.integers(0, len(self.trajs), self.batch_size)]
-
-    def encode(self, trajs: list[Trajectory]) -> dict[str, torch.Tensor]:
+    def encode(self, trajs: list[Trajectory], hidden: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         wins = []
         for t in trajs:
             inp = to_inputs(self.tok.encode(t))
             wins.append(self._window(inp, self._start(inp)))
-        return self._hide(to_tensors(collate(wins), self.device))
+        return self._hide(to_tensors(collate(wins), self.device), hidden)
 
-    def _hide(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        n = len(batch["tokens"])
-        hidden = torch.from_numpy(self.rng.random(n) < self.hide_cells if self.hide_cells else np.zeros(n, bool))
-        hidden = hidden.to(self.device)
+    def _hidden(self, n: int) -> np.ndarray:
+        return self.rng.random(n) < self.hide_cells if self.hide_cells else np.zeros(n, bool)
+
+    def _hide(self, batch: dict[str, torch.Tensor], hidden: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        hidden = torch.from_numpy(self._hidden(len(batch["tokens"])) if hidden is None else hidden).to(self.device)
         if self.hide_cells:
             cell = batch["tokens"] >= len(SPECIAL_TOKENS)
             batch["tokens"] = torch.where(cell & hidden[:, None], torch.full_like(batch["tokens"], UNK),
@@ -116,13 +130,33 @@ class Batches:
         return out
 
     def views(self) -> tuple[dict, dict]:
-        """Two augmented views of the same batch of trips (contrastive objectives)."""
-        trajs = self.sample()
-        return (self.encode([augment(t, self.rng) for t in trajs]),
-                self.encode([augment(t, self.rng) for t in trajs]))
+        """Two views (twin_views) of a random stretch of each of a batch of trips: between 16 and ``max_len``
+        tokens long, so that both views see the same stretch whole, whatever the trip's length. A pair's
+        cells are hidden in both views or in neither (hide_cells): at search time a query and its twin come
+        from the same place."""
+        a, b = [], []
+        for i in self.rng.integers(0, len(self.trajs), self.pairs).tolist():
+            a_view, b_view = twin_views(self._stretch(i), self.rng)
+            a.append(a_view)
+            b.append(b_view)
+        hidden = self._hidden(len(a))
+        return self.encode(a, hidden), self.encode(b, hidden)
+
+    def _stretch(self, i: int) -> Trajectory:
+        self._inputs(i)
+        tr, entered = self.trajs[i], self._entered[i]
+        n = len(entered)
+        length = int(self.rng.integers(min(16, n), min(n, self.max_len) + 1))
+        if length >= n:
+            return tr
+        start = int(self.rng.integers(0, n - length + 1))
+        keep = (tr.t >= entered[start]) & ((tr.t < entered[start + length]) if start + length < n else True)
+        return tr.take(keep) if keep.sum() >= 2 else tr
 
     def resize(self, batch_size: int) -> None:
-        """A new batch size from the next batch on (queued batches of the old size are dropped)."""
+        """A new batch size from the next batch on (queued batches of the old size are dropped); the
+        contrastive pairs shrink with it."""
+        self.pairs = max(2, self.pairs * batch_size // self.batch_size)
         self.batch_size, self._pending = batch_size, []
 
     def state(self) -> dict:

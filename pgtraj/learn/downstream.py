@@ -65,20 +65,23 @@ class DestinationBaseline:
 
 
 def destination_eval(score_fn, tokenizer: Tokenizer, encoded: list[Tokens], fraction: float) -> dict:
-    """Ranking metrics of the true last cell and the distance (m) from the top-ranked cell's centre to the
-    true last cell's centre. ``score_fn(prefixes) -> scores (len(prefixes), V)``."""
+    """Ranking metrics of the true last cell's token, the share whose top token is that very cell at full
+    resolution, and the distance (m) from the top-ranked cell's centre to the true last cell's centre. ``score_fn(prefixes) -> scores (len(prefixes), V)``."""
     prefixes = [head(x, prefix_length(len(x.tokens), fraction)) for x in encoded if len(x.tokens) >= 2]
     targets = [int(x.tokens[-1]) for x in encoded if len(x.tokens) >= 2]
     scores = score_fn(prefixes)
     ranks = np.array([_rank(s, t) for s, t in zip(scores, targets)])
+    # in the user's terms: the top token is the true last cell itself, not a coarse ancestor or UNK
+    exact = tokenizer.names_exactly(scores.argmax(-1), np.array([x.cells[-1] for x in encoded if len(x.tokens) >= 2],
+                                                                 dtype=np.uint64))
     dist = []
     for s, x in zip(scores, (x for x in encoded if len(x.tokens) >= 2)):
         top = int(np.argmax(s))
         if top >= len(SPECIAL_TOKENS):  # the true end is the trip's own last cell, whatever its token
             (a, b), (c, d) = h3i.cell_to_latlng(tokenizer.token_cell(top)), h3i.cell_to_latlng(int(x.cells[-1]))
             dist.append(float(haversine_m(np.array([a]), np.array([b]), np.array([c]), np.array([d]))[0]))
-    return {**ranking_metrics(ranks), "median_error_m": float(np.median(dist)) if dist else None,
-            "fraction_shown": fraction}
+    return {**ranking_metrics(ranks), "acc@1_true_cell": float(exact.mean()) if len(exact) else None,
+            "median_error_m": float(np.median(dist)) if dist else None, "fraction_shown": fraction}
 
 
 def model_destination_scores(model: TrajectoryModel, prefixes: list[Tokens], batch_size: int = 64) -> np.ndarray:

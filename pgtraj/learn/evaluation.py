@@ -423,42 +423,77 @@ def cell_centres(tok, tokens: np.ndarray) -> np.ndarray:
     return out
 
 
-def span_recovery(model: TrajectoryModel, tok, encoded: list[Tokens], *, seed: int = 0, max_len: int = 512) -> dict:
-    """Hide spans (MaskedSpans' masking), recover them with the model's masked-token head, and measure the
-    distance from each recovered cell centre to the true fine cell's centre; the baseline moves linearly
-    (in time) between the known cells on either side of the span."""
+def gap_recovery(model: TrajectoryModel, tok, encoded: list[Tokens], *, spans: tuple[int, int] = (3, 20),
+                 per_trip: int = 3, seed: int = 0, max_len: int = 512, sigma_m: float | None = 250.0) -> dict:
+    """Hide gaps of ``spans`` consecutive cells (up to ``per_trip`` a trip, each between two seen cells, on a
+    contiguous stretch: no jump, no cell the tokenizer itself interpolated), recover them, and measure the
+    metres from each recovered cell centre to the true cell's. Methods on the same gaps: the model's most
+    likely contiguous path between the gap's ends (core.gaps.best_path), its
+    per-position argmax over all cells, and linear interpolation in time between the cells around the gap."""
     import h3.api.numpy_int as h3i
 
+    from pgtraj.core.gaps import best_path
+    from pgtraj.core.tokenizer import JUMP
     from pgtraj.core.trajectory import haversine_m
     from pgtraj.learn.tasks.masked_spans import MaskedSpans
 
     model.eval()
-    masker = MaskedSpans(model)
-    gen = torch.Generator().manual_seed(seed)
-    err_model, err_linear = [], []
+    masker, rng = MaskedSpans(model), np.random.default_rng(seed)
+    err = {"path": [], "argmax": [], "linear": []}
+    exact = {"path": [], "argmax": []}
+    gaps = 0
     for x in encoded:
-        b = to_tensors(collate([to_inputs(x)], max_len=max_len))
-        tokens = b["tokens"]
-        masked = masker.mask(tokens, gen)
-        masked[0, -1] = masked[0, 1] = False  # keep both ends known so the baseline can interpolate
-        if not masked.any():
+        n = min(len(x), max_len - 2)
+        ok = (x.move[:n] != JUMP) & ~x.interpolated[:n]
+        hidden = np.zeros(n, bool)
+        chosen = []
+        for _ in range(4 * per_trip):
+            if len(chosen) == per_trip or n < spans[0] + 2:
+                break
+            length = int(rng.integers(spans[0], min(spans[1], n - 2) + 1))
+            start = int(rng.integers(1, n - length))  # x[start - 1] and x[start + length] stay seen
+            if ok[start:start + length + 1].all() and not hidden[start - 1:start + length + 1].any():
+                hidden[start:start + length] = True
+                chosen.append((start, length))
+        if not chosen:
             continue
-        with torch.no_grad():  # every hidden token shows MASK (no 80/10/10 at evaluation)
-            logits = masker.masked_logits(torch.where(masked, torch.full_like(tokens, MASK), tokens), b, masked)
-        logits[:, : len(SPECIAL_TOKENS)] = -torch.inf
-        idx = masked[0].nonzero().squeeze(-1).numpy() - 1    # positions in x (BOS is input position 0)
-        true = np.array([h3i.cell_to_latlng(int(c)) for c in x.cells[idx]])
-        pred = cell_centres(tok, logits.argmax(-1).numpy())
-        err_model.extend(haversine_m(true[:, 0], true[:, 1], pred[:, 0], pred[:, 1]).tolist())
-        known = np.setdiff1d(np.arange(min(len(x), max_len - 1)), idx)
-        kc = np.array([h3i.cell_to_latlng(int(c)) for c in x.cells[known]])
-        lin_lat = np.interp(x.t[idx], x.t[known], kc[:, 0])
-        lin_lon = np.interp(x.t[idx], x.t[known], kc[:, 1])
-        err_linear.extend(haversine_m(true[:, 0], true[:, 1], lin_lat, lin_lon).tolist())
-    em, el = np.array(err_model), np.array(err_linear)
-    return {"masked_tokens": int(len(em)),
-            "model_m": {"mean": float(em.mean()), "median": float(np.median(em))},
-            "linear_interpolation_m": {"mean": float(el.mean()), "median": float(np.median(el))}}
+        b = to_tensors(collate([to_inputs(x)], max_len=max_len))
+        masked = torch.zeros_like(b["tokens"], dtype=torch.bool)
+        masked[0, 1:n + 1] = torch.from_numpy(hidden)  # +1: BOS
+        with torch.no_grad():
+            logits = masker.masked_logits(torch.where(masked, torch.full_like(b["tokens"], MASK), b["tokens"]),
+                                          b, masked)
+        logp = torch.log_softmax(logits, -1).numpy()  # as the masked_logp graph gives them to fill_gaps
+        logits[:, : len(SPECIAL_TOKENS)] = -torch.inf  # an argmax names a place
+        rows = {i: r for r, i in enumerate(np.flatnonzero(hidden))}
+        seen = np.flatnonzero(~hidden)
+        seen_ll = np.array([h3i.cell_to_latlng(int(c)) for c in x.cells[seen]])
+        for start, length in chosen:
+            gaps += 1
+            idx = np.arange(start, start + length)
+            true = np.array([h3i.cell_to_latlng(int(c)) for c in x.cells[idx]])
+            lp = logp[[rows[i] for i in idx]]
+            lin = np.stack([np.interp(x.t[idx], x.t[seen], seen_ll[:, 0]),
+                            np.interp(x.t[idx], x.t[seen], seen_ll[:, 1])], axis=1)
+            ends = seen_ll[np.searchsorted(seen, [start - 1, start + length])]
+            along = ends[0] + np.outer(np.arange(1, length + 1) / (length + 1), ends[1] - ends[0])
+            path = best_path(int(x.cells[start - 1]), int(x.cells[start + length]), length + 1, tok.lookup, lp,
+                             near=None if sigma_m is None else along, sigma_m=sigma_m or 1.0)
+            arg_tokens = logits[[rows[i] for i in idx]].argmax(-1).numpy()
+            arg = cell_centres(tok, arg_tokens)
+            found = lin if path is None else np.array([h3i.cell_to_latlng(int(c)) for c in path])
+            for name, pred in (("path", found), ("argmax", arg), ("linear", lin)):
+                err[name].extend(haversine_m(true[:, 0], true[:, 1], pred[:, 0], pred[:, 1]).tolist())
+            exact["path"].extend((path == x.cells[idx]).tolist() if path is not None else [False] * length)
+            exact["argmax"].extend((tok.names_exactly(arg_tokens, x.cells[idx])).tolist())
+    out = {"gaps": gaps, "hidden_cells": len(err["path"]), "spans": list(spans)}
+    for name, e in err.items():
+        e = np.array(e)
+        out[name] = {"median_m": float(np.median(e)), "mean_m": float(e.mean()), "p90_m": float(np.quantile(e, 0.9))}
+        if name in exact:
+            out[name]["exact_cell"] = float(np.mean(exact[name]))
+    out["path_vs_linear_median"] = out["path"]["median_m"] / max(out["linear"]["median_m"], 1e-9) - 1
+    return out
 
 
 def perplexity(model: TrajectoryModel, encoded: list[Tokens], *, batch_size: int = 32, max_len: int = 512) -> float:

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pgtraj.learn.export import example_batch, export_checked, weights_npz
-from pgtraj.learn.pretrained import Pretrained
+from pgtraj.learn.pretrained import AUTO, Pretrained, auto_start
 from pgtraj.learn.train import TrainConfig, TrainingError, TrainResult, train
 
-__all__ = ["Pretrained", "TrainConfig", "Trained", "fit_and_export"]
+__all__ = ["AUTO", "Pretrained", "TrainConfig", "Trained", "auto_start", "fit_and_export"]
 
 
 @dataclass

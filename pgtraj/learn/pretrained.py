@@ -7,6 +7,9 @@ places, e.g. a base model of the same city) or fits one on its own data ("own": 
 every cell both vocabularies know keeps its pretrained embedding (and so do its ancestors'); a cell only the
 new data knows starts as the pretrained model's UNK, what the model learnt for "a place I do not know"
 (learn.batches: hide_cells), so that before any step it predicts as the pretrained model would there.
+
+``init_from: 'auto'`` (the default of every training path) starts from the registered base model when it
+suits the run (auto_start), and from nothing otherwise; either way the log says which and why.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pgtraj.core.contract import BASE_MODEL
 from pgtraj.core.errors import ConfigError
-from pgtraj.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
+from pgtraj.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, TokenizerConfig
 from pgtraj.learn.export import weights_state
-from pgtraj.learn.model import TrajectoryModel
+from pgtraj.learn.model import ModelConfig, TrajectoryModel
+
+AUTO = "auto"   # init_from: the base model where it suits, else from scratch
 
 VOCABULARIES = ("auto", "inherit", "own")
 # "auto" inherits the pretrained vocabulary when it knows at least this share of the new training data's
@@ -69,6 +75,22 @@ class Pretrained:
         if known >= AUTO_INHERIT_COVERAGE:
             return self.tokenizer, f"the pretrained vocabulary (it knows {known:.0%} of this data's cells)"
         return own, f"its own vocabulary (the pretrained one knows {known:.0%} of this data's cells)"
+
+
+def auto_start(base: Pretrained | None, cfg) -> tuple[Pretrained | None, str]:
+    """What ``init_from: 'auto'`` starts a run of TrainConfig ``cfg`` from, and why: the registered base
+    model ``base`` (None: not registered), unless the run asks for another resolution or model shape."""
+    scratch = "from scratch (init_from 'auto'"
+    if base is None:
+        return None, f"{scratch}: {BASE_MODEL} is not registered here; `pgtraj models add base` adds it)"
+    res = cfg.tokenizer.get("resolution", TokenizerConfig.resolution)
+    if res != base.tokenizer.config.resolution:
+        return None, f"{scratch}: resolution {res}, {base.source} has {base.tokenizer.config.resolution})"
+    sizes = {**(ModelConfig.preset(cfg.preset) if cfg.preset else {}), **cfg.model}
+    differ = sorted(k for k, v in base.core_sizes().items() if k in sizes and sizes[k] != v and k != "dropout")
+    if differ:
+        return None, f"{scratch}: this config's {', '.join(differ)} differ from {base.source}'s)"
+    return base, f"from {base.source} (init_from 'auto'; null trains from scratch)"
 
 
 def known_share(pretrained: Tokenizer, own: Tokenizer) -> float:

@@ -30,7 +30,7 @@ from pgtraj.core.trajectory import Trajectory
 from pgtraj.learn.batches import Batches
 from pgtraj.learn.lora import apply_lora, merge
 from pgtraj.learn.model import ModelConfig, TrajectoryModel, cosine_lr, count_parameters
-from pgtraj.learn.pretrained import VOCAB_FIELDS, VOCABULARIES, Pretrained, load_into
+from pgtraj.learn.pretrained import AUTO, VOCAB_FIELDS, VOCABULARIES, Pretrained, load_into
 from pgtraj.learn.tasks import OBJECTIVES, batch_for
 
 
@@ -56,9 +56,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                             # auto | cpu | cuda
     min_trajectories: int = 8
-    init_from: str | None = None                     # a checkpoint.pt or registered model to fine-tune from
+    init_from: str | None = AUTO                     # a registered model or checkpoint.pt to fine-tune from;
+                                                     # auto: the base model where it suits (learn.pretrained)
     vocabulary: str = "auto"                         # with init_from: auto | inherit | own (learn.pretrained)
     hide_cells: float = 0.0                          # share of sequences shown without their cells (batches)
+    pairs: int | None = None                         # contrastive pairs per step (None: batch_size): negatives
     lora: dict | None = None                         # {"r": 8, "alpha": 16}: train low-rank adapters only
 
     @classmethod
@@ -72,6 +74,8 @@ class TrainConfig:
             raise ConfigError(f"unknown preset {cfg.preset!r}", hint="one of tiny, small, base, large")
         if cfg.vocabulary not in VOCABULARIES:
             raise ConfigError(f"vocabulary must be one of {VOCABULARIES}, not {cfg.vocabulary!r}")
+        if cfg.pairs is not None and (not isinstance(cfg.pairs, int) or cfg.pairs < 2):
+            raise ConfigError(f"pairs must be an integer >= 2, not {cfg.pairs!r}")
         if not 0.0 <= cfg.hide_cells < 1.0:
             raise ConfigError(f"hide_cells must be a share in [0, 1), not {cfg.hide_cells!r}")
         return cfg
@@ -122,7 +126,7 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
     classify objective (unlabelled trajectories are left out; the classes are those of the training split).
     ``on_step(step, model, record)`` is called after every optimiser step (callbacks: custom logging,
     early stop by raising). ``init``: the pretrained model ``cfg.init_from`` names, when it names a
-    registered model (the caller reads the registry); a checkpoint path is read here."""
+    registered model or is 'auto' (the caller reads the registry); a checkpoint path is read here."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     needs_labels = OBJECTIVES[cfg.objective].needs_labels
@@ -155,7 +159,7 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
         raise TrainingError(f"{ckpt_path} was written with another training config",
                             hint="use a new output directory, or the same config to resume")
     torch.manual_seed(cfg.seed)
-    if cfg.init_from and not ckpt and init is None:
+    if cfg.init_from and cfg.init_from != AUTO and not ckpt and init is None:
         if not Path(cfg.init_from).is_file():
             raise TrainingError(f"init_from {cfg.init_from!r} is not a checkpoint file",
                                 hint="a registered model is read by `pgtraj train` and CALL pgtraj.train")
@@ -202,7 +206,7 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
                             weight_decay=cfg.weight_decay)
     batch_size, step, history = cfg.batch_size, 0, []
     data = Batches(train_set, tok, batch_size=batch_size, max_len=cfg.max_len, seed=cfg.seed + rank, device=device,
-                   labels=train_labels, tail=objective.tail_windows, hide_cells=cfg.hide_cells)
+                   labels=train_labels, tail=objective.tail_windows, hide_cells=cfg.hide_cells, pairs=cfg.pairs)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])

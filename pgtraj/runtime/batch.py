@@ -20,6 +20,7 @@ import json
 import time
 from dataclasses import dataclass
 
+from pgtraj.core.aspects import dimension
 from pgtraj.runtime.models import Ref
 from pgtraj.runtime.server import InferenceError, advisory_lock, sqlstate_of
 from pgtraj.runtime.tasks import encoder
@@ -126,12 +127,12 @@ def describe(plpy, source: str, traj_column: str, embedding_column: str) -> Tabl
                  extension_schema(plpy, "vector") + ".vector")
 
 
-def check_dimensions(plpy, ref: Ref, where: Table) -> None:
-    """The model's embeddings fit the vector column."""
+def check_dimensions(plpy, ref: Ref, where: Table, aspect: str = "route") -> None:
+    """The model's embeddings (of ``aspect``) fit the vector column."""
     from pgtraj.runtime import models
 
     _, sess = models.session(plpy, ref)
-    dim = sess.get_outputs()[0].shape[1]
+    dim = dimension(sess.get_outputs()[0].shape[1], aspect)
     if where.emb_typmod > 0 and where.emb_typmod != dim:
         raise InferenceError(f"model {models.label(plpy, ref.model_id)} embeds in {dim} dimensions but"
                              f" {where.sql}.{where.emb} is vector({where.emb_typmod})", sqlstate="42804",
@@ -217,14 +218,16 @@ class Job:
         self.plpy.commit()
 
 
-def embed_table(plpy, source: str, traj_column: str, embedding_column: str, model: str, batch_size: int) -> dict:
+def embed_table(plpy, source: str, traj_column: str, embedding_column: str, model: str, batch_size: int,
+                aspect: str = "route") -> dict:
     begin_procedure(plpy, "pgtraj.embed_table")
     if not 1 <= batch_size <= 100_000:
         raise InferenceError(f"batch_size must be from 1 to 100000, not {batch_size}", sqlstate="22023")
+    encoder.check_aspect(aspect)
     q = plpy.quote_ident
     where = describe(plpy, source, traj_column, embedding_column)
     ref = resolve(plpy, model, "encoder")
-    check_dimensions(plpy, ref, where)
+    check_dimensions(plpy, ref, where, aspect)
     busy = InferenceError(f"another pgtraj.embed_table is filling {where.sql}.{embedding_column}", sqlstate="55P03",
                           hint="SELECT * FROM pgtraj.job_status WHERE status = 'running' shows it")
     with advisory_lock(plpy, "pgtraj.embed_table", f"{where.oid}.{embedding_column}", busy):
@@ -234,21 +237,21 @@ def embed_table(plpy, source: str, traj_column: str, embedding_column: str, mode
         total = plpy.execute(plpy.prepare(f"SELECT pg_catalog.count(*) AS n FROM {T} WHERE {stale}", ["int8"]),
                              [ref.model_id])[0]["n"]
         job = Job(plpy, "embed_table", where, model, ref, total,
-                  {"traj_column": traj_column, "batch_size": batch_size})
+                  {"traj_column": traj_column, "batch_size": batch_size, "aspect": aspect})
         keys = plpy.prepare(f"SELECT {K}::pg_catalog.text AS key FROM {T} WHERE {stale} AND ($2::{where.key_type} IS"
                             f" NULL OR {K} > $2::{where.key_type}) ORDER BY {K} LIMIT $3", ["int8", "text", "int4"])
         update = plpy.prepare(f"UPDATE {T} AS t SET {E} = u.e::{where.vector}, {V} = $1 FROM ROWS FROM ("
                               f"pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[])) AS u(k, e)"
                               f" WHERE t.{K} = u.k::{where.key_type}", ["int8", "text[]", "text[]"])
         try:
-            _run(plpy, job, ref, where, total, batch_size, keys, update)
+            _run(plpy, job, ref, where, total, batch_size, keys, update, aspect)
         except BaseException as exc:
             job.fail(exc)
             raise
         return {"job": job.id, "total": total, **job.state}
 
 
-def _run(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, keys, update) -> None:
+def _run(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, keys, update, aspect: str) -> None:
     reader = Reader(plpy, where)
     record = plpy.prepare("SELECT pgtraj._record_errors($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5, $6,"
                           " $7)", ["oid", "name", "int8", "text[]", "text[]", "text[]", "text[]"])
@@ -260,8 +263,8 @@ def _run(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, ke
             break
         rows, unreadable = reader.read(batch)
         todo = [k for k in batch if rows.get(k) is not None]
-        embs, errors = encoder.embed_rows(plpy, [rows[k] for k in todo], ref,
-                                            labels=todo, skip_errors=True)
+        embs, errors = encoder.embed_rows(plpy, [rows[k] for k in todo], ref, labels=todo, skip_errors=True,
+                                          aspect=aspect)
         ok = [k for k, e in zip(todo, embs) if e is not None]
         bad = {**unreadable, **{todo[i]: (e.sqlstate, e.message) for i, e in errors.items()}}
         plpy.execute(update, [ref.model_id, ok, [e for e in embs if e is not None]])

@@ -155,25 +155,36 @@ def _run(plpy, name, source, source_opts, cfg, deploy) -> dict:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _registered_init(plpy, init_from: str | None):
-    """The registered model ``init_from`` names, to fine-tune from (a checkpoint file is not a thing a
-    database caller may name: no path from SQL reaches the file system)."""
-    from pgtraj.learn.pipeline import Pretrained
+def _registered_init(plpy, cfg, log):
+    """The registered model ``cfg.init_from`` names ('auto': the base model where it suits the run), to
+    fine-tune from (a checkpoint file is not a thing a database caller may name: no path from SQL reaches
+    the file system)."""
+    from pgtraj.core.contract import BASE_MODEL
+    from pgtraj.learn.pipeline import AUTO, Pretrained, auto_start
 
-    if not init_from:
-        return None
-    ref = plpy.execute(plpy.prepare("SELECT (pgtraj._resolve($1, 'encoder')).model_id AS id", ["text"]),
-                       [init_from])[0]["id"]
-    row = plpy.execute(plpy.prepare(
-        "SELECT m.name, m.version, m.objective, m.tokenizer::pg_catalog.text AS tokenizer,"
-        " m.config::pg_catalog.text AS config, a.bytes FROM pgtraj.model_registry m"
-        " LEFT JOIN pgtraj.model_artifacts a ON a.model_id = m.id AND a.kind = 'weights' WHERE m.id = $1",
-        ["int8"]), [ref])[0]
-    if row["bytes"] is None:
-        raise InferenceError(f"{row['name']} v{row['version']} has no weights to fine-tune from", sqlstate="0A000",
-                             hint="models registered before pgtraj 0.2 carry ONNX graphs only: train a new version")
-    return Pretrained.registered(f"{row['name']} v{row['version']}", row["bytes"], row["tokenizer"],
-                                 json.loads(row["config"]), row["objective"])
+    def weights_of(ref: str) -> Pretrained:
+        model_id = plpy.execute(plpy.prepare("SELECT (pgtraj._resolve($1, 'encoder')).model_id AS id", ["text"]),
+                                [ref])[0]["id"]
+        row = plpy.execute(plpy.prepare(
+            "SELECT m.name, m.version, m.objective, m.tokenizer::pg_catalog.text AS tokenizer,"
+            " m.config::pg_catalog.text AS config, a.bytes FROM pgtraj.model_registry m"
+            " LEFT JOIN pgtraj.model_artifacts a ON a.model_id = m.id AND a.kind = 'weights' WHERE m.id = $1",
+            ["int8"]), [model_id])[0]
+        if row["bytes"] is None:
+            raise InferenceError(f"{row['name']} v{row['version']} has no weights to fine-tune from",
+                                 sqlstate="0A000",
+                                 hint="models registered before pgtraj 0.2 carry ONNX graphs only: train a new version")
+        return Pretrained.registered(f"{row['name']} v{row['version']}", row["bytes"], row["tokenizer"],
+                                     json.loads(row["config"]), row["objective"])
+
+    if cfg.init_from == AUTO:
+        deployed = plpy.execute(plpy.prepare(
+            "SELECT a.model_id IS NOT NULL AS usable FROM pgtraj.deployments d LEFT JOIN pgtraj.model_artifacts a"
+            " ON a.model_id = d.model_id AND a.kind = 'weights' WHERE d.name = $1", ["text"]), [BASE_MODEL])
+        init, why = auto_start(weights_of(BASE_MODEL) if deployed and deployed[0]["usable"] else None, cfg)
+        log(f"training {why}")
+        return init
+    return weights_of(cfg.init_from) if cfg.init_from else None
 
 
 def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy, out_dir) -> dict:
@@ -192,10 +203,12 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             plpy.notice(f"pgtraj.train {name}: step {step}/{cfg.steps}, {shown}")
 
+    def log(message):
+        plpy.notice(f"pgtraj.train {name}: {message}")
+
     try:
         trained = fit_and_export(splits["train"], splits["val"], cfg, out_dir, labels=labels or None, progress=False,
-                                 log=lambda m: plpy.notice(f"pgtraj.train {name}: {m}"), on_step=on_step,
-                                 init=_registered_init(plpy, cfg.init_from))
+                                 log=log, on_step=on_step, init=_registered_init(plpy, cfg, log))
     except PgtrajError as exc:
         raise InferenceError(exc.message, sqlstate="22023", hint=exc.hint) from None
     reg = trained.registration(source_opts.get("label_column"))

@@ -1,6 +1,6 @@
 """The base model's pretraining: next moves (causal), masked spans (bidirectional) and the contrastive
 route embedding at once, on one backbone, so that one pretrained model serves every graph a fine-tuned one
-may need (encoder, next_move, token_nll, masked)."""
+may need (encoder, next_move, token_nll, masked_logp)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class Foundation(Objective):
     """Weighted next-move + masked-span + contrastive loss."""
 
     name = "foundation"
-    graphs = ("encoder", "next_move", "token_nll", "masked")  # what a model trained with it is registered with
+    graphs = ("encoder", "next_move", "token_nll", "masked_logp")  # what a model trained with it is registered with
 
     def __init__(self, model: TrajectoryModel, weights: tuple[float, float, float] = (1.0, 0.5, 0.5)):
         super().__init__(model)

@@ -15,7 +15,7 @@ class Hybrid(Objective):
     """Weighted masked-span + contrastive loss, as surveyed in "Spatio-Temporal Trajectory Foundation Model"."""
 
     name = "hybrid"
-    graphs = ("encoder", "masked")  # what a model trained with it is registered with
+    graphs = ("encoder", "masked_logp")  # what a model trained with it is registered with
 
     def __init__(self, model: TrajectoryModel, weight: float = 0.5):
         super().__init__(model)

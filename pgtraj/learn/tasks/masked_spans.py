@@ -1,5 +1,6 @@
-"""Masked trajectory modelling with span masking, and its graph: masked (every position's likeliest cell,
-read bidirectionally, for pgtraj.fill_gaps)."""
+"""Masked trajectory modelling with span masking, and its graph: masked_logp (every position's
+log-probabilities over the vocabulary, read bidirectionally: pgtraj.fill_gaps decodes a gap's path from
+them); masked (each position's likeliest cell) is what models before it were registered with."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class MaskedSpans(Objective):
     80% of masked positions show MASK, 10% a random cell, 10% the original (BERT's recipe)."""
 
     name = "masked_spans"
-    graphs = ("encoder", "masked")  # what a model trained with it is registered with
+    graphs = ("encoder", "masked_logp")  # what a model trained with it is registered with
 
     def __init__(self, model: TrajectoryModel, ratio: float = 0.15, mean_span: float = 3.0, max_span: int = 10):
         super().__init__(model)
@@ -76,8 +77,15 @@ def hide_masked(cont: torch.Tensor, move: torch.Tensor, masked: torch.Tensor) ->
     return cont, move.masked_fill(masked | after, NO_MOVE)
 
 
+@graph("masked_logp")
+def masked_logp(model: TrajectoryModel, tokens, dow, minute, cont, move):
+    return torch.log_softmax(model.lm_head(model.hidden(tokens, dow, minute, cont, move)), dim=-1)
+
+
 @graph("masked")
 def masked(model: TrajectoryModel, tokens, dow, minute, cont, move):
+    """Each position's likeliest cell and its probability: what models before masked_logp (pgtraj 0.2.0)
+    were registered with; pgtraj.fill_gaps still serves those."""
     logits = model.lm_head(model.hidden(tokens, dow, minute, cont, move))
     special = torch.arange(logits.shape[-1], device=logits.device) < len(SPECIAL_TOKENS)
     probs = torch.softmax(logits, dim=-1).masked_fill(special, 0.0)  # a gap is filled with a place

@@ -1,59 +1,108 @@
-"""The masked graph: pgtraj.fill_gaps and fill_gaps_detail, the cells a sparse trajectory skipped,
-recovered by a masked-span model."""
+"""The masked_logp graph (and masked, what models before it were registered with): pgtraj.fill_gaps and
+fill_gaps_detail, the cells a sparse trajectory skipped, recovered by a masked-span model."""
 
 from __future__ import annotations
 
+import h3.api.numpy_int as h3i
 import numpy as np
 
 from pgtraj.core.contract import INPUT_NAMES
 from pgtraj.core.features import NO_MOVE, SPATIAL, Inputs, to_inputs
+from pgtraj.core.gaps import best_path
+from pgtraj.core.tokenizer import MASK
 from pgtraj.runtime import models
 from pgtraj.runtime.encoding import read, run
 from pgtraj.runtime.models import Ref
 from pgtraj.runtime.server import check_interrupts
+
+KINDS = ("masked_logp", "masked")  # what pgtraj._resolve(model, 'masked_logp') may hand over
 
 
 def fill_gaps(plpy, wkb, ref: Ref) -> list[tuple]:
     """The trip's fixes plus, for every cell it skipped (the tokenizer's grid-path interpolation, where
     fixes are too sparse to see each cell), the model's recovery of that cell: rows (lat, lon, epoch
     seconds, filled, probability). The skipped cells are masked and read bidirectionally, as in masked
-    span pretraining, instead of being drawn on the straight line between fixes. A recovered cell further
-    off the straight path than the gap is long cannot be right: the path's cell is kept (probability NULL)."""
-    import h3
-
-    from pgtraj.core.tokenizer import MASK
-
+    span pretraining, instead of being drawn on the straight line between fixes: each run of them becomes
+    the model's most likely contiguous grid path between the cells seen on either side (core.gaps), which
+    can bend with a road but never jump. Where no such path is searched (a run longer than
+    core.gaps.MAX_STEPS), the straight path's cells stay (probability NULL). A masked graph (one cell per
+    position) is served as before: a cell further off the straight path than the gap is long is replaced
+    by the path's."""
     model, sess = models.session(plpy, ref)
     traj, x = read(model.tokenizer, wkb, None, plpy)
     rows = [(float(a), float(o), float(t), False, None) for a, o, t in zip(traj.lat, traj.lon, traj.t)]
-    inp = to_inputs(x)
-    gaps = np.flatnonzero(x.interpolated) + 1  # +1: the BOS position
-    for start in range(0, len(inp.tokens), model.max_len):
+    outputs = _masked_outputs(plpy, sess, to_inputs(x), np.flatnonzero(x.interpolated) + 1, model.max_len)
+    if ref.kind == "masked":
+        filled = _argmax_cells(model.tokenizer, x, outputs)
+    else:
+        filled = _path_cells(model.tokenizer, x, outputs)
+    for i, (cell, p) in sorted(filled.items()):
+        lat, lon = h3i.cell_to_latlng(cell)
+        rows.append((lat, lon, float(x.t[i]), True, p))
+    rows.sort(key=lambda r: (r[2], r[3]))
+    return rows
+
+
+def _masked_outputs(plpy, sess, inp: Inputs, gaps: np.ndarray, max_len: int) -> dict[int, tuple]:
+    """Per skipped token (index into the tokens): the graph's outputs at its position, every skipped cell
+    of a window hidden at once as learn/tasks/masked_spans.hide_masked hides them in training."""
+    out = {}
+    for start in range(0, len(inp.tokens), max_len):
         check_interrupts(plpy)
-        w = Inputs(*(getattr(inp, f)[start:start + model.max_len].copy() for f in INPUT_NAMES))
-        here = gaps[(gaps >= start) & (gaps < start + model.max_len)] - start
+        here = gaps[(gaps >= start) & (gaps < start + max_len)] - start
         if not len(here):
             continue
-        # hidden as learn/tasks/masked_spans.hide_masked hides them in training
+        w = Inputs(*(getattr(inp, f)[start:start + max_len].copy() for f in INPUT_NAMES))
         w.tokens[here] = MASK
         w.cont[np.ix_(here, SPATIAL)] = 0.0
         w.move[here] = NO_MOVE
         w.move[here[here + 1 < len(w.move)] + 1] = NO_MOVE
-        token, prob = run(sess, [w])
+        result = run(sess, [w])
         for pos in here:
-            i = start + pos - 1  # index into x
-            cell = h3.int_to_str(model.tokenizer.token_cell(int(token[0, pos])))
-            line = h3.int_to_str(int(x.cells[i]))  # where the straight grid path puts it
-            # a recovered cell must be reachable in time: no further off the path than the gap is long
-            budget = int(min(i - _last_observed(x.interpolated, i), _next_observed(x.interpolated, i) - i))
-            if _grid_distance(h3, cell, line) > budget:
-                cell, p = line, None
-            else:
-                p = float(prob[0, pos])
-            lat, lon = h3.cell_to_latlng(cell)
-            rows.append((lat, lon, float(x.t[i]), True, p))
-    rows.sort(key=lambda r: (r[2], r[3]))
-    return rows
+            out[start + pos - 1] = tuple(r[0, pos] for r in result)  # -1: the BOS position
+    return out
+
+
+def _path_cells(tok, x, logp: dict[int, tuple]) -> dict[int, tuple[int, float | None]]:
+    """Each run of skipped cells as the model's most likely path between the seen cells around it."""
+    out = {}
+    skipped = x.interpolated
+    i = 0
+    while i < len(skipped):
+        if not skipped[i]:
+            i += 1
+            continue
+        j = i
+        while j < len(skipped) and skipped[j]:
+            j += 1
+        run_idx = np.arange(i, j)  # tokens i .. j-1 skipped, i-1 and j seen
+        ends = np.array([h3i.cell_to_latlng(int(x.cells[i - 1])), h3i.cell_to_latlng(int(x.cells[j]))])
+        near = ends[0] + np.outer(np.arange(1, len(run_idx) + 1) / (len(run_idx) + 1), ends[1] - ends[0])
+        lp = np.stack([logp[k][0] for k in run_idx])
+        path = best_path(int(x.cells[i - 1]), int(x.cells[j]), len(run_idx) + 1, tok.lookup, lp, near=near)
+        if path is None:
+            out.update({int(k): (int(x.cells[k]), None) for k in run_idx})
+        else:
+            tokens = tok.lookup(path)
+            out.update({int(k): (int(c), float(np.exp(lp[n, t])))
+                        for n, (k, c, t) in enumerate(zip(run_idx, path, tokens))})
+        i = j
+    return out
+
+
+def _argmax_cells(tok, x, outputs: dict[int, tuple]) -> dict[int, tuple[int, float | None]]:
+    """A masked graph's cell at each position, kept only when reachable in time: no further off the
+    straight path than the gap is long."""
+    out = {}
+    for i, (token, prob) in outputs.items():
+        token_cell = tok.token_cell(int(token))
+        line = int(x.cells[i])  # where the straight grid path puts it
+        budget = int(min(i - _last_observed(x.interpolated, i), _next_observed(x.interpolated, i) - i))
+        if _grid_distance(token_cell, line) > budget:
+            out[i] = (line, None)
+        else:
+            out[i] = (token_cell, float(prob))
+    return out
 
 
 def _last_observed(interpolated: np.ndarray, i: int) -> int:
@@ -66,12 +115,12 @@ def _next_observed(interpolated: np.ndarray, i: int) -> int:
     return i + 1 + int(obs[0]) if len(obs) else len(interpolated) - 1
 
 
-def _grid_distance(h3, a: str, b: str) -> int:
+def _grid_distance(a: int, b: int) -> int:
     """Grid steps between two cells of any resolutions (compared at the coarser one); far when H3 has no
     path between them (pentagon distortion, other faces)."""
-    ra, rb = h3.get_resolution(a), h3.get_resolution(b)
+    ra, rb = h3i.get_resolution(a), h3i.get_resolution(b)
     r = min(ra, rb)
     try:
-        return h3.grid_distance(h3.cell_to_parent(a, r) if ra > r else a, h3.cell_to_parent(b, r) if rb > r else b)
+        return h3i.grid_distance(h3i.cell_to_parent(a, r) if ra > r else a, h3i.cell_to_parent(b, r) if rb > r else b)
     except Exception:  # h3 raises its own error types when no grid path exists
         return 1 << 30
