@@ -45,9 +45,11 @@ BEGIN
 END
 $$;
 
+-- pgtraj 0.2.0's, without the aspect
+DROP FUNCTION IF EXISTS pgtraj._target_add(text, regclass, name, name, name, text, integer, integer, name);
 CREATE OR REPLACE FUNCTION pgtraj._target_add(name text, source regclass, key_column name, traj_column name,
                                               embedding_column name, model text, batch_size integer,
-                                              max_attempts integer, caller name DEFAULT current_user)
+                                              max_attempts integer, aspect text, caller name DEFAULT current_user)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
 DECLARE
@@ -63,8 +65,8 @@ BEGIN
         RAISE EXCEPTION 'pgtraj: % is not the primary key of %', quote_ident(key_column), source USING ERRCODE = '42P10';
     END IF;
     INSERT INTO pgtraj.embedding_targets (name, table_name, key_column, traj_column, embedding_column, model,
-                                          batch_size, max_attempts, created_by)
-    VALUES (name, source, key_column, traj_column, embedding_column, model, batch_size, max_attempts, who);
+                                          batch_size, max_attempts, aspect, created_by)
+    VALUES (name, source, key_column, traj_column, embedding_column, model, batch_size, max_attempts, aspect, who);
 END
 $$;
 
@@ -145,19 +147,22 @@ BEGIN
 END
 $$;
 
+-- pgtraj 0.2.0's, without the aspect
+DROP FUNCTION IF EXISTS pgtraj.create_embedding_target(text, regclass, name, name, text, integer, integer, boolean);
 CREATE OR REPLACE FUNCTION pgtraj.create_embedding_target(name text, source regclass, traj_column name,
                                                           embedding_column name, model text,
                                                           batch_size integer DEFAULT 200,
                                                           max_attempts integer DEFAULT 5,
-                                                          backfill boolean DEFAULT true)
+                                                          backfill boolean DEFAULT true,
+                                                          aspect text DEFAULT 'route')
 RETURNS bigint
 LANGUAGE plpython3u VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
 return pgtraj.queue.create_target(plpy, name, source, traj_column, embedding_column, model, batch_size, max_attempts,
-                                  backfill)
+                                  backfill, aspect)
 $$;
-COMMENT ON FUNCTION pgtraj.create_embedding_target(text, regclass, name, name, text, integer, integer, boolean) IS
-    'Keeps a vector column embedded: triggers queue inserted rows and rows whose trajectory changed (returns the rows queued by backfill)';
+COMMENT ON FUNCTION pgtraj.create_embedding_target(text, regclass, name, name, text, integer, integer, boolean, text) IS
+    'Keeps a vector column embedded (aspect route or spacetime): triggers queue inserted rows and rows whose trajectory changed (returns the rows queued by backfill)';
 
 CREATE OR REPLACE FUNCTION pgtraj.drop_embedding_target(name text) RETURNS void
 LANGUAGE plpython3u VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$

@@ -49,6 +49,25 @@ def test_backfill_then_triggers_keep_the_column_fresh(conn):
     assert conn.execute("SELECT count(*) FROM pgtraj.embedding_queue").fetchone() == (0,)
 
 
+def test_a_spacetime_target_keeps_a_wider_column_fresh(conn):
+    """aspect => 'spacetime': backfill and triggers fill the column with what pgtraj.embed(geom, model,
+    'spacetime') gives; a column of the route's width is refused when the target is made."""
+    conn.execute("ALTER TABLE trips ADD COLUMN st vector(64)")
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("SELECT pgtraj.create_embedding_target('st', 'trips', 'geom', 'embedding', 'm',"
+                     " aspect => 'spacetime')")
+    assert err.value.sqlstate == "42804"
+    assert conn.execute("SELECT pgtraj.create_embedding_target('st', 'trips', 'geom', 'st', 'm',"
+                        " aspect => 'spacetime')").fetchone() == (N,)
+    t = TRIPS[50]
+    conn.execute(f"INSERT INTO trips (id, geom) VALUES (1000, {LINE})", [t.lon.tolist(), t.lat.tolist(), t.t.tolist()])
+    conn.execute("CALL pgtraj.process_queue('st')")
+    same = conn.execute("SELECT count(*), bool_and(st <-> pgtraj.embed(geom, 'm', 'spacetime') < 1e-5) FROM trips"
+                        " WHERE st IS NOT NULL").fetchone()
+    assert same == (N + 1, True)
+    assert conn.execute("SELECT aspect FROM pgtraj.embedding_targets WHERE name = 'st'").fetchone() == ("spacetime",)
+
+
 def test_failing_rows_back_off_then_become_dead_letters(conn):
     conn.execute("SELECT pgtraj.create_embedding_target('trips', 'trips', 'geom', 'embedding', 'm',"
                  " max_attempts => 2)")

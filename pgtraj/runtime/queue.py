@@ -27,17 +27,18 @@ from pgtraj.runtime.tasks import encoder
 
 
 def create_target(plpy, name: str, source: str, traj_column: str, embedding_column: str, model: str,
-                  batch_size: int, max_attempts: int, backfill: bool) -> int:
+                  batch_size: int, max_attempts: int, backfill: bool, aspect: str = "route") -> int:
     """Register a target, create its triggers and (with ``backfill``) queue every row not yet embedded by
     the model. Returns the number of rows queued."""
     q = plpy.quote_ident
+    encoder.check_aspect(aspect)
     where = describe(plpy, source, traj_column, embedding_column)
     ref = resolve(plpy, model, "encoder")
-    check_dimensions(plpy, ref, where)
+    check_dimensions(plpy, ref, where, aspect)
     ensure_version_column(plpy, where)
     plpy.execute(plpy.prepare("SELECT pgtraj._target_add($1, $2::pg_catalog.oid::pg_catalog.regclass, $3, $4, $5, $6,"
-                              " $7, $8)", ["text", "oid", "name", "name", "name", "text", "int4", "int4"]),
-                 [name, where.oid, where.key, traj_column, embedding_column, model, batch_size, max_attempts])
+                              " $7, $8, $9)", ["text", "oid", "name", "name", "name", "text", "int4", "int4", "text"]),
+                 [name, where.oid, where.key, traj_column, embedding_column, model, batch_size, max_attempts, aspect])
     T, G = where.sql, q(traj_column)
     arg = plpy.quote_literal(name)
     # run with the caller's rights: creating a trigger needs the TRIGGER privilege on the table
@@ -71,7 +72,7 @@ def drop_target(plpy, name: str) -> None:
 
 def _target(plpy, name: str) -> dict | None:
     rows = plpy.execute(plpy.prepare("SELECT name, table_name::pg_catalog.oid AS oid, traj_column, embedding_column,"
-                                     " model, batch_size, max_attempts, paused FROM pgtraj.embedding_targets"
+                                     " model, batch_size, max_attempts, paused, aspect FROM pgtraj.embedding_targets"
                                      " WHERE name = $1", ["text"]), [name])
     return dict(rows[0]) if rows.nrows() else None
 
@@ -109,7 +110,7 @@ def _drain(plpy, t: dict, max_batches: int | None) -> dict:
                          [t["oid"]])[0]["t"]
     where = describe(plpy, table, t["traj_column"], t["embedding_column"])
     ref = resolve(plpy, t["model"], "encoder")
-    check_dimensions(plpy, ref, where)
+    check_dimensions(plpy, ref, where, t["aspect"])
     K, E, V = q(where.key), q(t["embedding_column"]), q(where.version_column)
     take = plpy.prepare("SELECT key, attempts FROM pgtraj._queue_take($1, $2)", ["text", "int4"])
     update = plpy.prepare(f"UPDATE {where.sql} AS t SET {E} = u.e::{where.vector}, {V} = $1 FROM ROWS FROM ("
@@ -132,8 +133,8 @@ def _drain(plpy, t: dict, max_batches: int | None) -> dict:
             gone = [k for k in attempts if k not in rows and k not in unreadable]  # the row was deleted
             nulls = [k for k, w in rows.items() if w is None]                      # its trajectory was set to NULL
             todo = [k for k, w in rows.items() if w is not None]
-            embs, errors = encoder.embed_rows(plpy, [rows[k] for k in todo], ref,
-                                                labels=todo, skip_errors=True)
+            embs, errors = encoder.embed_rows(plpy, [rows[k] for k in todo], ref, labels=todo, skip_errors=True,
+                                              aspect=t["aspect"])
             ok = [k for k, e in zip(todo, embs) if e is not None]
             plpy.execute(update, [ref.model_id, ok, [e for e in embs if e is not None]])
             if nulls:
