@@ -93,8 +93,8 @@ def test_no_pgtraj_role_writes_pgtraj_tables(world, login_role, db, write):
 def test_a_target_needs_rights_on_its_table(world):
     su, a, _ = world
     refused(a, "SELECT pgtraj.create_embedding_target('evil', 'secret', 'geom', 'embedding', 'm')")
-    refused(a, "SELECT pgtraj._target_add('evil', 'secret', 'id', 'geom', 'embedding', 'm', 10, 5)")
-    err = refused(a, "SELECT pgtraj._target_add('evil', 'analyst.trips', 'id', 'geom', 'embedding', 'm', 10, 5,"
+    refused(a, "SELECT pgtraj._target_add('evil', 'secret', 'id', 'geom', 'embedding', 'm', 10, 5, 'route')")
+    err = refused(a, "SELECT pgtraj._target_add('evil', 'analyst.trips', 'id', 'geom', 'embedding', 'm', 10, 5, 'route',"
                      " caller => 'postgres')")
     assert "may not act for role postgres" in err.diag.message_primary
     assert su.execute("SELECT count(*) FROM pgtraj.embedding_targets").fetchone() == (0,)
