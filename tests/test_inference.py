@@ -369,37 +369,46 @@ def test_predict_destination_needs_a_destination_head(conn, models):
     assert [r[0] for r in rows] == [1, 2, 3, 4] and np.allclose([r[1] for r in rows], np.sort(p)[::-1][:4], atol=1e-5)
 
 
-def test_fill_gaps_decodes_each_gap_as_a_contiguous_path_like_the_client(conn, models):
-    """A masked_logp graph: every run of skipped cells becomes the likeliest contiguous grid path between the
-    fixes around it (core.gaps.best_path on the model's log-probabilities, as the client computes them)."""
-    import h3.api.numpy_int as h3i
-
-    from pgtraj.core.gaps import best_path
+def sparse_fill(conn, model, name: str, key: int):
+    """fill_gaps_detail rows of TRIPS[9] with only every 12th fix kept (cells in between are skipped), its
+    tokens, the skipped positions, and the model's logits there as the client computes them (every skipped
+    cell masked, what gives a masked cell away hidden, as in training)."""
     from pgtraj.core.tokenizer import MASK
     from pgtraj.learn.tasks.masked_spans import hide_masked
 
-    register(conn, models[0], name="gapper", graphs=("encoder", "masked_logp"))
     sparse = TRIPS[9].take(slice(0, None, 12))
-    conn.execute(f"INSERT INTO trips VALUES (502, {LINE})", [sparse.lon.tolist(), sparse.lat.tolist(), sparse.t.tolist()])
+    conn.execute(f"INSERT INTO trips VALUES (%s, {LINE})", [key, sparse.lon.tolist(), sparse.lat.tolist(),
+                                                            sparse.t.tolist()])
     rows = conn.execute("SELECT ST_Y(geom), ST_X(geom), ST_M(geom), filled, probability FROM pgtraj.fill_gaps_detail("
-                        "(SELECT geom FROM trips WHERE id = 502), 'gapper')").fetchall()
+                        "(SELECT geom FROM trips WHERE id = %s), %s)", [key, name]).fetchall()
     x = TOK.encode(sparse)
     gaps = np.flatnonzero(x.interpolated)
     assert len(gaps) > 0 and sum(r[3] for r in rows) == len(gaps) and sum(not r[3] for r in rows) == len(sparse)
+    assert all(a[2] <= b[2] for a, b in zip(rows, rows[1:]))
     b = to_tensors(collate([to_inputs(x)]))
     b["tokens"][0, gaps + 1] = MASK
     masked = torch.zeros_like(b["tokens"], dtype=torch.bool)
     masked[0, gaps + 1] = True
     cont, move = hide_masked(b["cont"], b["move"], masked)
     with torch.no_grad():
-        logp = torch.log_softmax(models[0].lm_head(models[0].hidden(b["tokens"], b["dow"], b["minute"], cont, move)),
-                                 -1)[0].numpy()
+        logits = model.lm_head(model.hidden(b["tokens"], b["dow"], b["minute"], cont, move))
+    return rows, x, gaps, logits[0]
+
+
+def test_fill_gaps_decodes_each_gap_as_a_contiguous_path_like_the_client(conn, models):
+    """A masked_logp graph: every run of skipped cells becomes the likeliest contiguous grid path between the
+    fixes around it (core.gaps.best_path on the model's log-probabilities, as the client computes them)."""
+    import h3.api.numpy_int as h3i
+
+    from pgtraj.core.gaps import best_path
+
+    register(conn, models[0], name="gapper", graphs=("encoder", "masked_logp"))
+    rows, x, gaps, logits = sparse_fill(conn, models[0], "gapper", 502)
+    logp = torch.log_softmax(logits, -1).numpy()
     want = {}
     for run in np.split(gaps, np.flatnonzero(np.diff(gaps) > 1) + 1):
         i, j = int(run[0]), int(run[-1]) + 1
-        ends = np.array([h3i.cell_to_latlng(int(x.cells[i - 1])), h3i.cell_to_latlng(int(x.cells[j]))])
-        near = ends[0] + np.outer(np.arange(1, len(run) + 1) / (len(run) + 1), ends[1] - ends[0])
-        path = best_path(int(x.cells[i - 1]), int(x.cells[j]), len(run) + 1, TOK.lookup, logp[run + 1], near=near)
+        path = best_path(int(x.cells[i - 1]), int(x.cells[j]), len(run) + 1, TOK.lookup, logp[run + 1])
         want.update(zip(run.tolist(), path.tolist()))
         chain = [int(x.cells[i - 1]), *map(int, path), int(x.cells[j])]
         assert all(h3i.are_neighbor_cells(u, v) for u, v in zip(chain, chain[1:]))  # no jump, ends where seen
@@ -410,29 +419,12 @@ def test_fill_gaps_decodes_each_gap_as_a_contiguous_path_like_the_client(conn, m
 
 
 def test_fill_gaps_serves_a_masked_graph_of_0_2_0_like_the_client(conn, models):
-    from pgtraj.core.tokenizer import MASK
-    from pgtraj.learn.tasks.masked_spans import hide_masked
-
-    register(conn, models[0], name="mlm", graphs=("encoder", "masked"))
-    sparse = TRIPS[9].take(slice(0, None, 12))  # every 12th fix: cells in between are skipped
-    conn.execute(f"INSERT INTO trips VALUES (500, {LINE})", [sparse.lon.tolist(), sparse.lat.tolist(), sparse.t.tolist()])
-    rows = conn.execute("SELECT ST_Y(geom), ST_X(geom), ST_M(geom), filled, probability FROM pgtraj.fill_gaps_detail("
-                        "(SELECT geom FROM trips WHERE id = 500), 'mlm')").fetchall()
-    x = TOK.encode(sparse)
-    gaps = np.flatnonzero(x.interpolated)
-    assert len(gaps) > 0 and sum(r[3] for r in rows) == len(gaps) and sum(not r[3] for r in rows) == len(sparse)
-    assert all(a[2] <= b[2] for a, b in zip(rows, rows[1:]))
-    b = to_tensors(collate([to_inputs(x)]))
-    b["tokens"][0, gaps + 1] = MASK
-    masked = torch.zeros_like(b["tokens"], dtype=torch.bool)
-    masked[0, gaps + 1] = True
-    cont, move = hide_masked(b["cont"], b["move"], masked)  # what gives a masked cell away, as in training
-    with torch.no_grad():
-        logits = models[0].lm_head(models[0].hidden(b["tokens"], b["dow"], b["minute"], cont, move))
-    logits[..., :5] = -torch.inf
     import h3
 
-    model_cells = [h3.cell_to_latlng(h3.int_to_str(TOK.token_cell(int(t)))) for t in logits[0, gaps + 1].argmax(-1)]
+    register(conn, models[0], name="mlm", graphs=("encoder", "masked"))
+    rows, x, gaps, logits = sparse_fill(conn, models[0], "mlm", 500)
+    logits[..., :5] = -torch.inf
+    model_cells = [h3.cell_to_latlng(h3.int_to_str(TOK.token_cell(int(t)))) for t in logits[gaps + 1].argmax(-1)]
     path_cells = [h3.cell_to_latlng(h3.int_to_str(int(c))) for c in x.cells[gaps]]
     filled = [r for r in rows if r[3]]  # in time order, as the gaps
     for r, m, p in zip(filled, model_cells, path_cells):  # the model's cell, or the path's when it is too far

@@ -40,28 +40,29 @@ def candidates(a: int, b: int, steps: int) -> list[np.ndarray] | None:
     return out
 
 
-def best_path(a: int, b: int, steps: int, tokens_of, logp: np.ndarray, *, near: np.ndarray | None = None,
-              sigma_m: float = SIGMA_M) -> np.ndarray | None:
+def best_path(a: int, b: int, steps: int, tokens_of, logp: np.ndarray, *,
+              sigma_m: float | None = SIGMA_M) -> np.ndarray | None:
     """The cells (steps - 1 of them) of the most likely path a -> b in ``steps`` moves. ``tokens_of(cells)``
     gives each cell's vocabulary token (Tokenizer.lookup); ``logp`` (steps - 1, V) the model's
-    log-probabilities at each hidden position. ``near`` (steps - 1, 2): where each hidden position would be
-    on a straight line at constant speed (lat, lon), weighed as a Gaussian of ``sigma_m`` metres: how far
-    from the line the model's belief may pull the path. None when there is no such path or it is too long
-    to search."""
+    log-probabilities at each hidden position. Each position is also pulled towards where it would be on
+    the straight line from a's centre to b's at even steps, as a Gaussian of ``sigma_m`` metres (None: no
+    pull): how far from the line the model's belief may take the path. None when there is no such path or
+    it is too long to search."""
     if steps < 2 or steps > MAX_STEPS:
         return None
     cands = candidates(a, b, steps)
     if cands is None or any(len(c) == 0 for c in cands):
         return None
+    ends = np.array([h3i.cell_to_latlng(a), h3i.cell_to_latlng(b)])
+    line = ends[0] + np.outer(np.arange(1, steps) / steps, ends[1] - ends[0])
     scores = []
     for j, cells in enumerate(cands):
         tok = tokens_of(cells)
         _, inverse, counts = np.unique(tok, return_inverse=True, return_counts=True)
         score = logp[j, tok] - np.log(counts[inverse])  # a token's mass shared among its cells
-        if near is not None:
-            ll = h3i.cells_to_latlngs(cells) if hasattr(h3i, "cells_to_latlngs") else \
-                np.array([h3i.cell_to_latlng(int(c)) for c in cells])
-            score = score - 0.5 * (haversine_m(ll[:, 0], ll[:, 1], near[j, 0], near[j, 1]) / sigma_m) ** 2
+        if sigma_m is not None:
+            ll = np.array([h3i.cell_to_latlng(int(c)) for c in cells])
+            score = score - 0.5 * (haversine_m(ll[:, 0], ll[:, 1], line[j, 0], line[j, 1]) / sigma_m) ** 2
         scores.append(score)
     # Viterbi over positions: best[j][i] = best score of a path reaching cands[j][i]
     best, back = scores[0].copy(), []

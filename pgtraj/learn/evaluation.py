@@ -475,10 +475,8 @@ def gap_recovery(model: TrajectoryModel, tok, encoded: list[Tokens], *, spans: t
             lp = logp[[rows[i] for i in idx]]
             lin = np.stack([np.interp(x.t[idx], x.t[seen], seen_ll[:, 0]),
                             np.interp(x.t[idx], x.t[seen], seen_ll[:, 1])], axis=1)
-            ends = seen_ll[np.searchsorted(seen, [start - 1, start + length])]
-            along = ends[0] + np.outer(np.arange(1, length + 1) / (length + 1), ends[1] - ends[0])
             path = best_path(int(x.cells[start - 1]), int(x.cells[start + length]), length + 1, tok.lookup, lp,
-                             near=None if sigma_m is None else along, sigma_m=sigma_m or 1.0)
+                             sigma_m=sigma_m)
             arg_tokens = logits[[rows[i] for i in idx]].argmax(-1).numpy()
             arg = cell_centres(tok, arg_tokens)
             found = lin if path is None else np.array([h3i.cell_to_latlng(int(c)) for c in path])

@@ -76,10 +76,8 @@ def _path_cells(tok, x, logp: dict[int, tuple]) -> dict[int, tuple[int, float | 
         while j < len(skipped) and skipped[j]:
             j += 1
         run_idx = np.arange(i, j)  # tokens i .. j-1 skipped, i-1 and j seen
-        ends = np.array([h3i.cell_to_latlng(int(x.cells[i - 1])), h3i.cell_to_latlng(int(x.cells[j]))])
-        near = ends[0] + np.outer(np.arange(1, len(run_idx) + 1) / (len(run_idx) + 1), ends[1] - ends[0])
         lp = np.stack([logp[k][0] for k in run_idx])
-        path = best_path(int(x.cells[i - 1]), int(x.cells[j]), len(run_idx) + 1, tok.lookup, lp, near=near)
+        path = best_path(int(x.cells[i - 1]), int(x.cells[j]), len(run_idx) + 1, tok.lookup, lp)
         if path is None:
             out.update({int(k): (int(x.cells[k]), None) for k in run_idx})
         else:
