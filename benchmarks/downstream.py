@@ -27,7 +27,7 @@ from pgtraj.app.training import read_split
 from pgtraj.core.clean import CleaningConfig, CleaningReport, clean
 from pgtraj.core.splits import chronological_split
 from pgtraj.db.connection import connect, resolve_dsn
-from pgtraj.db.datasets import default_data_dir, load_geolife
+from pgtraj.db.datasets import GEOLIFE_MODES, default_data_dir, load_geolife
 from pgtraj.db.readers import QuerySource, TrajectoryReader
 from pgtraj.learn.downstream import (
     CellNaiveBayes,
@@ -48,8 +48,6 @@ from pgtraj.learn.downstream import (
 from pgtraj.learn.train import TrainConfig, train
 
 LABELLED_USERS = [10, 20, 52, 62, 75, 112, 126]
-MODES = {"walk": "walk", "bike": "bike", "bus": "bus", "car": "car", "taxi": "car", "subway": "subway",
-         "train": "train"}  # taxi is driven like a car; airplane, boat, run, motorcycle are too rare
 SEGMENTS = """
 SELECT l.seg_id, ST_SetSRID(ST_MakeLine(ST_MakePointM(p.lon, p.lat, p.ts_epoch) ORDER BY p.ts_epoch), 4326)
 FROM (SELECT row_number() OVER (ORDER BY user_id, start_ts) AS seg_id, user_id,
@@ -70,7 +68,7 @@ def mode_segments(conn: psycopg.Connection) -> tuple[dict, dict]:
         conn.execute("CREATE INDEX ON geolife_modes.points (user_id, ts_epoch)")
         conn.commit()
     info = conn.execute(SEGMENT_INFO).fetchall()
-    labels = {int(i): MODES[m] for i, _, _, m in info if m in MODES}
+    labels = {int(i): GEOLIFE_MODES[m] for i, _, _, m in info if m in GEOLIFE_MODES}
     split = dict(zip((int(r[0]) for r in info),
                      chronological_split(np.array([r[1] for r in info]), np.array([float(r[2]) for r in info]))))
     out = {"train": [], "val": [], "test": []}

@@ -31,7 +31,7 @@ from pgtraj.app.base_model import ASSET_DIR, load
 from pgtraj.core.clean import CleaningConfig, clean
 from pgtraj.core.splits import GEOLIFE_FINETUNE_USERS, GEOLIFE_UNSEEN_USERS, UNSEEN
 from pgtraj.core.trajectory import Trajectory
-from pgtraj.db.datasets import default_data_dir, read_geolife_files
+from pgtraj.db.datasets import GEOLIFE_MODES, default_data_dir, read_geolife_files
 from pgtraj.learn.downstream import (
     CellNaiveBayes,
     DestinationBaseline,
@@ -50,17 +50,10 @@ from pgtraj.learn.downstream import (
 )
 from pgtraj.learn.pretrained import Pretrained
 from pgtraj.learn.train import TrainConfig, train
+from unseen import MAX_LEN, base_init, fine_tune_config, sample  # benchmarks/unseen.py, beside this script
 
-MAX_LEN = 128
 MODE_TRAIN_USERS, MODE_UNSEEN_USER = [10, 20, 52, 62, 75, 112], 126
-MODES = {"walk": "walk", "bike": "bike", "bus": "bus", "car": "car", "taxi": "car", "subway": "subway",
-         "train": "train"}  # taxi is driven like a car; airplane, boat, run, motorcycle are too rare
 EVAL_TRAJS = 800
-
-
-def sample(items: list, n: int, seed: int = 0) -> list:
-    rng = np.random.default_rng(seed)
-    return [items[i] for i in sorted(rng.choice(len(items), min(n, len(items)), replace=False))]
 
 
 def mode_segments(g) -> tuple[dict, dict]:
@@ -72,7 +65,7 @@ def mode_segments(g) -> tuple[dict, dict]:
     segments, labels = {}, {}
     for n, row in enumerate(g.labels):
         user, s, e, mode = row["user_id"], float(row["start_ts"]), float(row["end_ts"]), row["mode"]
-        if mode not in MODES or user not in by_user:
+        if mode not in GEOLIFE_MODES or user not in by_user:
             continue
         for tr in by_user[user]:
             if tr.t[0] <= e and tr.t[-1] >= s:
@@ -80,7 +73,7 @@ def mode_segments(g) -> tuple[dict, dict]:
                 if inside.sum() >= 10:
                     seg = Trajectory(n, tr.t[inside], tr.lat[inside], tr.lon[inside], tr.part)
                     segments.setdefault(user, []).extend(clean(seg, CleaningConfig()))
-                    labels[n] = MODES[mode]
+                    labels[n] = GEOLIFE_MODES[mode]
     return segments, labels
 
 
@@ -94,11 +87,9 @@ def aligned(scores: np.ndarray, model_classes: list, classes: list) -> np.ndarra
 
 
 def fine_tune(objective: str, train_set: list, val_set: list, out: Path, steps: int, init: Pretrained | None,
-              tokenizer: dict, labels: dict | None = None):
-    cfg = {"objective": objective, "steps": steps, "batch_size": 32, "max_len": MAX_LEN, "warmup": 30,
-           "eval_every": max(steps // 2, 1), "eval_batches": 4, "tokenizer": tokenizer, "min_trajectories": 4}
-    cfg.update({"lr": 5e-4, "init_from": "pgtraj-base"} if init else {"lr": 1e-3, "preset": "small"})
+              card: dict, labels: dict | None = None):
     shutil.rmtree(out, ignore_errors=True)  # a benchmark starts from nothing (train() would resume)
+    cfg = fine_tune_config(objective, steps, card, from_base=init is not None)
     return train(train_set, val_set, TrainConfig.from_dict(cfg), out, labels=labels, progress=False,
                  log=lambda m: None, init=init)
 
@@ -111,8 +102,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     model, tok, card = load(ASSET_DIR)
-    init = Pretrained(dict(model.state_dict()), tok, card["model"], "pgtraj-base", card["objective"], card["steps"])
-    tokenizer = {**card["train"]["tokenizer"], "min_count": 5}
+    init = base_init(model, tok, card)
     users = [*GEOLIFE_FINETUNE_USERS, *MODE_TRAIN_USERS, *GEOLIFE_UNSEEN_USERS]
     g = read_geolife_files(default_data_dir() / "geolife", users)
     P: dict[str, list] = {}
@@ -132,7 +122,7 @@ def main() -> None:
             for how, pre in (("from pgtraj-base", init), ("from scratch", None)):
                 t = time.perf_counter()
                 r = fine_tune(objective, part, val_set, Path(args.out) / f"{task}-{how.split()[-1]}-{fraction}",
-                              args.steps, pre, tokenizer, labels)
+                              args.steps, pre, card, labels)
                 label = f"{how}, {fraction:.0%} of the data ({len(part)} pieces)"
                 seconds[f"{task}: {label}"] = round(time.perf_counter() - t, 1)
                 print(task, label, flush=True)

@@ -55,6 +55,22 @@ def sample(pieces: list, n: int, seed: int = 0) -> list:
     return [pieces[i] for i in sorted(rng.choice(len(pieces), min(n, len(pieces)), replace=False))]
 
 
+def base_init(model, tok, card: dict) -> Pretrained:
+    """The shipped base model (base_model.load) as what fine-tuning starts from."""
+    return Pretrained(dict(model.state_dict()), tok, card["model"], "pgtraj-base", card["objective"], card["steps"])
+
+
+def fine_tune_config(objective: str, steps: int, card: dict, *, from_base: bool) -> dict:
+    """A user's fine-tuning run: from pgtraj-base, or from scratch in the same shape with the same budget.
+    The tokenizer is the one a user's own run would fit (the base vocabulary is inherited when it knows
+    most cells)."""
+    cfg = {"objective": objective, "steps": steps, "batch_size": 32, "max_len": MAX_LEN, "warmup": 30,
+           "eval_every": max(steps // 2, 1), "eval_batches": 4,
+           "tokenizer": {**card["train"]["tokenizer"], "min_count": 5}, "min_trajectories": 4}
+    cfg.update({"lr": 5e-4, "init_from": "pgtraj-base"} if from_base else {"lr": 1e-3, "preset": "small"})
+    return cfg
+
+
 def judge(cases: ev.StepCases, scores: np.ndarray) -> dict:
     return ev.step_metrics(cases.frame_ranks(scores), ev.top1_error_m(cases, ev.frame_top1(cases, scores)))
 
@@ -130,24 +146,13 @@ def main() -> None:
     # B: a user's own data, fine-tuned from the base model or from scratch with the same budget
     evals = {"unseen users 120-139": unseen, "own users 0-9 (test split)": sample(P["own_test"], args.eval_trajs)}
     b = baselines(tok, P["own_train"], P["own_val"], evals)
-    init = Pretrained({k: v for k, v in model.state_dict().items()}, tok, card["model"], "pgtraj-base",
-                      card["objective"], card["steps"])
-    # the tokenizer a user's own run would fit (the base vocabulary is inherited when it knows most cells)
-    tokenizer = {**card["train"]["tokenizer"], "min_count": 5}
-    base_cfg = {"objective": "next_cell", "steps": args.finetune_steps, "batch_size": 32, "max_len": MAX_LEN,
-                "warmup": 30, "eval_every": max(args.finetune_steps // 2, 1), "eval_batches": 4, "tokenizer": tokenizer,
-                "min_trajectories": 4}
+    init = base_init(model, tok, card)
     for fraction in (float(f) for f in args.fractions.split(",")):
         # a user with less data: a random share of the training pieces (validation stays whole)
-        rng = np.random.default_rng(1)
-        train_set = [P["own_train"][i] for i in sorted(rng.choice(len(P["own_train"]),
-                                                                  max(8, round(fraction * len(P["own_train"]))),
-                                                                  replace=False))]
+        train_set = sample(P["own_train"], max(8, round(fraction * len(P["own_train"]))), seed=1)
         share = f", {fraction:.0%} of the data ({len(train_set)} pieces)" if fraction < 1 else ""
-        for label, cfg, pre in ((f"fine-tuned from pgtraj-base{share}", {**base_cfg, "lr": 5e-4,
-                                                                          "init_from": "pgtraj-base"}, init),
-                                (f"from scratch, same budget{share}", {**base_cfg, "lr": 1e-3, "preset": "small"},
-                                 None)):
+        for label, pre in ((f"fine-tuned from pgtraj-base{share}", init), (f"from scratch, same budget{share}", None)):
+            cfg = fine_tune_config("next_cell", args.finetune_steps, card, from_base=pre is not None)
             run = Path(args.out) / f"{label.split()[0]}-{fraction}"
             shutil.rmtree(run, ignore_errors=True)  # a benchmark starts from nothing (train() would resume)
             res = train(train_set, P["own_val"], TrainConfig.from_dict(cfg), run, progress=False,

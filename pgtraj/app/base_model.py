@@ -21,7 +21,6 @@ from pgtraj.core.contract import BASE_MODEL
 from pgtraj.core.errors import PgtrajError
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "base"
-BASE_NAME = BASE_MODEL
 FILES = ("weights.npz", "tokenizer.json", "card.json")
 
 
@@ -64,7 +63,7 @@ def load(asset_dir: Path = ASSET_DIR):
     return model.eval(), tok, card
 
 
-def add(conn, *, name: str = BASE_NAME, asset_dir: Path = ASSET_DIR, deploy: bool = True, log=print):
+def add(conn, *, name: str = BASE_MODEL, asset_dir: Path = ASSET_DIR, deploy: bool = True, log=print):
     """Register the shipped base model as ``name`` (and deploy it); a no-op when the same weights are
     already registered under that name. Returns the registry.ModelVersion."""
     from pgtraj.core.synthetic import grid_trips
@@ -131,7 +130,7 @@ def build(data_dir: Path, config: dict, out_dir: Path, *, users=None, release_di
     (release_dir / "tokenizer.json").write_text(result.tokenizer.to_json())
     metrics = result.metrics
     card = {
-        "name": BASE_NAME, "pgtraj": __version__, "objective": cfg.objective,
+        "name": BASE_MODEL, "pgtraj": __version__, "objective": cfg.objective,
         "train": {k: v for k, v in config.items()}, "model": result.model_config.to_dict(),
         "parameters": sum(p.numel() for p in result.model.parameters()),
         "data": {"dataset": "GeoLife 1.3 (Microsoft Research Asia)", "users": f"{users[0]}-{users[-1]}",

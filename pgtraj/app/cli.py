@@ -97,9 +97,10 @@ def _models(args) -> int:
 
     with connect(resolve_dsn(args.dsn, args.data_dir)) as conn:
         if args.action == "add":
-            from pgtraj.app.base_model import BASE_NAME, add
+            from pgtraj.app.base_model import add
+            from pgtraj.core.contract import BASE_MODEL
 
-            add(conn, name=args.name or BASE_NAME, deploy=not args.no_deploy, log=_say)
+            add(conn, name=args.name or BASE_MODEL, deploy=not args.no_deploy, log=_say)
             return 0
         rows = list_models(conn)
     if not rows:

@@ -29,6 +29,12 @@ from pgtraj.core.errors import SourceError
 from pgtraj.core.splits import geolife_split
 
 
+# GeoLife's transport-mode labels as the benchmarks classify them: taxi is driven like a car; airplane,
+# boat, run and motorcycle are too rare to learn
+GEOLIFE_MODES = {"walk": "walk", "bike": "bike", "bus": "bus", "car": "car", "taxi": "car", "subway": "subway",
+                 "train": "train"}
+
+
 def default_data_dir() -> Path:
     """``$PGTRAJ_DATA``, else ``../shared/data`` beside a source checkout (where CI and developers have it)."""
     import os
