@@ -55,7 +55,7 @@ def main() -> None:
         splits = {s: read_split(conn, args.table, s, id_column="traj_id", traj_column="geom", split_column="split", log=quiet)
                   for s in ("train", "val", "test")}
     base = dict(preset=args.preset, max_len=args.max_len, batch_size=32, lr=1e-3, warmup=50, eval_every=200,
-                eval_batches=4, device=args.device, tokenizer={"resolution": 9, "min_count": 5, "timezone": "Asia/Shanghai"})
+                eval_batches=4, device=args.device, tokenizer={"resolution": 9, "min_count": 5})
     t0 = time.perf_counter()
     pre = train(splits["train"], splits["val"],
                 TrainConfig.from_dict({**base, "objective": "hybrid", "steps": args.pretrain_steps}),

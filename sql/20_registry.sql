@@ -29,13 +29,17 @@ SELECT m.id, m.name, m.version, m.objective, m.embedding_dim,
        m.primary_metric, (m.metrics ->> m.primary_metric)::float8 AS primary_metric_value,
        coalesce(d.model_id = m.id, false) AS deployed,
        a.artifacts, a.artifact_bytes, m.metrics, m.config, m.training_run_id,
-       m.description, m.created_by, m.created_at
+       m.description, m.created_by, m.created_at,
+       -- the tokenizer: H3 resolution, how many cells its vocabulary knows, and whose clock its time features read
+       (m.tokenizer -> 'config' ->> 'resolution')::int AS resolution,
+       jsonb_array_length(m.tokenizer -> 'vocab') AS vocabulary_cells,
+       m.tokenizer -> 'config' ->> 'timezone' AS timezone
   FROM pgtraj.model_registry m
   LEFT JOIN pgtraj.deployments d ON d.name = m.name
   LEFT JOIN LATERAL (SELECT array_agg(x.kind ORDER BY x.kind) AS artifacts,
                             sum(octet_length(x.bytes)) AS artifact_bytes
                        FROM pgtraj.model_artifacts x WHERE x.model_id = m.id) a ON true;
-COMMENT ON VIEW pgtraj.models IS 'Registered model versions with their metrics and whether each is deployed';
+COMMENT ON VIEW pgtraj.models IS 'Registered model versions with their metrics, embedding width, tokenizer and whether each is deployed';
 
 CREATE OR REPLACE FUNCTION pgtraj._register(name text, objective text, config jsonb, tokenizer jsonb, metrics jsonb,
                                             primary_metric text, higher_is_better boolean, embedding_dim integer,

@@ -1,10 +1,11 @@
 -- pgtraj SQL API, part 8: training from SQL, on demand or on a pg_cron schedule.
 
--- source: a table (columns from config, spelt as the CLI's flags and app.training's arguments: id_column
--- (default: the primary key), traj_column (default: its geometry/tgeompoint column), split_column (default
--- 'split', values train/val/...), label_column (the per-trajectory label of the classify objective)) or a
--- query returning (id, trajectory, split[, label]), read with the caller's rights. config: TrainConfig
--- fields (training/*.json).
+-- source: a table or a query, in any shape pgtraj.describe_source recognises (LINESTRING M, tgeompoint or
+-- one row per fix), read with the caller's rights; its columns are found by type and usual names, or named in
+-- config as the CLI's flags spell them (id_column, traj_column, time_column, lat_column, lon_column,
+-- entity_column, split_column, label_column). Without a split column the run makes its splits (config
+-- split_by: 'time' or 'entity') and records them. config: TrainConfig fields (training/*.json), with
+-- "cleaning": {"profile": ..., "max_discard": ...}.
 -- deploy: 'auto' (when better than the deployed version on val_loss, or nothing is deployed), 'always',
 -- 'never'. Call it outside an explicit transaction block: it commits as it goes.
 CREATE OR REPLACE PROCEDURE pgtraj.train(name text, source text, objective text DEFAULT 'hybrid',
@@ -59,6 +60,35 @@ SELECT r.id, r.model_name, r.objective, r.source,
        r.started_by, r.started_at, r.finished_at
   FROM pgtraj.training_runs r;
 COMMENT ON VIEW pgtraj.training_status IS 'Training runs (from SQL, pg_cron or clients) with what each did';
+
+-- How pgtraj reads a table or a query for training: its shape, the column of each role and the SQL of its
+-- rows (entity, id, w, reason, split, label). `pgtraj train` runs that SQL on the client; CALL pgtraj.train
+-- in the server. A table is passed as regclass (resolved with the caller's search_path), a query as text.
+CREATE OR REPLACE FUNCTION pgtraj.describe_source(source regclass, options jsonb DEFAULT '{}') RETURNS jsonb
+LANGUAGE plpython3u STABLE PARALLEL UNSAFE SET search_path = pg_catalog, pgtraj AS $$
+@BOOT@
+import json
+return json.dumps(pgtraj.sources.describe(plpy, source, json.loads(options or '{}')))
+$$;
+COMMENT ON FUNCTION pgtraj.describe_source(regclass, jsonb) IS
+    'How training reads a table: its shape (line, temporal, points), the column of each role, the rows it has and the SQL that reads them';
+
+-- A query names tables as its caller would: it runs under the caller's search_path (the default argument is
+-- evaluated by the caller), restored when the function returns; the SQL this function writes is qualified.
+CREATE OR REPLACE FUNCTION pgtraj.describe_source(query text, options jsonb DEFAULT '{}',
+                                                  search_path text DEFAULT pg_catalog.current_setting('search_path'))
+RETURNS jsonb
+LANGUAGE plpython3u STABLE PARALLEL UNSAFE SET search_path = pg_catalog, pgtraj AS $$
+@BOOT@
+import json
+if not pgtraj.sources.is_query(query):
+    raise pgtraj.sources.InferenceError("%r is not a query" % (query[:60],), sqlstate="22023",
+                                        hint="pass a table as regclass: pgtraj.describe_source('%s'::regclass)" % query[:60])
+plpy.execute(plpy.prepare("SELECT pg_catalog.set_config('search_path', $1, true)", ["text"]), [search_path])
+return json.dumps(pgtraj.sources.describe(plpy, query, json.loads(options or '{}')))
+$$;
+COMMENT ON FUNCTION pgtraj.describe_source(text, jsonb, text) IS
+    'How training reads a query (SELECT/WITH ...): its shape, the column of each role and the SQL that reads its rows';
 
 -- A trajectory's WKB, or why PostGIS or MobilityDB could not produce it: training reads every row of its
 -- source, and one that cannot be converted is counted as rejected by reason instead of ending the run.

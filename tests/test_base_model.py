@@ -44,10 +44,14 @@ def test_models_add_base_registers_it_once_and_sql_serves_it(db):
         out = subprocess.run([sys.executable, "-m", "pgtraj", "models", "add", "base", "--dsn", db],
                              capture_output=True, text=True, env=env)
         assert out.returncode == 0 and expect in out.stderr, out.stderr
+    out = subprocess.run([sys.executable, "-m", "pgtraj", "models", "--dsn", db], capture_output=True, text=True, env=env)
     model, tok, card = base_model.load()
+    assert f"dim {card['model']['d_model']}" in out.stdout and f"res 9 {len(tok.vocab):>7,} cells auto" in out.stdout
     with psycopg.connect(db, autocommit=True) as conn:
-        graphs, deployed, objective = conn.execute(
-            "SELECT artifacts, deployed, objective FROM pgtraj.models WHERE name = 'pgtraj-base'").fetchone()
+        graphs, deployed, objective, cells = conn.execute(
+            "SELECT artifacts, deployed, objective, vocabulary_cells FROM pgtraj.models WHERE name = 'pgtraj-base'"
+        ).fetchone()
+        assert cells == len(tok.vocab)
         assert set(graphs) == {"encoder", "next_move", "token_nll", "masked_logp", "weights"}
         assert deployed and objective == card["objective"]
         warm = conn.execute("SELECT pgtraj.warmup('pgtraj-base')").fetchone()[0]

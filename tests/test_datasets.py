@@ -7,12 +7,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import psycopg
 import pytest
 
 from pgtraj.core.clean import CleaningReport, clean
 from pgtraj.core.errors import SourceError
-from pgtraj.core.splits import FRACTIONS, chronological_split, entity_split
+from pgtraj.core.splits import FRACTIONS, chronological_split, entity_split, timeline_split
+from pgtraj.core.trajectory import Trajectory
 from pgtraj.db.datasets import default_data_dir, load_geolife, parse_ids
 from pgtraj.db.readers import (
     LineStringSource,
@@ -49,10 +51,71 @@ def test_entity_split_holds_out_whole_entities_stably():
     assert 0.6 < np.mean(a == "train") < 0.8
 
 
+def test_entity_split_holds_out_at_least_one_entity_each_when_it_can():
+    for n in (3, 4, 7, 26):
+        names = entity_split(np.arange(n))
+        assert (names == "val").sum() >= 1 and (names == "test").sum() >= 1 and (names == "train").sum() >= n // 2
+    assert set(entity_split(np.array(["a", "b"]))) == {"train"}
+
+
+def test_timeline_split_cuts_each_entitys_long_tracks_in_time():
+    """Two tagged animals, each one long track: each is cut where 70% and 80% of its fixes lie behind, so
+    val and test are every entity's latest fixes, and no fix is lost or shared."""
+    tracks = [Trajectory(e, 1e9 + np.arange(n) * 10.0, np.zeros(n), np.zeros(n)) for e, n in (("a", 100), ("b", 50))]
+    out = timeline_split(tracks, ["a", "b"])
+    assert {k: sorted(len(p) for p in v) for k, v in out.items()} == {"train": [35, 70], "val": [5, 10],
+                                                                      "test": [10, 20]}
+    for e in ("a", "b"):
+        t = {k: np.concatenate([p.t for p in v if p.id == e]) for k, v in out.items()}
+        assert t["train"].max() < t["val"].min() <= t["val"].max() < t["test"].min()
+
+
 def test_parse_ids():
     assert parse_ids("0-3,7") == [0, 1, 2, 3, 7] and parse_ids(None) is None and parse_ids("all") is None
     with pytest.raises(SourceError, match="bad id list"):
         parse_ids("a-b")
+
+
+def geolife_zip(path, files: dict, labels: dict) -> None:
+    """A zip in the GeoLife 1.3 distribution's layout: {(user, name): [(ts, lat, lon, alt), ...]} and
+    {user: [(start, end, mode), ...]} (epoch seconds)."""
+    import zipfile
+    from datetime import datetime, timezone
+
+    def stamp(ts, fmt):
+        return datetime.fromtimestamp(ts, timezone.utc).strftime(fmt)
+
+    with zipfile.ZipFile(path, "w") as z:
+        for (user, name), fixes in files.items():
+            head = "Geolife trajectory\nWGS 84\nAltitude is in Feet\nReserved 3\n0,2,255,My Track,0,0,2,8421376\n0\n"
+            z.writestr(f"Geolife Trajectories 1.3/Data/{user:03d}/Trajectory/{name}.plt", head + "".join(
+                f"{lat},{lon},0,{alt},{ts / 86400 + 25569},{stamp(ts, '%Y-%m-%d,%H:%M:%S')}\n" for ts, lat, lon, alt in fixes))
+        for user, rows in labels.items():
+            z.writestr(f"Geolife Trajectories 1.3/Data/{user:03d}/labels.txt", "Start Time\tEnd Time\tTransportation Mode\n"
+                       + "".join(f"{stamp(a, '%Y/%m/%d %H:%M:%S')}\t{stamp(b, '%Y/%m/%d %H:%M:%S')}\t{m}\n" for a, b, m in rows))
+
+
+@needs_data
+def test_load_geolife_from_the_official_zip_layout(db, tmp_path):
+    """The distribution's own files (.plt in GMT, labels.txt) load into the same tables as the parquet copy:
+    the same fixes, trajectory ids and labels."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(GEOLIFE / "points.parquet").filter(pc.is_in(pc.field("traj_id"), pa.array([0, 1], pa.int32())))
+    rows = t.to_pylist()
+    files = {(0, name): [(r["ts"], r["lat"], r["lon"], r["alt_ft"]) for r in rows if r["traj_id"] == k]
+             for k, name in enumerate(("20081023025304", "20081024020959"))}
+    geolife_zip(tmp_path / "Geolife Trajectories 1.3.zip", files, {0: [(1224730384, 1224730999, "walk")]})
+    with psycopg.connect(db) as conn:
+        report = load_geolife(conn, tmp_path / "Geolife Trajectories 1.3.zip", progress=False, log=lambda m: None)
+        assert (report.points, report.trajectories, report.labels) == (len(rows), 2, 1)
+        got = conn.execute("SELECT traj_id, ts_epoch, lat, lon FROM geolife.points ORDER BY traj_id, ts_epoch, lat"
+                           ).fetchall()
+        want = sorted((r["traj_id"], r["ts"], r["lat"], r["lon"]) for r in rows)
+        assert got == want
+        assert conn.execute("SELECT user_id, extract(epoch FROM start_ts)::int, mode FROM geolife.labels"
+                            ).fetchall() == [(0, 1224730384, "walk")]
 
 
 @needs_data

@@ -105,10 +105,10 @@ def test_a_failed_run_is_recorded_and_changes_nothing(conn):
     conn.execute("UPDATE trips SET split = 'test'")  # nothing left to train on
     with pytest.raises(psycopg.Error) as err:
         train(conn)
-    assert "training trajectories" in str(err.value)
+    assert "no 'train' trajectories to train with" in str(err.value)
     status, outcome, error = conn.execute("SELECT status, outcome, error FROM pgtraj.training_status"
                                           " ORDER BY id DESC LIMIT 1").fetchone()
-    assert status == "failed" and outcome == "nothing registered" and "training trajectories" in error
+    assert status == "failed" and outcome == "nothing registered" and "no 'train' trajectories" in error
     assert conn.execute("SELECT count(*), max(version) FROM pgtraj.model_registry").fetchone() == (1, 1)
 
 
@@ -183,7 +183,11 @@ def test_init_from_cannot_name_a_file_from_sql(conn, tmp_path):
     (dict(deploy="sometimes"), "22023"),
     (dict(source="nope"), "42P01"),
     (dict(config={**TINY, "split_column": "nope"}), "42703"),
-    (dict(config={**TINY, "tokenizer": {"resolution": 6}}), "22023"),  # refused before any row is read
+    (dict(config={**TINY, "tokenizer": {"resolution": 13}}), "22023"),  # refused before any row is read
+    (dict(config={**TINY, "tokenizer": {"timezone": "Mars/Olympus_Mons"}}), "22023"),
+    (dict(config={**TINY, "cleaning": {"profile": "spaceship"}}), "22023"),
+    (dict(config={**TINY, "cleaning": {"max_discard": 2}}), "22023"),
+    (dict(config={**TINY, "split_by": "coin"}), "22023"),
     (dict(config={**TINY, "vocabulary": "borrowed"}), "22023"),
 ])
 def test_refusals(conn, args, sqlstate):

@@ -16,6 +16,7 @@ from pgtraj.core.tokenizer import (
     TokenizerConfig,
     TokenizerError,
     cell_parents,
+    choose_resolution,
     move_frames,
     moves,
 )
@@ -107,6 +108,30 @@ def test_time_features_in_the_configured_zone():
         assert (int(x.dow[0]), int(x.minute[0])) == (dow, minute)
 
 
+def test_local_time_is_each_fixs_own_zone_and_daylight_saving_time():
+    """'auto' reads each fix's zone from where it is; the offset is the one in force at that instant, so a
+    trip across the DST switch changes clock there (Amsterdam: 2024-03-31 01:00 UTC, 02:00 -> 03:00)."""
+    switch = 1711846800.0
+    t = np.array([switch - 120, switch + 120])
+    auto, utc = Tokenizer(TokenizerConfig()), Tokenizer(TokenizerConfig(timezone="UTC"))
+    assert TokenizerConfig().timezone == "auto"
+    dow, minute = auto.local_time(t, np.array([52.37, 52.37]), np.array([4.90, 4.90]))
+    assert minute.tolist() == [60 + 58, 3 * 60 + 2] and dow.tolist() == [6, 6]  # Sunday 01:58, then 03:02
+    assert utc.local_time(t, np.array([52.37] * 2), np.array([4.9] * 2))[1].tolist() == [58, 62]
+    # the same instant in Beijing, Lima and on the open Atlantic (Etc/GMT+2: two hours behind UTC)
+    _, minute = auto.local_time(np.full(3, switch), np.array([39.9, -12.05, -10.0]), np.array([116.4, -77.04, -30.0]))
+    assert minute.tolist() == [9 * 60, 20 * 60, 23 * 60]
+
+
+@pytest.mark.parametrize("speed, res", [(1.4, 10), (12.0, 8), (230.0, 5)])
+def test_resolution_is_chosen_so_that_a_minute_of_motion_is_about_one_cell(speed, res):
+    # fixes every 10 s at a constant speed due north (walker, car or ship, airliner)
+    t = 1.7e9 + np.arange(200) * 10.0
+    lat = 10.0 + np.arange(200) * speed * 10.0 / 111_195.0
+    chosen, why = choose_resolution([Trajectory(1, t, lat, np.full(200, 20.0))])
+    assert chosen == res and f"resolution {res}" in why and f"{speed:.1f} m/s" in why
+
+
 def test_json_round_trip_is_exact(tok):
     again = Tokenizer.from_json(tok.to_json())
     assert again.config == tok.config and np.array_equal(again.vocab, tok.vocab)
@@ -115,8 +140,8 @@ def test_json_round_trip_is_exact(tok):
 
 
 @pytest.mark.parametrize("kwargs, text", [
-    ({"resolution": 6}, "resolution must be 7-10"),
-    ({"resolution": 11}, "resolution must be 7-10"),
+    ({"resolution": 4}, "resolution must be 5-12"),
+    ({"resolution": 13}, "resolution must be 5-12"),
     ({"min_count": 0}, "min_count"),
     ({"coarsest_resolution": 10, "resolution": 9}, "coarsest_resolution"),
     ({"timezone": "Mars/Olympus"}, "unknown timezone"),

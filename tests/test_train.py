@@ -182,7 +182,11 @@ def test_lora_fine_tuning_run_resumes_and_returns_a_merged_model(tmp_path):
 
 
 @pytest.mark.parametrize("bad, words", [
-    ({"tokenizer": {"resolution": 6}}, "resolution must be"),
+    ({"tokenizer": {"resolution": 4}}, "resolution must be 5-12"),
+    ({"tokenizer": {"resolution": "fine"}}, "resolution must be an integer"),
+    ({"cleaning": {"profile": "spaceship"}}, "unknown cleaning profile"),
+    ({"cleaning": {"max_discard": -0.1}}, "max_discard"),
+    ({"split_by": "coin"}, "split_by must be"),
     ({"tokenizer": {"timezone": "Mars/Olympus"}}, "unknown timezone"),
     ({"tokenizer": {"resolutoin": 9}}, "resolutoin"),
     ({"preset": "huge"}, "unknown preset"),

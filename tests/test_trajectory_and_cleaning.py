@@ -7,8 +7,16 @@ import struct
 import numpy as np
 import pytest
 
-from pgtraj.core.clean import CleaningConfig, CleaningReport, clean, stay_points
-from pgtraj.core.errors import TrajectoryError
+from pgtraj.core.clean import (
+    CleaningConfig,
+    CleaningError,
+    CleaningOptions,
+    CleaningReport,
+    check_discard,
+    clean,
+    stay_points,
+)
+from pgtraj.core.errors import ConfigError, TrajectoryError
 from pgtraj.core.synthetic import grid_trips
 from pgtraj.core.trajectory import Trajectory, from_wkb, haversine_m
 
@@ -149,3 +157,44 @@ def test_synthetic_trips_are_deterministic_and_plausible():
     for tr in a:
         v = haversine_m(tr.lat[:-1], tr.lon[:-1], tr.lat[1:], tr.lon[1:]) / np.diff(tr.t)
         assert np.median(v) < 20 and np.all(np.diff(tr.t) > 0)
+
+
+def flight(speed_mps: float, n: int = 400, dt: float = 4.0, spikes: int = 0) -> Trajectory:
+    """A straight track at ``speed_mps`` with a fix every ``dt`` s, and ``spikes`` single-fix GPS jumps."""
+    t = T0 + np.arange(n) * dt
+    lat = 30.0 + np.arange(n) * speed_mps * dt / 111_195.0
+    lon = np.full(n, 10.0)
+    lon[np.linspace(50, n - 50, spikes).astype(int)] += 0.5  # ~48 km off for one fix
+    return Trajectory("f", t, lat, lon)
+
+
+def test_auto_cleaning_takes_its_thresholds_from_the_data():
+    """An airliner's fixes are plausible for an airliner: the data-driven default keeps them (and still
+    removes GPS jumps) where the walking profile would throw almost all of them away."""
+    tracks = [flight(230.0, spikes=3) for _ in range(3)]
+    config, why = CleaningOptions().resolve(tracks)
+    assert config.max_speed_mps == pytest.approx(3 * 230.0, rel=0.01) and "auto" in why and "90th-percentile speeds" in why
+    assert config.max_gap_s == 600  # 30 x 4 s is less than the 10-minute floor
+    report = CleaningReport()
+    kept = [p for tr in tracks for p in clean(tr, config, report)]
+    assert report.counts["speed_outliers"] == 9 and sum(len(p) for p in kept) == 3 * 397
+    assert check_discard(report, 0.2) == pytest.approx(9 / 1200)
+
+    walk, why = CleaningOptions(profile="walk").resolve(tracks)
+    assert (walk.max_speed_mps, walk.max_gap_s) == (7.0, 600.0) and why.endswith("(profile walk)")
+    report = CleaningReport()
+    for tr in tracks:
+        clean(tr, walk, report)
+    with pytest.raises(CleaningError, match=r"cleaning discarded 100\.0% of the 1,200 fixes .*more than max_discard"
+                                            r" 20%") as err:
+        check_discard(report, 0.2)
+    assert "--profile" in err.value.hint and "--allow-discard" in err.value.hint
+    assert check_discard(report, 1.0) == 1.0  # accepted when asked for
+
+
+def test_cleaning_options_are_checked_and_explicit_values_win():
+    config, why = CleaningOptions(profile="vessel", max_gap_s=900).resolve([flight(8.0)])
+    assert (config.max_speed_mps, config.max_gap_s) == (30.0, 900.0) and "max_gap_s as given" in why
+    for bad in ({"profile": "spaceship"}, {"max_speed_mps": -1}, {"max_discard": 1.5}, {"min_points": 1}):
+        with pytest.raises(ConfigError):
+            CleaningOptions(**bad)

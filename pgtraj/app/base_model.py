@@ -103,7 +103,7 @@ def build(data_dir: Path, config: dict, out_dir: Path, *, users=None, release_di
     stand for a user's own data) and write the release into ``release_dir``. Returns its card."""
     import torch
 
-    from pgtraj.core.clean import CleaningConfig, CleaningReport, clean
+    from pgtraj.core.clean import CleaningOptions, CleaningReport, clean
     from pgtraj.core.splits import GEOLIFE_PRETRAIN_USERS
     from pgtraj.db.datasets import read_geolife_files
     from pgtraj.learn.export import weights_npz
@@ -114,9 +114,11 @@ def build(data_dir: Path, config: dict, out_dir: Path, *, users=None, release_di
     t0 = time.perf_counter()
     g = read_geolife_files(data_dir, users)
     report, pieces = CleaningReport(), {"train": [], "val": []}
+    cleaning, why = CleaningOptions(**cfg.cleaning).resolve(g.trajectories)
+    log(f"cleaning: {why}")
     for traj, split in zip(g.trajectories, g.split):
         if split in pieces:
-            pieces[split].extend(clean(traj, CleaningConfig(), report))
+            pieces[split].extend(clean(traj, cleaning, report))
     log(f"GeoLife users {users[0]}-{users[-1]}: {len(g.trajectories)} files, {report.summary()};"
         f" {len(pieces['train'])} train / {len(pieces['val'])} val pieces ({time.perf_counter() - t0:.0f} s)")
     t1 = time.perf_counter()

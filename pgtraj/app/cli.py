@@ -8,7 +8,7 @@ import sys
 
 from pgtraj import __version__
 from pgtraj.core.contract import SOURCE_OPTIONS
-from pgtraj.core.errors import PgtrajError
+from pgtraj.core.errors import PgtrajError, SourceError
 
 
 def _db(args) -> int:
@@ -51,8 +51,20 @@ def _load(args) -> int:
     from pgtraj.db.connection import connect, resolve_dsn
     from pgtraj.db.datasets import default_data_dir, load_geolife, parse_ids
 
-    path = args.path or default_data_dir() / "geolife"
     with connect(resolve_dsn(args.dsn, args.data_dir)) as conn:
+        if args.dataset == "file":
+            from pgtraj.db.files import load_file
+
+            if not args.path or not args.table:
+                raise SourceError("pgtraj load file needs --path FILE and --table NAME")
+            r = load_file(conn, args.path, args.table, fmt=args.format, id_column=args.id_column,
+                          time_column=args.time_column, lat_column=args.lat_column, lon_column=args.lon_column,
+                          time_format=args.time_format, replace=args.replace, log=_say)
+            _say(f"loaded {r.rows:,} rows into {r.table} ({', '.join(f'{c} {t}' for c, t in r.columns.items())})"
+                 f" in {r.seconds:.1f} s; train on it with: pgtraj train NAME --table {r.table} --id-column"
+                 f" {args.id_column or '<who moves>'}")
+            return 0
+        path = args.path or default_data_dir() / "geolife"
         r = load_geolife(conn, path, schema=args.schema, users=parse_ids(args.users), replace=args.replace, log=_say)
     _say(f"loaded {r.points} fixes of {r.users} users: {r.schema}.points, {r.trajectories} LINESTRING M in "
          f"{r.schema}.trajectories, {r.trips} tgeompoint in {r.schema}.trips, {r.labels} mode labels "
@@ -69,16 +81,23 @@ def _train(args) -> int:
     from pgtraj.learn.train import TrainConfig
 
     cfg = _json.loads(Path(args.config).read_text()) if args.config else {}
-    for key in ("objective", "steps", "device", "init_from"):
+    for key in ("objective", "steps", "device", "init_from", "split_by"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if cfg.get("init_from") == "none":
         cfg["init_from"] = None
-    out = Path(args.out or f"pgtraj-output/runs/{args.name}")
+    for key, value in (("resolution", args.resolution), ("timezone", args.timezone)):
+        if value is not None:
+            cfg["tokenizer"] = {**cfg.get("tokenizer", {}), key: int(value) if value.isdigit() else value}
+    cleaning = {"profile": args.profile, "max_speed_mps": args.max_speed, "max_gap_s": args.max_gap,
+                "max_discard": 1.0 if args.allow_discard else None}
+    cfg["cleaning"] = {**cfg.get("cleaning", {}), **{k: v for k, v in cleaning.items() if v is not None}}
+    out = Path(args.out or f"pgtraj-output/runs/{args.name}").absolute()
     mv = train_and_register(resolve_dsn(args.dsn, args.data_dir), args.name, args.table, TrainConfig.from_dict(cfg),
-                            out, **{k: getattr(args, k) for k in SOURCE_OPTIONS}, deploy=args.deploy, log=_say)
+                            out, **{k: getattr(args, k) for k in SOURCE_OPTIONS if getattr(args, k)},
+                            deploy=args.deploy, log=_say)
     if mv is not None:  # rank 0 under torchrun, or a single process
-        _say(f"training curve: {out / 'training_curve.png'}")
+        _say(f"training curve: {out / 'training_curve.png'}; tokenizer: {out / 'tokenizer.json'}")
     return 0
 
 
@@ -108,6 +127,7 @@ def _models(args) -> int:
     for r in rows:
         metric = f"{r['primary_metric']}={r['primary_metric_value']:.4g}" if r["primary_metric"] else ""
         print(f"{r['name']:<24} v{r['version']:<4} {r['objective']:<14} {'*deployed*' if r['deployed'] else '':<10} "
+              f"dim {r['embedding_dim']:<4} res {r['resolution']} {r['vocabulary_cells']:>7,} cells {r['timezone']:<8} "
               f"{metric} {','.join(r['artifacts'] or [])}")
     return 0
 
@@ -187,23 +207,53 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--python-path", help="site-packages of the PL/Python runtime environment on the server")
     sp.set_defaults(func=_install)
 
-    sp = sub.add_parser("load", help="load a real dataset into PostGIS/MobilityDB tables")
-    sp.add_argument("dataset", choices=["geolife"])
+    sp = sub.add_parser("load", help="load GeoLife, or a CSV/Parquet/GPX file of fixes, into PostGIS tables")
+    sp.add_argument("dataset", choices=["geolife", "file"],
+                    help="geolife: the GeoLife 1.3 dataset; file: one CSV, Parquet or GPX file as a point table")
     target(sp)
-    sp.add_argument("--path", help="folder with points.parquet and labels.parquet (default: $PGTRAJ_DATA/geolife, "
-                                   "else ../shared/data/geolife beside the checkout)")
-    sp.add_argument("--users", help="user ids to load, e.g. 0-9,17 (default: all)")
-    sp.add_argument("--schema", default="geolife")
-    sp.add_argument("--replace", action="store_true", help="drop and reload an existing schema")
+    sp.add_argument("--path", help="geolife: folder with points.parquet and labels.parquet (default: $PGTRAJ_DATA/"
+                                   "geolife, else ../shared/data/geolife beside the checkout), or Microsoft's"
+                                   " 'Geolife Trajectories 1.3.zip' as distributed; file: the file")
+    sp.add_argument("--users", help="geolife: user ids to load, e.g. 0-9,17 (default: all)")
+    sp.add_argument("--schema", default="geolife", help="geolife: the schema it is loaded into")
+    sp.add_argument("--table", help="file: the table to create (schema.table)")
+    sp.add_argument("--format", choices=["csv", "parquet", "gpx"], help="file: its format (default: from its name)")
+    sp.add_argument("--id-column", help="file: who moves (indexed with the time)")
+    sp.add_argument("--time-column", help="file: the fix's time")
+    sp.add_argument("--time-format", help="file: strptime format of a CSV time column that is not ISO 8601")
+    sp.add_argument("--lat-column", help="file: latitude in degrees (default: lat or latitude); with a longitude,"
+                                         " a geom column is added")
+    sp.add_argument("--lon-column", help="file: longitude in degrees (default: lon, lng or longitude)")
+    sp.add_argument("--replace", action="store_true", help="drop and reload an existing schema or table")
     sp.set_defaults(func=_load)
 
-    sp = sub.add_parser("train", help="train a model on a LINESTRING M table with a split column, register it")
+    sp = sub.add_parser("train", help="train a model on a table or query of trajectories (any shape), register it",
+                        description="Trains on LINESTRING M, tgeompoint or one-row-per-fix tables (or a query);"
+                                    " columns are found by type and usual names unless named; without a split"
+                                    " column the run makes its splits (--split-by) and records them.")
     target(sp)
     sp.add_argument("name", help="model name in the registry")
-    sp.add_argument("--table", default="geolife.trajectories")
-    sp.add_argument("--id-column", default="traj_id", help="the trajectory's id")
-    sp.add_argument("--traj-column", default="geom", help="its LINESTRING M (M = epoch seconds)")
-    sp.add_argument("--split-column", default="split", help="column with train/val/test (pgtraj load writes it)")
+    sp.add_argument("--table", default="geolife.trajectories", help="a table (schema.table) or a query (SELECT ...)")
+    sp.add_argument("--id-column", help="the trajectory's id (default: the primary key); for one row per fix: whose"
+                                        " fix it is (a vehicle, person or animal), required")
+    sp.add_argument("--traj-column", help="its LINESTRING M, tgeompoint or point geometry (default: the only one)")
+    sp.add_argument("--time-column", help="one row per fix: the fix's time (timestamptz, timestamp as UTC, or epoch"
+                                          " seconds; default: the only timestamp column)")
+    sp.add_argument("--lat-column", help="one row per fix without a geometry: latitude in degrees (default: lat)")
+    sp.add_argument("--lon-column", help="... longitude in degrees (default: lon, lng or longitude)")
+    sp.add_argument("--entity-column", help="who moves, when several trajectory ids belong to one (splits by it)")
+    sp.add_argument("--split-column", help="column with train/val/test (default: 'split' where there is one)")
+    sp.add_argument("--split-by", choices=["time", "entity"],
+                    help="without a split column: each entity's latest 30%% of fixes held out (time, default), or"
+                         " whole entities (entity)")
+    sp.add_argument("--profile", choices=["auto", "walk", "bike", "car", "person", "vessel", "aircraft", "animal"],
+                    help="cleaning thresholds of a domain (default auto: from the data's own speeds and intervals)")
+    sp.add_argument("--max-speed", type=float, help="cleaning: fixes reached faster than this (m/s) are GPS errors")
+    sp.add_argument("--max-gap", type=float, help="cleaning: a pause longer than this (s) ends a trip")
+    sp.add_argument("--allow-discard", action="store_true",
+                    help="train even if cleaning discards more than cleaning.max_discard (20%%) of the fixes")
+    sp.add_argument("--resolution", help="H3 resolution 5-12 (default: the pretrained model's, else from the data)")
+    sp.add_argument("--timezone", help="local time for time features: auto (each fix's zone, default) or an IANA name")
     sp.add_argument("--config", help="training config JSON (see training/); its keys are TrainConfig fields")
     sp.add_argument("--objective", help="next_cell, masked_spans, contrastive, hybrid (pretraining); destination,"
                     " travel_time, classify (fine-tuning, usually with --init-from)")
@@ -213,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--label-column", help="per-trajectory label for --objective classify (e.g. a mode or user id)")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    sp.add_argument("--out", help="checkpoint/metrics folder (default pgtraj-output/runs/NAME); re-run to resume")
+    sp.add_argument("--out", help="checkpoint, metrics, curve and tokenizer.json (default pgtraj-output/runs/NAME under"
+                                  " the current directory); re-run to resume")
     sp.add_argument("--deploy", action="store_true", help="deploy the new version when done")
     sp.set_defaults(func=_train)
 

@@ -39,7 +39,7 @@ def run(cluster: LocalCluster, *, data_dir: Path, users: list[int] | None, out_d
         load = load_geolife(conn, data_dir, users=users, replace=True, log=log)
         log(f"loaded GeoLife: {load.points} fixes, {load.trajectories} trajectories of {load.users} users")
 
-        config = TokenizerConfig(resolution=9, min_count=5, timezone="Asia/Shanghai")
+        config = TokenizerConfig(resolution=9, min_count=5)
         pieces = {}
         for split in ("train", "test"):
             reader = TrajectoryReader(conn, QuerySource(
@@ -84,12 +84,11 @@ def models(url: str, out_dir: Path, steps: int, log) -> dict:
 
     config = {"objective": "next_cell", "init_from": "pgtraj-base", "steps": steps, "max_len": 128,
               "batch_size": 32, "lr": 5e-4, "warmup": 20, "eval_every": max(1, min(100, steps)), "eval_batches": 4,
-              "tokenizer": {"resolution": 9, "min_count": 5, "timezone": "Asia/Shanghai"}}
+              "tokenizer": {"resolution": 9, "min_count": 5}, "cleaning": {"profile": "person"}}
     runs = out_dir / "runs"
     shutil.rmtree(runs, ignore_errors=True)  # the main job starts from nothing each time
     nxt = train_and_register(url, "geolife-next", "geolife.trajectories", TrainConfig.from_dict(config),
-                             runs / "next", id_column="traj_id", traj_column="geom", split_column="split",
-                             deploy=True, log=log)
+                             runs / "next", deploy=True, log=log)
     return {"models": {nxt.name: {"version": nxt.version, "val_loss": nxt.metrics["val_loss"],
                                   "fine_tuned_from": "pgtraj-base", "steps": steps}}}
 

@@ -1,6 +1,7 @@
-"""Training from a table, on the client (`pgtraj train`, Python): read the split table, clean, fit and export
+"""Training from a table or a query, on the client (`pgtraj train`, Python): read it as the server describes it
+(pgtraj.describe_source: any shape, runtime/sources.py), clean and split it (core.prepare), fit and export
 (learn.pipeline), register the model (pgtraj._register) and record the run in pgtraj.training_runs (failed
-runs too, with their error). CALL pgtraj.train runs the same pipeline inside the database."""
+runs too, with their error). CALL pgtraj.train runs the same steps inside the database."""
 
 from __future__ import annotations
 
@@ -12,15 +13,44 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from pgtraj.core.clean import CleaningConfig, CleaningReport, clean
-from pgtraj.core.contract import BASE_MODEL
-from pgtraj.core.errors import RegistryError
+from pgtraj.core.clean import CleaningConfig, CleaningOptions, CleaningReport, clean
+from pgtraj.core.contract import BASE_MODEL, SOURCE_OPTIONS
+from pgtraj.core.errors import RegistryError, SourceError, config_from_dict
+from pgtraj.core.prepare import Prepared, prepare
 from pgtraj.db import registry
 from pgtraj.db.connection import connect
 from pgtraj.db.readers import QuerySource, TrajectoryReader, _table
 from pgtraj.learn.pipeline import Pretrained, fit_and_export
 from pgtraj.learn.pretrained import AUTO, auto_start
 from pgtraj.learn.train import TrainConfig, TrainingError, train
+from pgtraj.runtime.sources import is_query
+
+
+def describe_source(conn: psycopg.Connection, source: str, options: dict | None = None) -> dict:
+    """pgtraj.describe_source of a table name (resolved with this session's search_path) or a query."""
+    opts = {k: v for k, v in (options or {}).items() if v is not None}
+    cast = "text" if is_query(source) else "regclass"
+    try:
+        return conn.execute(f"SELECT pgtraj.describe_source(%s::{cast}, %s)", [source, Jsonb(opts)]).fetchone()[0]
+    except psycopg.Error as exc:
+        hint = exc.diag.message_hint if exc.diag else None
+        raise SourceError(f"{(exc.diag.message_primary if exc.diag else None) or str(exc).strip()}".removeprefix(
+            "pgtraj: "), hint=hint) from None
+
+
+def read_source(conn: psycopg.Connection, source: str, cfg: TrainConfig, options: dict | None = None,
+                log=print) -> tuple[Prepared, dict]:
+    """Every row of a table or query, cleaned and split as ``cfg`` says (core.prepare), and its description."""
+    desc = describe_source(conn, source, options)
+    cols = ", ".join(f"{k.removesuffix('_column')} {v}" for k, v in desc["columns"].items())
+    log(f"reading {desc['source']} ({desc['shape']}: {cols}; {desc['rows']:,} rows"
+        + (f", {desc['incomplete_fixes']:,} fixes without time or position skipped" if desc["incomplete_fixes"] else "")
+        + ")")
+    with conn.transaction(), conn.cursor(name="pgtraj_source", binary=True) as cur:
+        cur.itersize = 200
+        cur.execute(desc["query"])
+        prepared = prepare(cur, config_from_dict(CleaningOptions, cfg.cleaning, "cleaning"), cfg.split_by, log=log)
+    return prepared, {k: desc[k] for k in ("source", "shape", "columns", "rows", "incomplete_fixes")}
 
 
 def read_split(conn: psycopg.Connection, table: str, split: str, *, id_column: str = "id",
@@ -33,13 +63,6 @@ def read_split(conn: psycopg.Connection, table: str, split: str, *, id_column: s
     pieces = [p for tr in reader for p in clean(tr, CleaningConfig(), report)]
     log(f"{split}: {reader.report.summary()}; cleaning: {report.summary()}")
     return pieces
-
-
-def read_labels(conn: psycopg.Connection, table: str, *, id_column: str, label_column: str) -> dict:
-    """trajectory id -> label (as text) for every row with a non-NULL label."""
-    query = sql.SQL("SELECT {id}, {label}::text FROM {t} WHERE {label} IS NOT NULL").format(
-        id=sql.Identifier(id_column), label=sql.Identifier(label_column), t=_table(table))
-    return dict(conn.execute(query).fetchall())
 
 
 def registered_init(conn: psycopg.Connection, cfg: TrainConfig, log=print) -> Pretrained | None:
@@ -68,33 +91,38 @@ def _weights_of(mv: registry.ModelVersion) -> Pretrained:
                                  mv.objective)
 
 
-def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_dir: Path, *, id_column: str = "id",
-                       traj_column: str = "geom", split_column: str = "split", label_column: str | None = None,
-                       deploy: bool = False, progress: bool = True, log=print) -> registry.ModelVersion | None:
-    """Under torchrun every rank reads and trains; rank 0 alone records the run and registers the model
-    (other ranks return None). ``label_column`` names the per-trajectory label of the classify objective."""
-    columns = dict(id_column=id_column, traj_column=traj_column, split_column=split_column)
+def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_dir: Path, *,
+                       deploy: bool = False, progress: bool = True, log=print, **source) -> registry.ModelVersion | None:
+    """Train ``name`` on a table or query (``source``: its columns, SOURCE_OPTIONS, where they cannot be found
+    by type and name). Under torchrun every rank reads and trains; rank 0 alone records the run and registers
+    the model (other ranks return None)."""
+    unknown = sorted(set(source) - set(SOURCE_OPTIONS))
+    if unknown:
+        raise SourceError(f"unknown source options {unknown}", hint=f"known: {list(SOURCE_OPTIONS)}")
+    out_dir = Path(out_dir).absolute()
     if int(os.environ.get("RANK", 0)) != 0:
         with connect(dsn) as conn:
-            splits = [read_split(conn, table, s, **columns, log=lambda m: None) for s in ("train", "val")]
-            labels = read_labels(conn, table, id_column=id_column, label_column=label_column) if label_column else None
+            prepared, _ = read_source(conn, table, cfg, source, log=lambda m: None)
             init = registered_init(conn, cfg, log=lambda m: None)
-        train(*splits, cfg, out_dir, labels=labels, progress=False, log=lambda m: None, init=init)
+        train(prepared.splits["train"], prepared.splits["val"], cfg, out_dir, labels=prepared.labels or None,
+              progress=False, log=lambda m: None, init=init)
         return None
     with connect(dsn, autocommit=True) as conn:
         # the run is opened and closed by this connection's backend (pgtraj._run_start/_run_finish)
         run_id = conn.execute("SELECT pgtraj._run_start(%s, %s, %s, %s)",
-                              [name, table, cfg.objective, Jsonb(asdict(cfg))]).fetchone()[0]
+                              [name, table, cfg.objective, Jsonb({**asdict(cfg), **source})]).fetchone()[0]
         try:
-            train_set = read_split(conn, table, "train", **columns, log=log)
-            val_set = read_split(conn, table, "val", **columns, log=log)
-            labels = read_labels(conn, table, id_column=id_column, label_column=label_column) if label_column else None
-            trained = fit_and_export(train_set, val_set, cfg, out_dir, labels=labels, progress=progress, log=log,
-                                     init=registered_init(conn, cfg, log=log))
+            prepared, described = read_source(conn, table, cfg, source, log=log)
+            labels = prepared.labels if source.get("label_column") else None
+            trained = fit_and_export(prepared.splits["train"], prepared.splits["val"], cfg, out_dir, labels=labels,
+                                     progress=progress, log=log, init=registered_init(conn, cfg, log=log))
+            (out_dir / "tokenizer.json").write_text(trained.result.tokenizer.to_json())
+            reg = trained.registration(source.get("label_column"))
+            reg["metrics"] = {**reg["metrics"], "data": {**described, **prepared.record}}
             with conn.transaction():
-                mv = registry.register(conn, name, **trained.registration(label_column), training_run_id=run_id)
+                mv = registry.register(conn, name, **reg, training_run_id=run_id)
                 conn.execute("SELECT pgtraj._run_finish(%s, 'succeeded', NULL, %s, %s, %s)",
-                             [run_id, Jsonb(trained.metrics), f"registered v{mv.version}", trained.result.device])
+                             [run_id, Jsonb(reg["metrics"]), f"registered v{mv.version}", trained.result.device])
         except BaseException as exc:  # the run row must say what happened, whatever it was
             conn.execute("SELECT pgtraj._run_finish(%s, %s, %s, NULL, 'nothing registered', NULL)",
                          [run_id, "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed", str(exc)[:4000]])
@@ -102,5 +130,6 @@ def train_and_register(dsn: str, name: str, table: str, cfg: TrainConfig, out_di
         if deploy:
             registry.deploy(conn, name, mv.version, note=f"training run {run_id}")
         parity = trained.metrics["onnx_max_abs_diff"]
-        log(f"registered {name} v{mv.version} (training run {run_id}); ONNX parity {parity}")
+        log(f"registered {name} v{mv.version} (training run {run_id}); ONNX parity {parity}; tokenizer, checkpoint"
+            f" and curve in {out_dir}")
         return mv

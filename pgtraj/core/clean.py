@@ -5,6 +5,11 @@ out-of-order timestamps inside a file, long gaps, GPS jumps, stationary stretche
 Order: time order -> speed spikes -> split on gaps and impossible jumps -> minimum length.
 Stay points (Li et al., 2008; used by the seed paper "Towards a foundation model for trajectory
 intelligence") are detected separately with ``stay_points``.
+
+What is plausible depends on what moves: ``CleaningOptions`` picks the thresholds of a domain profile (walk,
+bike, car, person, vessel, aircraft, animal), explicit values, or, by default, the data's own quantiles
+(``auto``); and a run that would discard more than ``max_discard`` of the fixes stops (``check_discard``)
+rather than train a model of what happened to be left.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pgtraj.core.errors import ConfigError, PgtrajError
 from pgtraj.core.trajectory import Trajectory, haversine_m
 
 # Fastest plausible speed per transport mode, m/s (GeoLife's labels). Above it a fix is a GPS error.
@@ -33,6 +39,101 @@ class CleaningConfig:
 
     def speed_limit(self, mode: str | None) -> float:
         return self.mode_max_speed_mps.get(mode, self.max_speed_mps) if mode else self.max_speed_mps
+
+
+# per domain: (fastest plausible speed in m/s, longest pause inside one trip in s)
+PROFILES = {
+    "walk": (7.0, 600.0), "bike": (20.0, 900.0), "car": (60.0, 1200.0),
+    "person": (100.0, 1200.0),   # any ground transport a person takes, walking to fast trains (GeoLife)
+    "vessel": (30.0, 3600.0),    # ~58 knots; AIS reports thin out at sea
+    "aircraft": (350.0, 1800.0),
+    "animal": (40.0, 3600.0),    # birds in flight; tags sample sparsely to save battery
+}
+AUTO = "auto"
+
+
+class CleaningError(PgtrajError, ValueError):
+    """Cleaning would throw away too much of the data for a model of it to mean anything."""
+
+
+@dataclass
+class CleaningOptions:
+    """How training cleans its data: a profile (or ``auto``: from the data), each threshold overridable, and
+    the largest share of fixes it may discard before the run stops."""
+
+    profile: str = AUTO
+    max_speed_mps: float | None = None
+    max_gap_s: float | None = None
+    min_points: int = 5
+    min_duration_s: float = 60.0
+    max_discard: float = 0.2
+
+    def __post_init__(self):
+        if self.profile != AUTO and self.profile not in PROFILES:
+            raise ConfigError(f"unknown cleaning profile {self.profile!r}", hint=f"one of {[AUTO, *PROFILES]}")
+        for name in ("max_speed_mps", "max_gap_s"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"cleaning {name} must be a positive number, not {value!r}")
+        if isinstance(self.min_points, bool) or not isinstance(self.min_points, int) or self.min_points < 2:
+            raise ConfigError(f"cleaning min_points must be an integer >= 2, not {self.min_points!r}")
+        if not isinstance(self.min_duration_s, (int, float)) or self.min_duration_s < 0:
+            raise ConfigError(f"cleaning min_duration_s must be a number >= 0, not {self.min_duration_s!r}")
+        if isinstance(self.max_discard, bool) or not isinstance(self.max_discard, (int, float)) \
+                or not 0 <= self.max_discard <= 1:
+            raise ConfigError(f"cleaning max_discard must be a share from 0 to 1, not {self.max_discard!r}")
+
+    def resolve(self, trajectories) -> tuple[CleaningConfig, str]:
+        """The thresholds for these (raw) trajectories, and where they come from."""
+        if self.profile == AUTO:
+            speed, gap, why = _from_data(trajectories)
+        else:
+            (speed, gap), why = PROFILES[self.profile], f"profile {self.profile}"
+        if self.max_speed_mps is not None:
+            speed, why = float(self.max_speed_mps), why + ", max_speed_mps as given"
+        if self.max_gap_s is not None:
+            gap, why = float(self.max_gap_s), why + ", max_gap_s as given"
+        config = CleaningConfig(max_gap_s=gap, max_speed_mps=speed, min_points=self.min_points,
+                                min_duration_s=self.min_duration_s)
+        return config, f"speed limit {speed:g} m/s, trips split at pauses over {gap:g} s ({why})"
+
+
+def _from_data(trajectories) -> tuple[float, float, str]:
+    """Thresholds from the data: 3x the fast end of how fast its trajectories go (the 99th percentile, over
+    trajectories, of each one's 90th-percentile speed between fixes: GPS jumps, a few steps in a hundred,
+    move neither), at least 10 m/s; a pause of 30 median sampling intervals, at least 10 minutes."""
+    fast, gaps = [], []
+    for tr in trajectories:
+        if len(tr) > 1:
+            dt = np.diff(tr.t)
+            ok = dt > 0
+            v = (haversine_m(tr.lat[:-1], tr.lon[:-1], tr.lat[1:], tr.lon[1:]) / np.maximum(dt, 1e-3))[ok]
+            if len(v):
+                fast.append(np.percentile(v, 90))
+                gaps.append(dt[ok])
+    if not fast:
+        speed, gap = PROFILES["person"]
+        return speed, gap, "auto: too few fixes to measure, so the person profile"
+    p99, interval = float(np.percentile(fast, 99)), float(np.median(np.concatenate(gaps)))
+    speed, gap = round(max(3 * p99, 10.0), 1), round(max(30 * interval, 600.0))
+    return speed, gap, (f"auto: 3 x {p99:.1f} m/s, the 99th percentile of the trajectories' 90th-percentile speeds;"
+                        f" 30 x the median interval {interval:g} s")
+
+
+def check_discard(report: "CleaningReport", max_discard: float) -> float:
+    """The share of fixes cleaning discarded; CleaningError when above ``max_discard``."""
+    c = report.counts
+    share = 1.0 - c["points_out"] / c["points_in"] if c["points_in"] else 0.0
+    if share > max_discard:
+        parts = {"speed outliers": c["speed_outliers"], "duplicate timestamps": c["duplicate_timestamps"],
+                 "out-of-order fixes": c["out_of_order"], "pieces too short": c["short_piece_points"]}
+        why = ", ".join(f"{k} {v / c['points_in']:.1%}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+        raise CleaningError(
+            f"cleaning discarded {share:.1%} of the {c['points_in']:,} fixes ({why}), more than max_discard"
+            f" {max_discard:.0%}: a model of what was left would not be a model of this data",
+            hint="choose the data's profile (--profile vessel|aircraft|animal|..., cleaning.profile), set the"
+                 " thresholds (--max-speed, --max-gap), or accept it (--allow-discard, cleaning.max_discard)")
+    return share
 
 
 @dataclass

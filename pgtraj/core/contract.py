@@ -22,8 +22,9 @@ INPUT_NAMES = ("tokens", "dow", "minute", "cont", "move")
 LEGACY_INPUT_NAMES = INPUT_NAMES[:4]
 
 # the columns of a training source, one spelling everywhere: CLI flags (--id-column, ...), Python keyword
-# arguments (app.training) and the config keys of CALL pgtraj.train
-SOURCE_OPTIONS = ("id_column", "traj_column", "split_column", "label_column")
+# arguments (app.training) and the config keys of CALL pgtraj.train; runtime/sources.py finds those not named
+SOURCE_OPTIONS = ("id_column", "traj_column", "time_column", "lat_column", "lon_column", "entity_column",
+                  "split_column", "label_column")
 
 # what the registry's CHECK constraint allows (migrations/0001_registry.sql); 'name@3' names a version
 MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")

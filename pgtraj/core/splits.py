@@ -3,7 +3,9 @@
 Splits are **chronological within each entity** (a user, a vehicle): each entity's trajectories, ordered by
 start time, go 70% / 10% / 20% to train / val / test, so a model is always evaluated on trips that happen
 after the ones it learnt from, for people it has seen (the next-location protocol). ``entity_split`` holds out
-whole entities instead, for measuring generalisation to unseen users.
+whole entities instead, for measuring generalisation to unseen users. ``timeline_split`` is the chronological
+split for data that comes as a few long tracks per entity (a tagged animal, a ship): each entity's timeline
+is cut where 70% and 80% of its fixes lie behind, cutting the trips that span a cut.
 
 The GeoLife protocol (../shared/data/geolife, users 0-139) adds a user-level holdout that every benchmark
 leads with: users 120-139 are **unseen** (their split is ``"unseen"``) and nothing is ever fitted on them
@@ -51,14 +53,36 @@ def chronological_split(entity: np.ndarray, start: np.ndarray, fractions: dict =
 
 
 def entity_split(entity: np.ndarray, fractions: dict = FRACTIONS, salt: str = "pgtraj") -> np.ndarray:
-    """Split name per trajectory by a stable hash of its entity: whole entities are held out."""
-    bounds = np.cumsum(list(fractions.values()))
-    cache: dict = {}
+    """Split name per trajectory: whole entities held out, in the order of a stable hash of their ids (so
+    the same data splits the same way on every run), with at least one entity in val and one in test when
+    there are three or more."""
+    entity = np.asarray(entity).tolist()
+    uniq = sorted(set(entity), key=lambda e: hashlib.sha256(f"{salt}:{e}".encode()).digest())
+    n = len(uniq)
+    n_val = max(1, round(fractions["val"] * n)) if n >= 3 else 0
+    n_test = max(1, round(fractions["test"] * n)) if n >= 3 else 0
+    names = ["train"] * (n - n_val - n_test) + ["val"] * n_val + ["test"] * n_test
+    where = dict(zip(uniq, names))
+    return np.array([where[e] for e in entity], dtype=object)
 
-    def bucket(e) -> str:
-        if e not in cache:
-            h = int.from_bytes(hashlib.sha256(f"{salt}:{e}".encode()).digest()[:8], "big") / 2**64
-            cache[e] = str(NAMES[min(int(np.searchsorted(bounds, h, side="right")), len(NAMES) - 1)])
-        return cache[e]
 
-    return np.array([bucket(e) for e in np.asarray(entity).tolist()], dtype=object)
+def timeline_split(pieces: list, entity: list, fractions: dict = FRACTIONS) -> dict[str, list]:
+    """{'train': [...], 'val': [...], 'test': [...]}: each entity's pieces (Trajectory, any order) cut at the
+    times by which ``fractions`` of its fixes have happened; a piece spanning a cut is cut there."""
+    out: dict[str, list] = {name: [] for name in fractions}
+    bounds = np.cumsum(list(fractions.values()))[:-1]
+    by_entity: dict = {}
+    for piece, e in zip(pieces, entity):
+        by_entity.setdefault(e, []).append(piece)
+    for group in by_entity.values():
+        t = np.sort(np.concatenate([p.t for p in group]))
+        cuts = t[np.minimum(np.round(bounds * len(t)).astype(np.int64), len(t) - 1)]  # the first fix after each cut
+        for p in group:
+            which = np.searchsorted(cuts, p.t, side="right")
+            for k, name in enumerate(fractions):
+                part = which == k
+                if part.all():
+                    out[name].append(p)
+                elif part.any():
+                    out[name].append(p.take(part))
+    return out

@@ -2,15 +2,16 @@
 
 Runs unchanged in the client (training) and inside PostgreSQL (inference): numpy + h3 only.
 
-* Fixes map to H3 cells at ``resolution`` (7-10); consecutive fixes in one cell collapse into one token
+* Fixes map to H3 cells at ``resolution`` (5-12; ``choose_resolution`` picks one from the data); consecutive fixes in one cell collapse into one token
   that keeps its dwell time; optionally, cells skipped between two fixes are filled in along the H3 grid
   path so every step goes to a neighbour.
 * The vocabulary is learnt from training data with a **hierarchical fallback**: a cell seen fewer than
   ``min_count`` times is not a token itself; its visits count towards its parent cell, and so on up to
   ``coarsest_resolution``. At encoding time a cell maps to its nearest ancestor in the vocabulary, so an
   unseen fine cell becomes UNK only when no ancestor was ever seen.
-* Per token: entry time (float64 epoch s), dwell, delta-t, day of week and minute of day (local time of the
-  configured zone), the mean fix position's offset from the cell centre (in cell edge lengths), speed and
+* Per token: entry time (float64 epoch s), dwell, delta-t, day of week and minute of day (local time where
+  the token is: its time zone from an offline lookup of its position, ``timezone: 'auto'``, or one fixed zone;
+  DST-correct at each token through zoneinfo), the mean fix position's offset from the cell centre (in cell edge lengths), speed and
   heading from the previous token, and the **move** that reached it: which of the previous cell's six grid
   neighbours it is, counted from "straight on" (see ``move_frames``). Moves mean the same everywhere on
   Earth, vocabulary tokens only where the training data went: a model that predicts moves can name any
@@ -19,6 +20,7 @@ Runs unchanged in the client (training) and inside PostgreSQL (inference): numpy
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import zoneinfo
@@ -28,6 +30,7 @@ from datetime import datetime
 import h3
 import h3.api.numpy_int as h3i
 import numpy as np
+import tzfpy
 
 from pgtraj.core.errors import ConfigError, PgtrajError, config_from_dict
 from pgtraj.core.trajectory import M_PER_DEG, Trajectory, bearing_deg, haversine_m
@@ -43,6 +46,10 @@ FORMAT = "pgtraj.tokenizer/1"
 # able to turn a short trajectory into millions of tokens, or a JSON document into gigabytes
 MAX_INTERPOLATION_CELLS = 64
 MAX_VOCAB = 10_000_000
+RESOLUTIONS = range(5, 13)
+# timezone: each token's local time in the zone of where it is (tzfpy's offline map of the world's zones,
+# Etc/GMT+n at sea); a zone name instead fixes one zone for every trip
+AUTO_ZONE = "auto"
 # H3 index layout: resolution in bits 52-55, then one 3-bit digit per resolution, res 15 in bits 0-2
 _RES_SHIFT, _RES_MASK = np.uint64(52), np.uint64(0xF << 52)
 
@@ -58,7 +65,7 @@ class TokenizerConfig:
     coarsest_resolution: int = 5
     interpolate: bool = True
     max_interpolation_cells: int = 32  # a longer jump stays a jump: inventing a path would be fiction
-    timezone: str = "UTC"              # for day-of-week and minute-of-day features
+    timezone: str = AUTO_ZONE          # for day-of-week and minute-of-day features: 'auto' or a zone name
 
     def __post_init__(self):
         for name, kind in (("resolution", int), ("min_count", int), ("coarsest_resolution", int),
@@ -67,8 +74,10 @@ class TokenizerConfig:
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise TokenizerError(f"tokenizer {name} must be {'an integer' if kind is int else kind.__name__},"
                                      f" not {value!r}")
-        if not 7 <= self.resolution <= 10:
-            raise TokenizerError(f"resolution must be 7-10, not {self.resolution}")
+        if self.resolution not in RESOLUTIONS:
+            raise TokenizerError(f"resolution must be {RESOLUTIONS[0]}-{RESOLUTIONS[-1]}, not {self.resolution}",
+                                 hint="H3 cells are about 9 km across at 5, 0.5 km at 8 and 9 m at 12; leave it out"
+                                      " to have it chosen from the data")
         if not 0 <= self.coarsest_resolution <= self.resolution:
             raise TokenizerError(f"coarsest_resolution must be 0-{self.resolution}, not {self.coarsest_resolution}")
         if self.min_count < 1:
@@ -76,10 +85,13 @@ class TokenizerConfig:
         if not 0 <= self.max_interpolation_cells <= MAX_INTERPOLATION_CELLS:
             raise TokenizerError(f"max_interpolation_cells must be 0-{MAX_INTERPOLATION_CELLS}, not"
                                  f" {self.max_interpolation_cells}", hint="a longer jump stays a jump")
-        try:
-            zoneinfo.ZoneInfo(self.timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-            raise TokenizerError(f"unknown timezone {self.timezone!r}") from exc
+        if self.timezone != AUTO_ZONE:
+            try:
+                zoneinfo.ZoneInfo(self.timezone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise TokenizerError(f"unknown timezone {self.timezone!r}",
+                                     hint="'auto' (each fix's own zone, from where it is) or an IANA name such as"
+                                          " 'Europe/Rotterdam' or 'UTC'") from None
 
 
 @dataclass
@@ -309,13 +321,11 @@ class Tokenizer:
         dt = np.diff(t, prepend=t[:1])
         dist = np.concatenate([[0.0], haversine_m(lat[:-1], lon[:-1], lat[1:], lon[1:])])
         heading = np.concatenate([[0.0], bearing_deg(lat[:-1], lon[:-1], lat[1:], lon[1:])])
-        local = t + self._utc_offset_s(t[0])
-        days = np.floor(local / 86400.0)
+        dow, minute = self.local_time(t, lat, lon)
         return Tokens(
             tokens=self.lookup(run_cells), cells=run_cells.astype(np.uint64), t=t.astype(np.float64),
             dwell=dwell.astype(np.float32), dt=dt.astype(np.float32),
-            dow=((days + 3) % 7).astype(np.int8),  # 1970-01-01 was a Thursday
-            minute=np.floor((local - days * 86400.0) / 60.0).astype(np.int16),
+            dow=dow, minute=minute,
             offset=offset.astype(np.float32), speed=(dist / np.maximum(dt, 1e-3)).astype(np.float32),
             heading=heading.astype(np.float32), interpolated=interp, move=moves(run_cells))
 
@@ -361,10 +371,28 @@ class Tokenizer:
         except h3.H3BaseException:
             return []
 
-    def _utc_offset_s(self, t0: float) -> float:
-        # one offset per trajectory (its start): a trip across a DST switch is off by an hour after it
-        tz = zoneinfo.ZoneInfo(self.config.timezone)
-        return datetime.fromtimestamp(float(t0), tz).utcoffset().total_seconds()
+    def local_time(self, t: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Day of week (int8, 0 = Monday) and minute of day (int16) of epoch seconds ``t`` at positions
+        ``lat``/``lon``, in local time: the zone of each position (``timezone: 'auto'``) or the fixed zone, with
+        the UTC offset in force at that instant (so a trip across a DST switch changes offset there)."""
+        t = np.asarray(t, dtype=np.float64)
+        if self.config.timezone == AUTO_ZONE:
+            zones = np.array([tzfpy.get_tz(x, y) or "UTC" for x, y in zip(np.asarray(lon).tolist(),
+                                                                           np.asarray(lat).tolist())])
+        else:
+            zones = np.full(len(t), self.config.timezone)
+        offset = np.zeros(len(t))
+        minutes = np.floor(t / 60.0)  # offsets change on whole minutes
+        for zone in np.unique(zones).tolist():
+            here = zones == zone
+            tz = _zone(zone)
+            uniq, inv = np.unique(minutes[here], return_inverse=True)
+            offset[here] = np.array([datetime.fromtimestamp(m * 60.0, tz).utcoffset().total_seconds()
+                                     for m in uniq.tolist()])[inv]
+        local = t + offset
+        days = np.floor(local / 86400.0)
+        return (((days + 3) % 7).astype(np.int8),  # 1970-01-01 was a Thursday
+                np.floor((local - days * 86400.0) / 60.0).astype(np.int16))
 
     # ------------------------------------------------------------------ serialisation
     def to_json(self) -> str:
@@ -409,6 +437,37 @@ class Tokenizer:
             raise TokenizerError("tokenizer vocab lists a cell twice")
         coverage = d.get("coverage", {})
         return cls(config, cells, coverage if isinstance(coverage, dict) else {})
+
+
+@functools.lru_cache(maxsize=512)
+def _zone(name: str) -> zoneinfo.ZoneInfo:
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):  # a zone the lookup knows and tzdata does not
+        return zoneinfo.ZoneInfo("UTC")
+
+
+def choose_resolution(trajectories, seconds: float = 60.0, min_speed_mps: float = 0.5) -> tuple[int, str]:
+    """The H3 resolution for data that has no stated one, and why: the one whose neighbouring cells are
+    closest (on a log scale) to how far the data's median moving fix travels in ``seconds``, so that a
+    token is about a minute of motion, whatever moves (a walker: ~10, a car or ship: ~8, an aircraft: 5).
+    Fixes slower than ``min_speed_mps`` (standing still) do not count."""
+    speeds = []
+    for tr in trajectories:
+        if len(tr) > 1:
+            v = haversine_m(tr.lat[:-1], tr.lon[:-1], tr.lat[1:], tr.lon[1:]) / np.maximum(np.diff(tr.t), 1e-3)
+            speeds.append(v[v >= min_speed_mps])
+    moving = np.concatenate(speeds) if speeds else np.zeros(0)
+    if len(moving) < 10:
+        res = TokenizerConfig.resolution
+        return res, f"resolution {res}, the default: too few moving fixes ({len(moving)}) to choose from"
+    speed = float(np.median(moving))
+    reach = speed * seconds
+    # centre to centre of neighbouring hexagons: sqrt(3) edge lengths
+    spacing = {r: 3 ** 0.5 * h3.average_hexagon_edge_length(r, unit="m") for r in RESOLUTIONS}
+    res = min(RESOLUTIONS, key=lambda r: abs(np.log(spacing[r] / reach)))
+    return res, (f"resolution {res}: the median moving fix goes {speed:.1f} m/s, {reach:,.0f} m a minute, and"
+                 f" neighbouring res-{res} cells are {spacing[res]:,.0f} m apart")
 
 
 def _is_cell(text: str) -> bool:

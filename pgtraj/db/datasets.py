@@ -16,6 +16,7 @@ GeoLife 1.3 (Microsoft Research Asia; see ../shared/data/README.md) becomes, in 
 from __future__ import annotations
 
 import io
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,17 +72,28 @@ class LoadReport:
 
 def load_geolife(conn: psycopg.Connection, data_dir: str | Path, *, schema: str = "geolife",
                  users: list[int] | None = None, replace: bool = False, progress: bool = True, log=print) -> LoadReport:
-    """Load GeoLife parquet files into ``schema`` (one transaction: all or nothing)."""
+    """Load GeoLife into ``schema`` (one transaction: all or nothing), from a folder with points.parquet and
+    labels.parquet, or from the official distribution's zip (``Data/<user>/Trajectory/*.plt``, labels.txt)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     data_dir = Path(data_dir)
-    points_file, labels_file = data_dir / "points.parquet", data_dir / "labels.parquet"
-    for f in (points_file, labels_file):
-        if not f.exists():
-            raise SourceError(f"GeoLife file {f} not found", hint="pass --path to the folder with points.parquet")
+    if data_dir.suffix.lower() == ".zip":
+        zipped = GeoLifeZip(data_dir, users)
+        total, batches, label_rows = None, zipped.point_batches(), zipped.labels
+    else:
+        points_file, labels_file = data_dir / "points.parquet", data_dir / "labels.parquet"
+        for f in (points_file, labels_file):
+            if not f.exists():
+                raise SourceError(f"GeoLife file {f} not found",
+                                  hint="pass --path to the folder with points.parquet, or to the GeoLife 1.3 zip")
+        pf = pq.ParquetFile(points_file)
+        total = pf.metadata.num_rows
+        batches = (pf.read_row_group(i, columns=["user_id", "traj_id", "ts", "lat", "lon", "alt_ft"])
+                   for i in range(pf.metadata.num_row_groups))
+        label_rows = pq.read_table(labels_file).to_pylist()
     s = sql.Identifier(schema)
     report = LoadReport(schema)
     with conn.transaction():
@@ -102,12 +114,10 @@ def load_geolife(conn: psycopg.Connection, data_dir: str | Path, *, schema: str 
                 geom     geometry(Point, 4326) GENERATED ALWAYS AS (ST_SetSRID(ST_MakePoint(lon, lat), 4326)) STORED)
             """).format(s=s))
         t0 = time.perf_counter()
-        pf = pq.ParquetFile(points_file)
-        bar = tqdm(total=pf.metadata.num_rows, unit=" fixes", unit_scale=True, desc="points", disable=not progress)
+        bar = tqdm(total=total, unit=" fixes", unit_scale=True, desc="points", disable=not progress)
         with conn.cursor().copy(sql.SQL("COPY {}.points (user_id, traj_id, ts_epoch, lat, lon, alt_ft)"
                                         " FROM STDIN (FORMAT csv)").format(s)) as copy:
-            for i in range(pf.metadata.num_row_groups):
-                batch = pf.read_row_group(i, columns=["user_id", "traj_id", "ts", "lat", "lon", "alt_ft"])
+            for batch in batches:
                 bar.update(batch.num_rows)
                 if users is not None:
                     batch = batch.filter(pc.is_in(batch["user_id"], pa.array(users, pa.int16())))
@@ -121,15 +131,13 @@ def load_geolife(conn: psycopg.Connection, data_dir: str | Path, *, schema: str 
         if report.points == 0:
             raise SourceError(f"no GeoLife points for users {users}", hint="GeoLife 1.3 user ids run from 0 to 139")
 
-        labels = pq.read_table(labels_file)
-        if users is not None:
-            labels = labels.filter(pc.is_in(labels["user_id"], pa.array(users, pa.int16())))
+        labels = [r for r in label_rows if users is None or r["user_id"] in users]
         conn.execute(sql.SQL("CREATE TABLE {}.labels (user_id smallint, start_ts timestamptz, end_ts timestamptz,"
                              " mode text)").format(s))
         with conn.cursor().copy(sql.SQL("COPY {}.labels FROM STDIN").format(s)) as copy:
-            for r in labels.to_pylist():
+            for r in labels:
                 copy.write_row((r["user_id"], _ts(r["start_ts"]), _ts(r["end_ts"]), r["mode"]))
-        report.labels = labels.num_rows
+        report.labels = len(labels)
 
         t0 = time.perf_counter()
         log(f"building {schema}.trajectories (LINESTRING M)")
@@ -170,6 +178,76 @@ def load_geolife(conn: psycopg.Connection, data_dir: str | Path, *, schema: str 
     for table in ("points", "trajectories", "trips", "labels"):
         conn.execute(sql.SQL("ANALYZE {}.{}").format(s, sql.Identifier(table)))
     return report
+
+
+class GeoLifeZip:
+    """The GeoLife 1.3 distribution as Microsoft publishes it (``Geolife Trajectories 1.3.zip``), read in place:
+    ``Data/<user>/Trajectory/<start>.plt`` (six header lines, then ``lat,lon,0,altitude ft,days,date,time``
+    in GMT) and ``Data/<user>/labels.txt``. Trajectory ids as in points.parquet: user * 100000 + the file's
+    index among the user's files in name order."""
+
+    _PLT = re.compile(r"(?:^|/)Data/(\d{3})/Trajectory/([^/]+\.plt)$")
+    _LABELS = re.compile(r"(?:^|/)Data/(\d{3})/labels\.txt$")
+
+    def __init__(self, path: Path, users=None):
+        import zipfile
+
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise SourceError(f"cannot open the GeoLife zip {path}: {exc}") from None
+        self.files: dict[int, list[str]] = {}
+        self.label_files: dict[int, str] = {}
+        for name in self.zip.namelist():
+            if m := self._PLT.search(name):
+                self.files.setdefault(int(m.group(1)), []).append(name)
+            elif m := self._LABELS.search(name):
+                self.label_files[int(m.group(1))] = name
+        if not self.files:
+            raise SourceError(f"{path} has no Data/<user>/Trajectory/*.plt files",
+                              hint="expected the GeoLife 1.3 distribution's zip")
+        self.users = sorted(u for u in self.files if users is None or u in users)
+
+    def point_batches(self):
+        """One Arrow table per user: user_id, traj_id, ts, lat, lon, alt_ft (what points.parquet holds)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.csv as pacsv
+
+        names = ["lat", "lon", "zero", "alt_ft", "days", "date", "time"]
+        for user in self.users:
+            parts = []
+            for k, name in enumerate(sorted(self.files[user], key=lambda n: n.rsplit("/", 1)[-1])):
+                t = pacsv.read_csv(io.BytesIO(self.zip.read(name)),
+                                   read_options=pacsv.ReadOptions(skip_rows=6, column_names=names),
+                                   convert_options=pacsv.ConvertOptions(column_types={
+                                       "lat": pa.float64(), "lon": pa.float64(), "alt_ft": pa.float32(),
+                                       "date": pa.string(), "time": pa.string()}))
+                stamp = pc.strptime(pc.binary_join_element_wise(t["date"], t["time"], " "), "%Y-%m-%d %H:%M:%S", "s")
+                n = t.num_rows
+                parts.append(pa.table({"user_id": pa.array(np.full(n, user, np.int16)),
+                                       "traj_id": pa.array(np.full(n, user * 100000 + k, np.int32)),
+                                       "ts": pc.cast(pc.cast(stamp, pa.timestamp("s")), pa.int64()),
+                                       "lat": t["lat"], "lon": t["lon"], "alt_ft": t["alt_ft"]}))
+            if parts:
+                yield pa.concat_tables(parts)
+
+    @property
+    def labels(self) -> list[dict]:
+        from datetime import datetime, timezone
+
+        def epoch(text: str) -> int:
+            return int(datetime.strptime(text.strip(), "%Y/%m/%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp())
+
+        out = []
+        for user in self.users:
+            if user in self.label_files:
+                for line in self.zip.read(self.label_files[user]).decode().splitlines()[1:]:
+                    if line.strip():
+                        start, end, mode = line.split("\t")
+                        out.append({"user_id": user, "start_ts": epoch(start), "end_ts": epoch(end),
+                                    "mode": mode.strip()})
+        return out
 
 
 @dataclass

@@ -89,7 +89,8 @@ def deploy(conn: psycopg.Connection, name: str, version: int | str = "latest", n
 def list_models(conn: psycopg.Connection) -> list[dict]:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute("""SELECT name, version, objective, embedding_dim, primary_metric, primary_metric_value,
-                              deployed, artifacts, artifact_bytes, created_at FROM pgtraj.models
+                              deployed, artifacts, artifact_bytes, created_at, resolution, vocabulary_cells, timezone
+                         FROM pgtraj.models
                         ORDER BY name, version""")
         return cur.fetchall()
 

@@ -14,14 +14,14 @@ suits the run (auto_start), and from nothing otherwise; either way the log says 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from pgtraj.core.contract import BASE_MODEL
 from pgtraj.core.errors import ConfigError
-from pgtraj.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, TokenizerConfig
+from pgtraj.core.tokenizer import AUTO_ZONE, SPECIAL_TOKENS, UNK, Tokenizer
 from pgtraj.learn.export import weights_state
 from pgtraj.learn.model import ModelConfig, TrajectoryModel
 
@@ -58,22 +58,30 @@ class Pretrained:
         return cls(state, tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_json(tokenizer),
                    config["model"], label, objective, steps)
 
+    def inherited(self, timezone: str) -> Tokenizer:
+        if timezone == self.tokenizer.config.timezone:
+            return self.tokenizer
+        return Tokenizer(replace(self.tokenizer.config, timezone=timezone), self.tokenizer.vocab,
+                         self.tokenizer.coverage)
+
     def core_sizes(self) -> dict:
         """The ModelConfig fields of the core: a model fine-tuned from this one has the same."""
         return {k: v for k, v in self.model_config.items() if k not in VOCAB_FIELDS}
 
-    def vocabulary(self, choice: str, train_set: list, fit) -> tuple[Tokenizer, str]:
-        """The tokenizer of the fine-tuned model and why: ``fit()`` makes one from the training data."""
+    def vocabulary(self, choice: str, train_set: list, fit, timezone: str = AUTO_ZONE) -> tuple[Tokenizer, str]:
+        """The tokenizer of the fine-tuned model and why: ``fit()`` makes one from the training data. An
+        inherited vocabulary reads time as this run asks (``timezone``): time features mean local time in
+        every model, so where the pretraining data lived does not decide the clock of the new data."""
         if choice not in VOCABULARIES:
             raise ConfigError(f"vocabulary must be one of {VOCABULARIES}, not {choice!r}")
         if choice == "inherit":
-            return self.tokenizer, "the pretrained vocabulary, as asked"
+            return self.inherited(timezone), "the pretrained vocabulary, as asked"
         own = fit()
         if choice == "own":
             return own, "its own vocabulary, as asked"
         known = known_share(self.tokenizer, own)
         if known >= AUTO_INHERIT_COVERAGE:
-            return self.tokenizer, f"the pretrained vocabulary (it knows {known:.0%} of this data's cells)"
+            return self.inherited(timezone), f"the pretrained vocabulary (it knows {known:.0%} of this data's cells)"
         return own, f"its own vocabulary (the pretrained one knows {known:.0%} of this data's cells)"
 
 
@@ -83,8 +91,8 @@ def auto_start(base: Pretrained | None, cfg) -> tuple[Pretrained | None, str]:
     scratch = "from scratch (init_from 'auto'"
     if base is None:
         return None, f"{scratch}: {BASE_MODEL} is not registered here; `pgtraj models add base` adds it)"
-    res = cfg.tokenizer.get("resolution", TokenizerConfig.resolution)
-    if res != base.tokenizer.config.resolution:
+    res = cfg.tokenizer.get("resolution", "auto")
+    if res != "auto" and res != base.tokenizer.config.resolution:
         return None, f"{scratch}: resolution {res}, {base.source} has {base.tokenizer.config.resolution})"
     sizes = {**(ModelConfig.preset(cfg.preset) if cfg.preset else {}), **cfg.model}
     differ = sorted(k for k, v in base.core_sizes().items() if k in sizes and sizes[k] != v and k != "dropout")
@@ -110,7 +118,7 @@ def load_into(model: TrajectoryModel, tok: Tokenizer, init: Pretrained) -> None:
     embeddings by cell; a head the pretrained model lacks (or sized for other classes) starts fresh."""
     own = model.state_dict()
     state = {k: v for k, v in init.state.items() if k in own and own[k].shape == v.shape}
-    if tok is not init.tokenizer:
+    if not np.array_equal(tok.vocab, init.tokenizer.vocab):
         emb = init.state["backbone.tok.weight"]
         new = emb[UNK].repeat(tok.vocab_size, 1)
         new[: len(SPECIAL_TOKENS)] = emb[: len(SPECIAL_TOKENS)]

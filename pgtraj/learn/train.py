@@ -25,13 +25,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pgtraj.core.errors import ConfigError, PgtrajError, config_from_dict
-from pgtraj.core.tokenizer import Tokenizer, TokenizerConfig
+from pgtraj.core.clean import CleaningOptions
+from pgtraj.core.prepare import check_split_by
+from pgtraj.core.tokenizer import AUTO_ZONE, Tokenizer, TokenizerConfig, choose_resolution
 from pgtraj.core.trajectory import Trajectory
 from pgtraj.learn.batches import Batches
 from pgtraj.learn.lora import apply_lora, merge
 from pgtraj.learn.model import ModelConfig, TrajectoryModel, cosine_lr, count_parameters
 from pgtraj.learn.pretrained import AUTO, VOCAB_FIELDS, VOCABULARIES, Pretrained, load_into
 from pgtraj.learn.tasks import OBJECTIVES, batch_for
+
+
+AUTO_RESOLUTION = "auto"
 
 
 class TrainingError(PgtrajError, RuntimeError):
@@ -43,7 +48,10 @@ class TrainConfig:
     objective: str = "hybrid"
     preset: str | None = None                        # tiny | small | base | large; None: small, or init_from's
     model: dict = field(default_factory=dict)        # overrides of the preset (ModelConfig fields)
-    tokenizer: dict = field(default_factory=dict)    # TokenizerConfig fields
+    tokenizer: dict = field(default_factory=dict)    # TokenizerConfig fields; resolution unset or 'auto':
+                                                     # init_from's, else chosen from the data
+    cleaning: dict = field(default_factory=dict)     # CleaningOptions fields: profile, thresholds, max_discard
+    split_by: str = "time"                           # a source without split column: time | entity (prepare)
     steps: int = 1000
     batch_size: int = 32
     max_len: int = 128
@@ -69,7 +77,10 @@ class TrainConfig:
         if cfg.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {cfg.objective!r}", hint=f"one of {sorted(OBJECTIVES)}")
         # checked here, before any data is read, rather than when the tokenizer is fitted on it
-        config_from_dict(TokenizerConfig, cfg.tokenizer, "tokenizer")
+        config_from_dict(TokenizerConfig, {k: v for k, v in cfg.tokenizer.items()
+                                           if not (k == "resolution" and v == AUTO_RESOLUTION)}, "tokenizer")
+        config_from_dict(CleaningOptions, cfg.cleaning, "cleaning")
+        check_split_by(cfg.split_by)
         if cfg.preset is not None and cfg.preset not in ("tiny", "small", "base", "large"):
             raise ConfigError(f"unknown preset {cfg.preset!r}", hint="one of tiny, small, base, large")
         if cfg.vocabulary not in VOCABULARIES:
@@ -167,12 +178,20 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
     init = None if ckpt else init
 
     def fit() -> Tokenizer:
-        return Tokenizer.fit(train_set, config_from_dict(TokenizerConfig, cfg.tokenizer, "tokenizer"))
+        tok_cfg = dict(cfg.tokenizer)
+        if tok_cfg.get("resolution", AUTO_RESOLUTION) == AUTO_RESOLUTION:
+            if init:  # its cells, and so its cell embeddings, are at its resolution
+                tok_cfg["resolution"] = init.tokenizer.config.resolution
+                log(f"tokenizer resolution {tok_cfg['resolution']}: {init.source}'s")
+            else:
+                tok_cfg["resolution"], why = choose_resolution(train_set)
+                log(f"tokenizer {why}")
+        return Tokenizer.fit(train_set, config_from_dict(TokenizerConfig, tok_cfg, "tokenizer"))
 
     if ckpt:
         tok = Tokenizer.from_json(ckpt["tokenizer"])
     elif init:
-        tok, why = init.vocabulary(cfg.vocabulary, train_set, fit)
+        tok, why = init.vocabulary(cfg.vocabulary, train_set, fit, cfg.tokenizer.get("timezone", AUTO_ZONE))
         log(f"fine-tuning {init.source} with {why}: {tok.vocab_size} tokens")
     else:
         tok = fit()

@@ -3,11 +3,12 @@ module: runtime/boot.py): the modules they call, and how their errors are report
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 
 from pgtraj import __version__, package_digest
 from pgtraj.core.errors import PgtrajError
-from pgtraj.runtime import batch, encoding, graphs, models, queue, training, transfer  # noqa: F401
+from pgtraj.runtime import batch, encoding, graphs, models, queue, sources, training, transfer  # noqa: F401
 from pgtraj.runtime.server import sql_error  # noqa: F401  (used by every PL/Python body)
 from pgtraj.runtime.tasks import (  # noqa: F401
     classify,
@@ -39,6 +40,7 @@ def info() -> dict:
         "numpy": numpy.__version__,
         "onnxruntime": onnxruntime.__version__,
         "h3": h3.__version__,
+        "tzfpy": importlib.metadata.version("tzfpy"),
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "torch_loaded": "torch" in sys.modules,
         "digest": package_digest(),

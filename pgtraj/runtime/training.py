@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 
 from pgtraj.core.contract import MODEL_NAME, SOURCE_OPTIONS
-from pgtraj.runtime.batch import begin_procedure, primary_key, resolve_table
+from pgtraj.runtime import sources
+from pgtraj.runtime.batch import begin_procedure
 from pgtraj.runtime.server import (
     InferenceError,
     advisory_lock,
@@ -29,66 +29,32 @@ from pgtraj.runtime.server import (
 DEPLOY_POLICIES = ("auto", "always", "never")
 
 
-def _split_source(plpy, source: str, opts: dict) -> str:
-    """SQL giving (id text, wkb bytea, reason text, split text, label text) for a table name or a query
-    (columns id, trajectory, split and, with a label_column, a label)."""
-    if re.match(r"^\s*(select|with)\b", source, re.IGNORECASE):
-        label = ", label" if opts.get("label_column") else ""
-        return (f"SELECT q.id::pg_catalog.text AS id, r.w, r.reason, q.split::pg_catalog.text AS split,"
-                f" {'q.label::pg_catalog.text' if label else 'NULL::pg_catalog.text'} AS label"
-                f" FROM ({source}) AS q(id, traj, split{label}), pgtraj._wkb_or_reason(q.traj) r")
-    oid, table = resolve_table(plpy, source)
-    cols = {r["attname"]: r["t"] for r in plpy.execute(plpy.prepare(
-        "SELECT a.attname, t.typname AS t FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t"
-        " ON t.oid = a.atttypid WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped", ["oid"]), [oid])}
-    traj = opts.get("traj_column") or next((c for c, t in cols.items() if t in ("geometry", "tgeompoint")), None)
-    key = opts.get("id_column") or primary_key(plpy, oid, table)[0]
-    split, label = opts.get("split_column", "split"), opts.get("label_column")
-    for what, col in (("trajectory", traj), ("id", key), ("split", split), ("label", label)):
-        if what != "label" or col is not None:
-            if col is None or col not in cols:
-                raise InferenceError(f"{table} has no {what} column {col!r}" if col else
-                                     f"{table}: no {what} column found", sqlstate="42703",
-                                     hint=f"name it in config: {{{', '.join(f'{k!r}: ...' for k in SOURCE_OPTIONS)}}}")
-    q = plpy.quote_ident
-    return (f"SELECT t.{q(key)}::pg_catalog.text AS id, r.w, r.reason, t.{q(split)}::pg_catalog.text AS split,"
-            f" {f't.{q(label)}::pg_catalog.text' if label else 'NULL::pg_catalog.text'} AS label"
-            f" FROM {table} t, pgtraj._wkb_or_reason(t.{q(traj)}) r ORDER BY t.{q(key)}")
+def read_source(plpy, source: str, opts: dict, cfg, log):
+    """The source's rows (runtime/sources.py), cleaned and split as ``cfg`` says (core.prepare), and its
+    description."""
+    from pgtraj.core.clean import CleaningOptions
+    from pgtraj.core.errors import config_from_dict
+    from pgtraj.core.prepare import prepare
 
+    desc = sources.describe(plpy, source, opts)
+    log(f"reading {desc['source']} ({desc['shape']}, {desc['rows']:,} rows"
+        + (f", {desc['incomplete_fixes']:,} fixes without time or position skipped" if desc["incomplete_fixes"] else "")
+        + ")")
+    cursor = plpy.cursor(desc["query"])
 
-def read_splits(plpy, source: str, opts: dict) -> tuple[dict, dict, dict]:
-    """{'train': [...], 'val': [...]} of cleaned pieces, {id: label} (with a label column), and what reading
-    and cleaning dropped."""
-    from pgtraj.core.clean import CleaningConfig, CleaningReport, clean
-    from pgtraj.core.errors import TrajectoryError
-    from pgtraj.core.trajectory import from_wkb
-
-    splits, labels = {"train": [], "val": []}, {}
-    report, rejected = CleaningReport(), {}
-    cursor = plpy.cursor(_split_source(plpy, source, opts))
-    try:  # closed before anything commits or rolls back: an open cursor would pin its portal
+    def rows():
         while True:
-            rows = cursor.fetch(500)
-            if not rows:
-                break
-            for r in rows:
-                if r["split"] not in splits:
-                    continue
-                if r["label"] is not None:
-                    labels[r["id"]] = r["label"]
-                if r["w"] is None:
-                    if r["reason"]:  # PostGIS or MobilityDB refused the row's trajectory
-                        rejected[r["reason"]] = rejected.get(r["reason"], 0) + 1
-                    continue
-                try:
-                    tr = from_wkb(r["id"], r["w"])
-                except TrajectoryError as exc:
-                    rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
-                    continue
-                splits[r["split"]] += clean(tr, CleaningConfig(), report)
+            batch = cursor.fetch(500)
+            if not batch:
+                return
+            for r in batch:
+                yield r["entity"], r["id"], r["w"], r["reason"], r["split"], r["label"]
+
+    try:  # closed before anything commits or rolls back: an open cursor would pin its portal
+        prepared = prepare(rows(), config_from_dict(CleaningOptions, cfg.cleaning, "cleaning"), cfg.split_by, log=log)
     finally:
         cursor.close()
-    return splits, labels, {"rejected": rejected, "cleaning": dict(report.counts)}
+    return prepared, {k: desc[k] for k in ("source", "shape", "columns", "rows", "incomplete_fixes")}
 
 
 def train(plpy, name: str, source: str, objective: str, config: str, deploy: str) -> dict:
@@ -111,7 +77,7 @@ def train(plpy, name: str, source: str, objective: str, config: str, deploy: str
     opts = json.loads(config)
     if not isinstance(opts, dict):
         raise InferenceError("config must be a JSON object", sqlstate="22023")
-    source_opts = {k: opts.pop(k) for k in SOURCE_OPTIONS if k in opts}
+    source_opts = {k: opts.pop(k) for k in SOURCE_OPTIONS if k in opts and opts[k] is not None}
     try:
         cfg = TrainConfig.from_dict({**opts, "objective": objective})
     except PgtrajError as exc:
@@ -191,9 +157,15 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
     from pgtraj.core.errors import PgtrajError
     from pgtraj.learn.pipeline import fit_and_export
 
-    splits, labels, dropped = read_splits(plpy, source, source_opts)
-    plpy.notice(f"pgtraj.train {name}: {len(splits['train'])} train / {len(splits['val'])} val pieces"
-                f" from {source}")
+    def log(message):
+        plpy.notice(f"pgtraj.train {name}: {message}")
+
+    try:
+        prepared, described = read_source(plpy, source, source_opts, cfg, log)
+    except PgtrajError as exc:
+        raise InferenceError(exc.message, sqlstate=getattr(exc, "sqlstate", "22023"), hint=exc.hint) from None
+    splits = prepared.splits
+    log(f"{len(splits['train'])} train / {len(splits['val'])} val pieces from {source}")
     last = [time.perf_counter()]
 
     def on_step(step, model, metrics):
@@ -203,16 +175,14 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             plpy.notice(f"pgtraj.train {name}: step {step}/{cfg.steps}, {shown}")
 
-    def log(message):
-        plpy.notice(f"pgtraj.train {name}: {message}")
-
+    labels = prepared.labels if source_opts.get("label_column") else None
     try:
-        trained = fit_and_export(splits["train"], splits["val"], cfg, out_dir, labels=labels or None, progress=False,
+        trained = fit_and_export(splits["train"], splits["val"], cfg, out_dir, labels=labels, progress=False,
                                  log=log, on_step=on_step, init=_registered_init(plpy, cfg, log))
     except PgtrajError as exc:
         raise InferenceError(exc.message, sqlstate="22023", hint=exc.hint) from None
     reg = trained.registration(source_opts.get("label_column"))
-    metrics = {**reg["metrics"], "data": dropped}
+    metrics = {**reg["metrics"], "data": {**described, **prepared.record}}
     row = plpy.execute(plpy.prepare(
         "SELECT model_id, version FROM pgtraj._register($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         ["text", "text", "jsonb", "jsonb", "jsonb", "text", "bool", "int4", "int8", "text", "text[]", "bytea[]"]),

@@ -94,12 +94,10 @@ def _extend(tok: Tokenizer, x: Tokens, cell: int, token: int, move: int, dt: flo
 
     (la0, lo0), (la1, lo1) = h3i.cell_to_latlng(int(x.cells[-1])), h3i.cell_to_latlng(cell)
     t = float(x.t[-1]) + dt
-    local = t + tok._utc_offset_s(float(x.t[0]))
-    days = np.floor(local / 86400.0)
+    dow, minute = tok.local_time(np.array([t]), np.array([la1]), np.array([lo1]))
     a, b = (np.array([v]) for v in (la0, la1))
     dist = float(haversine_m(a, np.array([lo0]), b, np.array([lo1]))[0])
-    new = dict(tokens=token, cells=cell, t=t, dwell=0.0, dt=dt, dow=(days + 3) % 7,
-               minute=np.floor((local - days * 86400.0) / 60.0), offset=np.zeros((1, 2)),
+    new = dict(tokens=token, cells=cell, t=t, dwell=0.0, dt=dt, dow=dow, minute=minute, offset=np.zeros((1, 2)),
                speed=dist / max(dt, 1e-3), heading=float(bearing_deg(a, np.array([lo0]), b, np.array([lo1]))[0]),
                interpolated=False, move=move)
     return Tokens(*(np.concatenate([getattr(x, f), np.asarray(new[f]).reshape((1,) + getattr(x, f).shape[1:])
