@@ -19,7 +19,8 @@ Every method works at H3 resolution 9 (the base model's; choose_resolution's own
    40-200 fixes, each query moved 1-30 days): the embeddings vs start/end points, and DTW on the first 10.
 3. Species of birds no training saw: all 26 birds, whole birds held out (core.splits.entity_split), windows
    of at most 1,000 fixes; `classify` fine-tuned from pgtraj-base and from scratch vs softmax regression on
-   speed statistics; test birds of a species no training bird has are left out (and counted).
+   speed statistics and vs place alone (the species of the nearest training window); test birds of a species
+   no training bird has are left out (and counted).
 Writes benchmarks/results/seabirds.json.
 """
 
@@ -37,7 +38,7 @@ from pgtraj.app.base_model import ASSET_DIR, load
 from pgtraj.core.clean import CleaningOptions, CleaningReport, clean
 from pgtraj.core.splits import entity_split, timeline_split
 from pgtraj.core.tokenizer import choose_resolution
-from pgtraj.core.trajectory import Trajectory
+from pgtraj.core.trajectory import Trajectory, haversine_m
 from pgtraj.db.datasets import default_data_dir
 from pgtraj.learn.downstream import SoftmaxRegression, classification_metrics, head, model_class_scores, speed_features
 from pgtraj.learn.evaluation import distance_matrix, dtw, search_metrics, split_odd_even, twin_ranks
@@ -66,6 +67,19 @@ def read_birds(path: Path) -> tuple[list[Trajectory], dict, dict]:
         m = m[np.argsort(ts[m], kind="stable")]
         birds.append(Trajectory(b, ts[m], lat[m], lon[m]))
     return birds, colony, species
+
+
+def nearest_place(train_windows: list, y: list, test: list, n_classes: int) -> np.ndarray:
+    """Class scores from where a window is: minus the distance (km) from its mean position to the nearest
+    training window of each class (species nest in colonies, so place alone says much)."""
+    centre = np.array([[w.lat.mean(), w.lon.mean()] for w in train_windows])
+    y = np.asarray(y)
+    out = np.full((len(test), n_classes), -np.inf)
+    for i, w in enumerate(test):
+        d = haversine_m(centre[:, 0], centre[:, 1], w.lat.mean(), w.lon.mean()) / 1000.0
+        for c in np.unique(y):
+            out[i, c] = -d[y == c].min()
+    return out
 
 
 def fine_tune(objective, train_set, val_set, out: Path, steps, init, card, labels=None):
@@ -166,7 +180,9 @@ def main() -> None:
           "windows": {"train": len(win["train"]), "val": len(win["val"]), "test": len(test),
                       "test windows of a species no training bird has": len(win["test"]) - len(test)},
           "baseline (softmax regression on speed statistics)": classification_metrics(
-              sr.scores(np.stack([speed_features(w) for w in test])), y)}
+              sr.scores(np.stack([speed_features(w) for w in test])), y),
+          "baseline (place alone: the species of the nearest training window)": classification_metrics(
+              nearest_place(win["train"], [index[label_of[w.id]] for w in win["train"]], test, len(classes)), y)}
     for label, pre in (("from pgtraj-base", init), ("from scratch", None)):
         r = fine_tune("classify", win["train"], win["val"], Path(args.out) / f"species-{label.split()[-1]}",
                       args.steps, pre, card, labels=label_of)

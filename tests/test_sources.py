@@ -183,3 +183,38 @@ def test_a_point_table_trains_and_splits_by_time(tables, tmp_path):
     data = tables.execute("SELECT metrics -> 'data' FROM pgtraj.training_runs").fetchone()[0]
     assert data["incomplete_fixes"] == 1 and data["split"]["by"] == "time"
     assert {s: data["split"][s]["fixes"] for s in ("train", "val", "test")} == {"train": 84, "val": 12, "test": 24}
+
+
+GPX = """<?xml version="1.0" encoding="UTF-8"?>
+<gpx version="1.1" creator="a watch" xmlns="http://www.topografix.com/GPX/1/1">
+ <trk><name>morning run</name><trkseg>
+{points}
+ </trkseg></trk>
+</gpx>"""
+
+
+def test_gpx_and_csv_files_load_as_point_tables(db, tmp_path):
+    """`pgtraj load file`: a GPX track (times with and without fractions of a second, elevation) and a CSV
+    with day-first times become point tables that describe_source reads without further options."""
+    pts = "\n".join(f'  <trkpt lat="{52.0 + i * 1e-4:.6f}" lon="4.3"><ele>{i}.5</ele>'
+                    f'<time>2024-03-31T00:5{i // 60}:{i % 60:02d}{".250" if i % 2 else ""}Z</time></trkpt>'
+                    for i in range(120))
+    (tmp_path / "run.gpx").write_text(GPX.format(points=pts))
+    out = cli("load", "file", "--dsn", db, "--path", str(tmp_path / "run.gpx"), "--table", "sport.runs")
+    assert out.returncode == 0 and "loaded 120 rows into sport.runs" in out.stderr, out.stderr
+    (tmp_path / "fleet.csv").write_text("truck,when,latitude,longitude\n" + "".join(
+        f"T{k},{1 + i // 60:02d}/06/2024 10:{i % 60:02d}:00,{51.9 + i * 1e-3},{4.1 + k}\n"
+        for k in (1, 2) for i in range(60)))
+    out = cli("load", "file", "--dsn", db, "--path", str(tmp_path / "fleet.csv"), "--table", "fleet",
+              "--time-column", "when", "--time-format", "%d/%m/%Y %H:%M:%S", "--id-column", "truck")
+    assert out.returncode == 0, out.stderr
+    with psycopg.connect(db) as conn:
+        first, last, ele = conn.execute("SELECT min(ts), max(ts), max(ele) FROM sport.runs").fetchone()
+        assert (first.isoformat(), last.isoformat(), ele) == ("2024-03-31T00:50:00+00:00",
+                                                               "2024-03-31T00:51:59+00:00", 119.5)
+        d = describe_source(conn, "sport.runs", {"id_column": "track"})
+        assert d["shape"] == "points" and d["columns"]["time_column"] == "ts" and d["rows"] == 120
+        d = describe_source(conn, "fleet", {"id_column": "truck"})
+        assert d["columns"] == {"id_column": "truck", "time_column": "when", "traj_column": "geom"}
+        assert conn.execute("SELECT min(\"when\")::text FROM fleet").fetchone()[0] == "2024-06-01 10:00:00+00"
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'fleet'").fetchone()[0] == 1

@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["csv", "parquet", "gpx"], help="file: its format (default: from its name)")
     sp.add_argument("--id-column", help="file: who moves (indexed with the time)")
     sp.add_argument("--time-column", help="file: the fix's time")
-    sp.add_argument("--time-format", help="file: strptime format of a CSV time column that is not ISO 8601")
+    sp.add_argument("--time-format", help="file: strptime format of a CSV time column that is not ISO 8601 (UTC unless it has %%z)")
     sp.add_argument("--lat-column", help="file: latitude in degrees (default: lat or latitude); with a longitude,"
                                          " a geom column is added")
     sp.add_argument("--lon-column", help="file: longitude in degrees (default: lon, lng or longitude)")

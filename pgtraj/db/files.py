@@ -53,17 +53,24 @@ def read_file(path: str | Path, fmt: str | None = None, time_format: str | None 
         return pq.read_table(path)
     if fmt == "gpx":
         return _read_gpx(path)
-    options = None
-    if time_format and time_column:
-        import pyarrow as pa
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-        options = pacsv.ConvertOptions(column_types={time_column: pa.timestamp("s", tz="UTC")},
+    zoned = bool(time_format) and "%z" in time_format
+    options = None
+    if time_format and time_column:  # a time without an offset is UTC, as everywhere in pgtraj
+        options = pacsv.ConvertOptions(column_types={time_column: pa.timestamp("s", tz="UTC" if zoned else None)},
                                        timestamp_parsers=[time_format])
     try:
-        return pacsv.read_csv(path, convert_options=options)
+        table = pacsv.read_csv(path, convert_options=options)
     except Exception as exc:  # pyarrow raises ArrowInvalid with the line and the value
         raise SourceError(f"cannot read {path.name} as CSV: {exc}",
-                          hint="--time-format '%Y-%m-%d %H:%M:%S' for times that are not ISO 8601") from None
+                          hint="--time-format '%d/%m/%Y %H:%M:%S' (strptime; UTC unless it has %z) for times"
+                               " that are not ISO 8601") from None
+    if options is not None and not zoned:
+        i = table.column_names.index(time_column)
+        table = table.set_column(i, time_column, pc.assume_timezone(table[time_column], "UTC"))
+    return table
 
 
 def _read_gpx(path: Path):
