@@ -90,6 +90,19 @@ $$;
 COMMENT ON FUNCTION pgtraj.describe_source(text, jsonb, text) IS
     'How training reads a query (SELECT/WITH ...): its shape, the column of each role and the SQL that reads its rows';
 
+-- Any source describe_source reads (one row per fix above all) as a table of trips, one LINESTRING M each, cut
+-- where the fixes pause and cleaned as training cleans (options: the source's columns and "cleaning"); what
+-- embed_table, similar and predict_* take as they are. With the caller's rights; target resolved and quoted
+-- as the caller names tables.
+CREATE OR REPLACE PROCEDURE pgtraj.make_trips(source text, target text, options jsonb DEFAULT '{}',
+                                              replace boolean DEFAULT false)
+LANGUAGE plpython3u AS $$
+@BOOT@
+pgtraj.trips.make_trips(plpy, source, target, options or '{}', bool(replace))
+$$;
+COMMENT ON PROCEDURE pgtraj.make_trips(text, text, jsonb, boolean) IS
+    'Builds a table of trips (trip_id, the source id, part, start_at, end_at, fixes, LINESTRING M geom) from a table or query of fixes, lines or tgeompoints, cleaned';
+
 -- A trajectory's WKB, or why PostGIS or MobilityDB could not produce it: training reads every row of its
 -- source, and one that cannot be converted is counted as rejected by reason instead of ending the run.
 CREATE OR REPLACE FUNCTION pgtraj._wkb_or_reason(traj geometry, OUT w bytea, OUT reason text)

@@ -30,9 +30,9 @@ DECLARE
                         'embed_table _job_start _job_update _record_errors create_hnsw_index _primary_key similar '
                         '_enqueue create_embedding_target drop_embedding_target process_queue pause_embedding '
                         'resume_embedding _target_add _target_remove _target_pause _queue_add _queue_take _queue_done '
-                        'schedule_refresh _schedule_refresh unschedule_refresh _unschedule _check_writable describe_source'],
+                        'schedule_refresh _schedule_refresh unschedule_refresh _unschedule _check_writable describe_source make_trips _wkb_or_reason'],
         -- training, registering, importing and deploying models
-        ['pgtraj_admin', '_register deploy _run_start _run_finish import_model import_onnx train _wkb_or_reason '
+        ['pgtraj_admin', '_register deploy _run_start _run_finish import_model import_onnx train '
                          'schedule_training _schedule_training unschedule_training'],
         -- what the SECURITY DEFINER functions owned by pgtraj_service call
         ['pgtraj_service', '_acting_for _check_writable _check_column_rights _target _record_errors _primary_key '

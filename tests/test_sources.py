@@ -218,3 +218,39 @@ def test_gpx_and_csv_files_load_as_point_tables(db, tmp_path):
         assert d["columns"] == {"id_column": "truck", "time_column": "when", "traj_column": "geom"}
         assert conn.execute("SELECT min(\"when\")::text FROM fleet").fetchone()[0] == "2024-06-01 10:00:00+00"
         assert conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'fleet'").fetchone()[0] == 1
+
+
+@needs_seabirds
+def test_fixes_become_a_table_of_trips_that_every_function_takes(birds, login_role):
+    """CALL pgtraj.make_trips: the seabirds' fixes become one LINESTRING M per trip (cut at pauses, cleaned as
+    training cleans, keyed by a bigint and the bird's own id); embed_table, similar and predict_next take it
+    as it is. A pgtraj_user may build it from a table it can read."""
+    with psycopg.connect(birds, autocommit=True) as conn:
+        conn.execute("CREATE TABLE fdn AS " + COLONY)
+        conn.execute("GRANT SELECT ON fdn TO pgtraj_user")
+        conn.execute("CREATE SCHEMA out; GRANT USAGE, CREATE ON SCHEMA out TO pgtraj_user")
+        conn.execute("CALL pgtraj.train('birds', 'fdn', 'next_cell', %s::jsonb, 'always')",
+                     [json.dumps({**TINY, "id_column": "bird_id"})])
+    with psycopg.connect(login_role("pgtraj_user")(birds), autocommit=True) as conn:
+        said = []
+        conn.add_notice_handler(lambda d: said.append(d.message_primary))
+        conn.execute("CALL pgtraj.make_trips('fdn', 'out.trips', '{\"id_column\": \"bird_id\", \"label_column\":"
+                     " \"species\"}')")
+        assert any(m.startswith("pgtraj.make_trips: ") and "trips of 10 points trajectories into \"out\".trips" in m
+                   for m in said), said
+        n, fixes, birds_, labels, ok = conn.execute(
+            "SELECT count(*), sum(fixes), count(DISTINCT bird_id), array_agg(DISTINCT label ORDER BY label),"
+            " bool_and(ST_IsValidTrajectory(geom) AND ST_NPoints(geom) = fixes AND start_at < end_at) FROM out.trips"
+        ).fetchone()
+        assert n >= 10 and birds_ == 10 and labels == ["SDAC", "SSUL"] and ok and 0.99 * 103_836 < fixes <= 103_836
+        with pytest.raises(psycopg.errors.DuplicateTable):
+            conn.execute("CALL pgtraj.make_trips('fdn', 'out.trips', '{\"id_column\": \"bird_id\"}')")
+        conn.execute("ALTER TABLE out.trips ADD COLUMN embedding vector(32)")
+        conn.execute("CALL pgtraj.embed_table('out.trips', 'geom', 'embedding', 'birds')")
+        assert conn.execute("SELECT count(*) FROM out.trips WHERE embedding IS NULL").fetchone() == (0,)
+        first = conn.execute("SELECT s.id FROM out.trips t, pgtraj.similar('out.trips', 'embedding', t.embedding, 1) s"
+                             " WHERE t.trip_id = 1").fetchone()[0]
+        assert first == "1"  # a trip is its own nearest neighbour
+        assert conn.execute("SELECT count(*) FROM out.trips t, pgtraj.predict_next(t.geom, 'birds') p"
+                            " WHERE t.trip_id = 2").fetchone()[0] >= 1
+        conn.execute("DROP TABLE out.trips")  # the login role is dropped after the test

@@ -101,6 +101,28 @@ def _train(args) -> int:
     return 0
 
 
+def _trips(args) -> int:
+    from psycopg.types.json import Jsonb
+
+    from pgtraj.db.connection import connect, resolve_dsn
+
+    options = {k: getattr(args, k) for k in SOURCE_OPTIONS if getattr(args, k, None)}
+    cleaning = {"profile": args.profile, "max_speed_mps": args.max_speed, "max_gap_s": args.max_gap,
+                "max_discard": 1.0 if args.allow_discard else None}
+    options["cleaning"] = {k: v for k, v in cleaning.items() if v is not None}
+    with connect(resolve_dsn(args.dsn, args.data_dir), autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: _say(d.message_primary))
+        try:
+            conn.execute("CALL pgtraj.make_trips(%s, %s, %s, %s)", [args.source, args.target, Jsonb(options),
+                                                                     args.replace])
+        except Exception as exc:
+            diag = getattr(exc, "diag", None)
+            if diag is None or diag.message_primary is None:
+                raise
+            raise SourceError(diag.message_primary.removeprefix("pgtraj: "), hint=diag.message_hint) from None
+    return 0
+
+
 def _runtime_env(args) -> int:
     from pgtraj.db.runtime_env import ensure_runtime_env
 
@@ -267,6 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
                                   " the current directory); re-run to resume")
     sp.add_argument("--deploy", action="store_true", help="deploy the new version when done")
     sp.set_defaults(func=_train)
+
+    sp = sub.add_parser("trips", help="turn a table or query of fixes (or lines, tgeompoints) into a table of trips,"
+                                      " one LINESTRING M each, cleaned (pgtraj.make_trips)")
+    target(sp)
+    sp.add_argument("source", help="a table (schema.table) or a query (SELECT ...)")
+    sp.add_argument("target", help="the table to create (schema.table)")
+    for flag in ("id", "traj", "time", "lat", "lon", "entity", "label"):
+        sp.add_argument(f"--{flag}-column", help=f"the source's {flag} column (see pgtraj train)")
+    sp.add_argument("--profile", choices=["auto", "walk", "bike", "car", "person", "vessel", "aircraft", "animal"])
+    sp.add_argument("--max-speed", type=float)
+    sp.add_argument("--max-gap", type=float, help="a pause longer than this (s) ends a trip")
+    sp.add_argument("--allow-discard", action="store_true")
+    sp.add_argument("--replace", action="store_true", help="drop and rebuild an existing target")
+    sp.set_defaults(func=_trips)
 
     sp = sub.add_parser("runtime-env", help="build the PL/Python environment for a server on this host")
     sp.add_argument("path", help="where to create the venv, e.g. /var/lib/pgtraj/runtime-venv")

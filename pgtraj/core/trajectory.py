@@ -50,6 +50,12 @@ class Trajectory:
         return Trajectory(self.id, self.t[index], self.lat[index], self.lon[index], self.part)
 
 
+def to_wkb(traj: Trajectory) -> bytes:
+    """ISO WKB of the trajectory as a LINESTRING M (x = lon, y = lat, M = epoch seconds): from_wkb's inverse."""
+    xyzm = np.stack([traj.lon, traj.lat, traj.t], axis=1).astype("<f8")
+    return struct.pack("<BII", 1, _ISO_M, len(traj)) + xyzm.tobytes()
+
+
 def from_wkb(traj_id, wkb: bytes | memoryview, time_scale: float = 1.0) -> Trajectory:
     """Parse WKB/EWKB of a LINESTRING M or ZM into a validated Trajectory; ``t = M * time_scale`` (use
     0.001 for M in milliseconds)."""

@@ -8,7 +8,7 @@ import sys
 
 from pgtraj import __version__, package_digest
 from pgtraj.core.errors import PgtrajError
-from pgtraj.runtime import batch, encoding, graphs, models, queue, sources, training, transfer  # noqa: F401
+from pgtraj.runtime import batch, encoding, graphs, models, queue, sources, training, transfer, trips  # noqa: F401
 from pgtraj.runtime.server import sql_error  # noqa: F401  (used by every PL/Python body)
 from pgtraj.runtime.tasks import (  # noqa: F401
     classify,

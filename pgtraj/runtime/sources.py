@@ -95,7 +95,8 @@ def describe(plpy, source: str, opts: dict) -> dict:
         cols["split_column"] = "split"  # what pgtraj load writes; an explicit split_column names another
     counts = _check_rows(plpy, frm, what, cols, shape, q)
     query = (_points_query if shape == "points" else _rows_query)(q, frm, cols, types, postgis)
-    return {"source": relation or "query", "shape": shape, "columns": cols, **counts, "query": query}
+    return {"source": relation or "query", "shape": shape, "columns": cols, "id_type": types[cols["id_column"]],
+            "postgis": postgis, **counts, "query": query}
 
 
 def _type_names(plpy, oids) -> list[str]:
