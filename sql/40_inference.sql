@@ -182,7 +182,7 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE ROWS 5 SET search_path = pg_catalog, pg
       FROM pgtraj._predict_next(pgtraj._wkb(traj), pgtraj._resolve(model, 'next_move'), k, constrained) p
 $$;
 COMMENT ON FUNCTION pgtraj.predict_next(geometry, text, integer, boolean) IS
-    'The k likeliest next H3 cells of a trajectory (rank, cell, centre point, probability, expected seconds until it): grid neighbours of its last cell, at most six; constrained applies to models of pgtraj 0.1 only (next_cell graphs: grid neighbours first)';
+    'The k likeliest next H3 cells of a trajectory (rank, cell, centre point, probability, expected seconds until the trip enters it): grid neighbours of its last cell, at most six; constrained applies to models of pgtraj 0.1 only (next_cell graphs: grid neighbours first)';
 
 CREATE OR REPLACE FUNCTION pgtraj._predict_destination(wkb bytea, m pgtraj.model_ref, k integer)
 RETURNS TABLE (rank integer, cell text, lat double precision, lon double precision, probability double precision)

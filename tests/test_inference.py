@@ -15,6 +15,7 @@ import torch
 
 from pgtraj.core.features import collate, to_inputs
 from pgtraj.core.tokenizer import JUMP
+from pgtraj.core.trajectory import haversine_m
 from pgtraj.db import registry
 from pgtraj.learn.batches import Batches, to_tensors
 from pgtraj.learn.export import export
@@ -136,7 +137,13 @@ def test_predict_next_names_grid_neighbours_by_the_move_head(conn, models):
     assert [r[0] for r in rows] == list(range(1, len(slots) + 1))  # at most the six neighbours: k = 8 gives 6
     assert [r[1] for r in rows] == [h3.int_to_str(int(frame[s])) for s in slots]
     assert np.allclose([r[4] for r in rows], p[slots], atol=1e-5)
-    assert np.allclose([r[5] for r in rows], np.expm1(dt[0, -1].item()), rtol=1e-4)
+    # the model's time to the next cell, shared out by each neighbour's distance from the last fix: the
+    # probability-weighted mean is the model's figure, and a nearer neighbour is entered sooner
+    trip = TRIPS[4]
+    dist = np.array([haversine_m(trip.lat[-1], trip.lon[-1], r[3], r[2]) for r in rows])
+    seconds = np.array([r[5] for r in rows])
+    assert np.isclose(np.sum(p[slots] * seconds) / np.sum(p[slots]), np.expm1(dt[0, -1].item()), rtol=1e-4)
+    assert np.allclose(seconds / dist, seconds[0] / dist[0], rtol=1e-6) and len(set(seconds.round(3))) > 1
     here = h3.int_to_str(int(x.cells[-1]))
     assert all(h3.grid_distance(here, r[1]) == 1 for r in rows)
     lat, lon = h3.cell_to_latlng(rows[0][1])

@@ -96,7 +96,7 @@ def prepare(rows, options: CleaningOptions, split_by: str = "time", log=print) -
         **{name: {"pieces": len(v), "fixes": int(sum(len(p) for p in v))} for name, v in splits.items()})
     shown = "split by {by}: ".format(**record["split"]) + ", ".join(
         f"{name} {len(v)} pieces ({sum(len(p) for p in v):,} fixes)" for name, v in splits.items()) \
-        + f" of {len(set(entities))} entities"
+        + f" of {len(set(entities))} {'entity' if len(set(entities)) == 1 else 'entities'}"
     log(shown)
     for name in ("train", "val"):
         if not splits[name]:

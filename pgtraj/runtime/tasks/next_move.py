@@ -33,26 +33,38 @@ def _seconds(log1p_dt) -> float:
 
 def predict_next(plpy, wkb, ref: Ref, k: int, constrained: bool) -> list[tuple]:
     """Rows (rank, h3 cell, lat, lon, probability, expected seconds) of the ``k`` likeliest next cells
-    (at most the six grid neighbours for a next_move graph; a jump has no cell to name)."""
+    (at most the six grid neighbours for a next_move graph; a jump has no cell to name).
+
+    The graph predicts when the trip will enter its next cell, whichever it is; each neighbour gets a share
+    of that time in proportion to its centre's distance from the last fix (so the probability-weighted mean
+    over the neighbours is the model's figure): a neighbour straight ahead of a trip near the cell's front
+    edge is entered sooner than one behind it."""
     import h3
+
+    from pgtraj.core.trajectory import haversine_m
 
     if k < 1:
         raise InferenceError(f"k must be at least 1, not {k}", sqlstate="22023")
     model, sess = models.session(plpy, ref)
-    x = read(model.tokenizer, wkb, None, plpy)[1]
+    traj, x = read(model.tokenizer, wkb, None, plpy)
     coverage_notice(plpy, model, ref, x)
     probs, log1p_dt = run(sess, [tail(to_inputs(x), model.max_len)])
     seconds = _seconds(log1p_dt[0])
     if ref.kind == "next_cell":
         return [row + (seconds,) for row in _vocab_rows(model, x, probs[0], k, constrained)]
     frame, p = _frame(x), probs[0].astype(np.float64)
+    slots = [s for s in range(N_SLOTS) if frame[s]]
+    centre = np.array([h3.cell_to_latlng(h3.int_to_str(int(frame[s]))) for s in slots])
+    dist = haversine_m(float(traj.lat[-1]), float(traj.lon[-1]), centre[:, 0], centre[:, 1])
+    mean = float(np.sum(p[slots] * dist) / max(np.sum(p[slots]), 1e-12))
+    share = dict(zip(slots, dist / max(mean, 1e-9)))
     rows = []
     for slot in np.argsort(-p[:N_SLOTS], kind="stable"):
         if len(rows) == k:
             break
         if frame[slot]:
             cell = h3.int_to_str(int(frame[slot]))
-            rows.append((len(rows) + 1, cell, *h3.cell_to_latlng(cell), float(p[slot]), seconds))
+            rows.append((len(rows) + 1, cell, *h3.cell_to_latlng(cell), float(p[slot]), seconds * float(share[slot])))
     return rows
 
 
