@@ -222,6 +222,54 @@ $$;
 COMMENT ON FUNCTION pgtraj.similar(regclass, name, vector, integer, integer) IS
     'The k rows (primary key as text) nearest to a query embedding by cosine distance, through the HNSW index';
 
+-- The same search, returning the table's own rows (every column, typed as the table has them): what a
+-- caller joins or filters on without casting a text id back. The table is named by its row type, e.g.
+-- pgtraj.similar_rows(NULL::geolife.trajectories, 'embedding', q, 5); the distance is embedding <=> q.
+CREATE OR REPLACE FUNCTION pgtraj.similar_rows(source anyelement, embedding_column name, query vector,
+                                               k integer DEFAULT 10, ef_search integer DEFAULT 100)
+RETURNS SETOF anyelement
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    rel regclass;
+BEGIN
+    SELECT t.typrelid::regclass INTO rel FROM pg_type t JOIN pg_class c ON c.oid = t.typrelid
+     WHERE t.oid = pg_typeof(source) AND c.relkind IN ('r', 'p', 'v', 'm', 'f');
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'pgtraj: similar_rows takes a table''s row type, not %', pg_typeof(source)
+              USING ERRCODE = '42804', HINT = 'pass NULL::schema.table';
+    END IF;
+    IF k IS NULL OR ef_search IS NULL OR k < 1 OR k > 10000 OR ef_search < 1 OR ef_search > 1000 THEN
+        RAISE EXCEPTION 'pgtraj: k must be 1..10000 and ef_search 1..1000 (got %, %)', k, ef_search
+              USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = rel AND a.attname = embedding_column
+                                                  AND NOT a.attisdropped) THEN
+        RAISE EXCEPTION 'pgtraj: column % of % does not exist', quote_literal(embedding_column), rel
+              USING ERRCODE = '42703';
+    END IF;
+    PERFORM set_config('hnsw.ef_search', least(greatest(ef_search, k), 1000)::text, true);
+    IF k > 1000 THEN
+        PERFORM set_config('hnsw.iterative_scan', 'strict_order', true);
+        PERFORM set_config('hnsw.max_scan_tuples', greatest(20000, 10 * k)::text, true);
+    END IF;
+    RETURN QUERY EXECUTE format('SELECT t.* FROM %s t WHERE t.%I IS NOT NULL'
+                                ' ORDER BY t.%I OPERATOR(@extschema:vector@.<=>) $1 LIMIT $2',
+                                rel, embedding_column, embedding_column)
+        USING query, k;
+END
+$$;
+COMMENT ON FUNCTION pgtraj.similar_rows(anyelement, name, vector, integer, integer) IS
+    'The k rows nearest to a query embedding, as the table''s own typed rows (pass NULL::table), through the HNSW index';
+
+CREATE OR REPLACE FUNCTION pgtraj.similar_rows(source anyelement, embedding_column name, query geometry, model text,
+                                               k integer DEFAULT 10, ef_search integer DEFAULT 100)
+RETURNS SETOF anyelement
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pgtraj AS $$
+    SELECT * FROM pgtraj.similar_rows(source, embedding_column, pgtraj.embed(query, model), k, ef_search)
+$$;
+COMMENT ON FUNCTION pgtraj.similar_rows(anyelement, name, geometry, text, integer, integer) IS
+    'The k rows most similar to a trajectory, as the table''s own typed rows: embeds it with the model, then searches';
+
 CREATE OR REPLACE FUNCTION pgtraj.similar(source regclass, embedding_column name, query geometry, model text,
                                           k integer DEFAULT 10, ef_search integer DEFAULT 100)
 RETURNS TABLE (id text, distance double precision)

@@ -77,3 +77,21 @@ def test_k_above_ef_search_returns_k_rows_in_distance_order(db):
         recall = len({i for i, _ in got} & set(exact)) / 2000
         assert recall > 0.95, recall
         assert len(c.execute("SELECT * FROM pgtraj.similar('vecs', 'v', row_id => 7, k => 5000)").fetchall()) == 2999
+
+
+def test_similar_rows_are_the_tables_own_typed_rows(embedded):
+    """similar() names rows by a text id; similar_rows returns the rows themselves, every column typed as the
+    table has it, so a caller filters and joins without casts."""
+    embedded.execute("SELECT pgtraj.create_hnsw_index('trips', 'embedding')")
+    q = "(SELECT embedding FROM trips WHERE id = 3)"
+    rows = embedded.execute(f"SELECT r.id, r.id + 1, pg_typeof(r.id)::text FROM pgtraj.similar_rows(NULL::trips,"
+                            f" 'embedding', {q}, 6) r").fetchall()
+    assert [r[0] for r in rows] == [3, *map(int, exact(embedded, 3, 5))] and rows[0][1:] == (4, "integer")
+    by_traj = embedded.execute("SELECT r.id FROM pgtraj.similar_rows(NULL::trips, 'embedding', (SELECT geom FROM"
+                               " trips WHERE id = 3), 'm', 6) r").fetchall()
+    assert [r[0] for r in by_traj] == [r[0] for r in rows]
+    with pytest.raises(psycopg.errors.DatatypeMismatch) as err:
+        embedded.execute(f"SELECT * FROM pgtraj.similar_rows(1, 'embedding', {q})")
+    assert "row type" in err.value.diag.message_primary and "NULL::" in err.value.diag.message_hint
+    with pytest.raises(psycopg.errors.UndefinedColumn):
+        embedded.execute(f"SELECT * FROM pgtraj.similar_rows(NULL::trips, 'nope', {q})")
