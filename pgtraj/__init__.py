@@ -9,7 +9,7 @@ The package is layered by where code runs (ARCHITECTURE.md): ``core`` (numpy + h
 import hashlib
 from pathlib import Path
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 

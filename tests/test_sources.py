@@ -254,3 +254,30 @@ def test_fixes_become_a_table_of_trips_that_every_function_takes(birds, login_ro
         assert conn.execute("SELECT count(*) FROM out.trips t, pgtraj.predict_next(t.geom, 'birds') p"
                             " WHERE t.trip_id = 2").fetchone()[0] >= 1
         conn.execute("DROP TABLE out.trips")  # the login role is dropped after the test
+
+
+def test_altitude_is_a_feature_where_the_fixes_have_one(tables):
+    """POINT Z fixes (aircraft climbing): the run reads the Z, the model takes altitude as a feature, and in
+    SQL the same track at another altitude embeds differently; a model of flat fixes reads eight columns."""
+    tables.execute("""
+        CREATE TABLE flights (flight text, ts timestamptz, geom geometry(PointZ, 4326));
+        INSERT INTO flights SELECT 'F' || f, '2024-06-01 08:00Z'::timestamptz + i * interval '20 s',
+               ST_SetSRID(ST_MakePoint(4.0 + i * 0.03, 52.0 + f * 0.2, 300.0 + i * 120.0), 4326)
+          FROM generate_series(1, 6) f, generate_series(0, 89) i""")
+    d = describe_source(tables, "flights", {"id_column": "flight"})
+    assert "ST_MakePoint(" in d["query"] and "ST_Z(" in d["query"]
+    tables.execute("CALL pgtraj.train('planes', 'flights', 'next_cell', %s::jsonb, 'always')",
+                   [json.dumps({**TINY, "id_column": "flight", "cleaning": {"profile": "aircraft"}})])
+    assert tables.execute("SELECT config -> 'model' ->> 'n_continuous' FROM pgtraj.model_registry"
+                          " WHERE name = 'planes'").fetchone() == ("9",)
+    line = ("SELECT ST_MakeLine(ST_MakePoint(4.0 + i * 0.03, 52.1, {z}, 1717228800 + i * 20) ORDER BY i)"
+            " FROM generate_series(0, 89) i")
+    low, high, same = tables.execute(
+        f"SELECT pgtraj.embed(({line.format(z='300.0 + i * 120.0')}), 'planes')::text,"
+        f" pgtraj.embed(({line.format(z='9000.0')}), 'planes')::text,"
+        f" pgtraj.embed(({line.format(z='300.0 + i * 120.0')}), 'planes')::text").fetchone()
+    assert low == same and low != high
+    tables.execute("CALL pgtraj.train('boats', 'fixes', 'next_cell', %s::jsonb, 'always')",
+                   [json.dumps({**TINY, "id_column": "vessel", "cleaning": {"min_duration_s": 0}})])
+    assert tables.execute("SELECT config -> 'model' ->> 'n_continuous' FROM pgtraj.model_registry"
+                          " WHERE name = 'boats'").fetchone() == ("8",)

@@ -198,3 +198,26 @@ def test_cleaning_options_are_checked_and_explicit_values_win():
     for bad in ({"profile": "spaceship"}, {"max_speed_mps": -1}, {"max_discard": 1.5}, {"min_points": 1}):
         with pytest.raises(ConfigError):
             CleaningOptions(**bad)
+
+
+def test_altitude_travels_from_wkb_through_cleaning_to_tokens_and_features():
+    from pgtraj.core.features import ALTITUDE, LOG_ALTITUDE_SCALE, continuous
+    from pgtraj.core.tokenizer import Tokenizer, TokenizerConfig
+    from pgtraj.core.trajectory import to_wkb
+
+    n = 60
+    tr = Trajectory("a", T0 + np.arange(n) * 10.0, 52.0 + np.arange(n) * 2e-3, np.full(n, 4.3),
+                    z=1000.0 + np.arange(n) * 50.0)
+    back = from_wkb("a", to_wkb(tr))
+    assert np.array_equal(back.z, tr.z) and np.array_equal(back.t, tr.t)
+    assert from_wkb("a", to_wkb(Trajectory("b", tr.t, tr.lat, tr.lon))).z is None
+    (piece,) = clean(back, CleaningConfig())
+    assert np.array_equal(piece.z, tr.z)
+    tok = Tokenizer.fit([piece], TokenizerConfig(resolution=9, min_count=1))
+    x = tok.encode(piece)
+    assert np.isfinite(x.alt).all() and np.all(np.diff(x.alt) > 0)  # interpolated cells get it too
+    assert x.alt[0] == pytest.approx(np.mean(tr.z[: np.argmax(x.t > x.t[0]) or 1]), rel=0.05)
+    cols = continuous(x)
+    assert cols[0, ALTITUDE] == pytest.approx(np.log1p(x.alt[0]) / LOG_ALTITUDE_SCALE, rel=1e-5)
+    flat = tok.encode(Trajectory("c", tr.t, tr.lat, tr.lon))
+    assert np.isnan(flat.alt).all() and (continuous(flat)[:, ALTITUDE] == 0).all()

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from pgtraj.core.tokenizer import N_SLOTS
 
-# every graph's inputs, right-padded with PAD: tokens, dow, minute int64 (B, T); cont float32 (B, T, 8);
+# every graph's inputs, right-padded with PAD: tokens, dow, minute int64 (B, T); cont float32 (B, T, 9: the
+# columns of core.features; graphs exported before pgtraj 0.4 take the first 8);
 # move int64 (B, T)
 INPUT_NAMES = ("tokens", "dow", "minute", "cont", "move")
 # graphs exported before moves existed (pgtraj 0.1) take the first four; they are still served

@@ -15,12 +15,14 @@ MINUTE_BUCKET = 15  # minute-of-day embedding in 96 quarter-hour buckets
 NO_DOW, NO_MINUTE, NO_MOVE = 7, 96, N_MOVES
 
 # the columns of Inputs.cont, in order (continuous() writes them): what the torch side reads targets from
-# and hides, and what the runtime hides, by name
-LOG_DT, LOG_DWELL, OFFSET_X, OFFSET_Y, LOG_SPEED, HEADING_SIN, HEADING_COS, INTERPOLATED = range(8)
-N_CONTINUOUS = 8
-LOG_TIME_SCALE, LOG_SPEED_SCALE = 5.0, 3.0  # log1p(seconds) / 5, log1p(m/s) / 3: roughly unit range
+# and hides, and what the runtime hides, by name. A model reads the first ModelConfig.n_continuous of them:
+# the eight of motion and time (every model), then the altitude (models trained on data with Z)
+LOG_DT, LOG_DWELL, OFFSET_X, OFFSET_Y, LOG_SPEED, HEADING_SIN, HEADING_COS, INTERPOLATED, ALTITUDE = range(9)
+N_CONTINUOUS = 9
+WITHOUT_ALTITUDE = ALTITUDE  # how many columns a model without altitude reads
+LOG_TIME_SCALE, LOG_SPEED_SCALE, LOG_ALTITUDE_SCALE = 5.0, 3.0, 10.0  # log1p(s) / 5, log1p(m/s) / 3, log1p(m) / 10
 # what gives away where a position is (hidden where a token is masked)
-SPATIAL = [OFFSET_X, OFFSET_Y, LOG_SPEED, HEADING_SIN, HEADING_COS]
+SPATIAL = [OFFSET_X, OFFSET_Y, LOG_SPEED, HEADING_SIN, HEADING_COS, ALTITUDE]
 # what carries timing (hidden from travel-time estimation)
 TIMING = [LOG_DT, LOG_DWELL, LOG_SPEED]
 
@@ -42,8 +44,9 @@ class Inputs:
 
 
 def continuous(x: Tokens) -> np.ndarray:
-    """Per-token continuous features, scaled to roughly unit range."""
+    """Per-token continuous features, scaled to roughly unit range (an unknown altitude is 0)."""
     rad = np.radians(x.heading.astype(np.float64))
+    alt = np.nan_to_num(x.alt.astype(np.float64))
     return np.stack([  # in the order of the column names above
         np.log1p(np.maximum(x.dt, 0)) / LOG_TIME_SCALE,
         np.log1p(np.maximum(x.dwell, 0)) / LOG_TIME_SCALE,
@@ -51,6 +54,7 @@ def continuous(x: Tokens) -> np.ndarray:
         np.log1p(np.maximum(x.speed, 0)) / LOG_SPEED_SCALE,
         np.sin(rad), np.cos(rad),
         x.interpolated.astype(np.float64),
+        np.sign(alt) * np.log1p(np.abs(alt)) / LOG_ALTITUDE_SCALE,
     ], axis=1).astype(np.float32)
 
 

@@ -110,12 +110,13 @@ class Tokens:
     heading: np.ndarray     # float32 degrees clockwise from north
     interpolated: np.ndarray  # bool: inserted along the grid path, not observed
     move: np.ndarray        # int8: slot of this cell in the previous cell's move frame, JUMP or START
+    alt: np.ndarray         # float32 mean altitude (Z) of the fixes, NaN where the trajectory has none
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     FIELDS = ("tokens", "cells", "t", "dwell", "dt", "dow", "minute", "offset", "speed", "heading", "interpolated",
-              "move")
+              "move", "alt")
 
     def slice(self, start: int | None = None, stop: int | None = None) -> "Tokens":
         """Tokens ``start`` to ``stop`` (views)."""
@@ -309,10 +310,11 @@ class Tokenizer:
         dwell = traj.t[ends] - traj.t[starts]
         lat = np.add.reduceat(traj.lat, starts) / n_fix
         lon = np.add.reduceat(traj.lon, starts) / n_fix
+        alt = np.full(len(starts), np.nan) if traj.z is None else np.add.reduceat(traj.z, starts) / n_fix
         interp = np.zeros(len(run_cells), bool)
         if self.config.interpolate and len(run_cells) > 1:
-            run_cells, t, dwell, lat, lon, interp = self._interpolate(run_cells, t, traj.t[ends], dwell, lat, lon,
-                                                                      check)
+            run_cells, t, dwell, lat, lon, interp, alt = self._interpolate(run_cells, t, traj.t[ends], dwell, lat,
+                                                                           lon, check, alt)
         check()
         centre = np.array([h3i.cell_to_latlng(c) for c in run_cells], dtype=np.float64).reshape(-1, 2)
         edge = h3.average_hexagon_edge_length(self.config.resolution, unit="m")
@@ -327,7 +329,8 @@ class Tokenizer:
             dwell=dwell.astype(np.float32), dt=dt.astype(np.float32),
             dow=dow, minute=minute,
             offset=offset.astype(np.float32), speed=(dist / np.maximum(dt, 1e-3)).astype(np.float32),
-            heading=heading.astype(np.float32), interpolated=interp, move=moves(run_cells))
+            heading=heading.astype(np.float32), interpolated=interp, move=moves(run_cells),
+            alt=alt.astype(np.float32))
 
     def _cells(self, traj: Trajectory) -> np.ndarray:
         # h3 has no vectorised latlng_to_cell; map() over plain floats is the cheapest exact way to call it
@@ -341,9 +344,10 @@ class Tokenizer:
         starts = np.flatnonzero(np.concatenate([[True], cells[1:] != cells[:-1]]))
         return cells[starts], starts
 
-    def _interpolate(self, cells, t, t_last, dwell, lat, lon, check):
+    def _interpolate(self, cells, t, t_last, dwell, lat, lon, check, alt):
         """Insert the cells skipped between consecutive tokens, entered at evenly spaced times between
-        leaving the previous cell and entering the next; positioned at their centres, dwell 0."""
+        leaving the previous cell and entering the next; positioned at their centres, dwell 0, altitude
+        interpolated in time."""
         at, new_cells, new_t = [], [], []
         for i in range(1, len(cells)):
             if i % 4096 == 0:
@@ -354,11 +358,12 @@ class Tokenizer:
                 new_cells += path
                 new_t += np.linspace(t_last[i - 1], t[i], len(path) + 2)[1:-1].tolist()
         if not at:
-            return cells, t, dwell, lat, lon, np.zeros(len(cells), bool)
+            return cells, t, dwell, lat, lon, np.zeros(len(cells), bool), alt
         centres = np.array([h3i.cell_to_latlng(c) for c in new_cells], dtype=np.float64)
+        new_alt = np.interp(new_t, t, alt) if np.isfinite(alt).all() else np.full(len(new_t), np.nan)
         return (np.insert(cells, at, np.array(new_cells, np.uint64)), np.insert(t, at, new_t),
                 np.insert(dwell, at, 0.0), np.insert(lat, at, centres[:, 0]), np.insert(lon, at, centres[:, 1]),
-                np.insert(np.zeros(len(cells), bool), at, True))
+                np.insert(np.zeros(len(cells), bool), at, True), np.insert(alt, at, new_alt))
 
     def _grid_path(self, a: int, b: int) -> list[int]:
         """Cells strictly between a and b along the H3 grid, or [] for neighbours and for jumps too long

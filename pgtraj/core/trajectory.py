@@ -33,7 +33,8 @@ class Trajectory:
     """Fixes of one moving object, in time order.
 
     ``t``: float64 epoch seconds, UTC (float32 would lose ~2 minutes at today's epoch values).
-    ``lat``, ``lon``: float64 degrees, WGS84.
+    ``lat``, ``lon``: float64 degrees, WGS84. ``z``: float64 altitude (the geometry's Z, metres by
+    convention), or None when the source has none.
     """
 
     id: object
@@ -41,19 +42,23 @@ class Trajectory:
     lat: np.ndarray
     lon: np.ndarray
     part: int = 0  # index of the piece when cleaning split one source trajectory into several
+    z: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.t)
 
     def take(self, index) -> "Trajectory":
         """The fixes selected by a slice, boolean mask or index array."""
-        return Trajectory(self.id, self.t[index], self.lat[index], self.lon[index], self.part)
+        return Trajectory(self.id, self.t[index], self.lat[index], self.lon[index], self.part,
+                          None if self.z is None else self.z[index])
 
 
 def to_wkb(traj: Trajectory) -> bytes:
-    """ISO WKB of the trajectory as a LINESTRING M (x = lon, y = lat, M = epoch seconds): from_wkb's inverse."""
-    xyzm = np.stack([traj.lon, traj.lat, traj.t], axis=1).astype("<f8")
-    return struct.pack("<BII", 1, _ISO_M, len(traj)) + xyzm.tobytes()
+    """ISO WKB of the trajectory as a LINESTRING M, or ZM with its altitude (x = lon, y = lat, M = epoch
+    seconds): from_wkb's inverse."""
+    cols = [traj.lon, traj.lat] + ([] if traj.z is None else [traj.z]) + [traj.t]
+    coords = np.stack(cols, axis=1).astype("<f8")
+    return struct.pack("<BII", 1, _ISO_M if traj.z is None else _ISO_ZM, len(traj)) + coords.tobytes()
 
 
 def from_wkb(traj_id, wkb: bytes | memoryview, time_scale: float = 1.0) -> Trajectory:
@@ -88,7 +93,8 @@ def from_wkb(traj_id, wkb: bytes | memoryview, time_scale: float = 1.0) -> Traje
     coords = np.frombuffer(buf, dtype=np.dtype(np.float64).newbyteorder(order), count=n * dims,
                            offset=offset + 4).reshape(n, dims)
     return validate(Trajectory(traj_id, coords[:, dims - 1] * time_scale,
-                               coords[:, 1].astype(np.float64), coords[:, 0].astype(np.float64)))
+                               coords[:, 1].astype(np.float64), coords[:, 0].astype(np.float64),
+                               z=coords[:, 2].astype(np.float64) if has_z else None))
 
 
 def validate(traj: Trajectory) -> Trajectory:

@@ -179,7 +179,8 @@ class TrajectoryReader:
         return sql.SQL(
             "SELECT r.id, r.g IS NULL, ST_IsEmpty(r.g), ST_SRID(r.g), ST_GeometryType(r.g), ST_Zmflag(r.g),"
             " CASE WHEN NOT ST_IsEmpty(r.g) AND ST_SRID(r.g) <> 0 AND ST_GeometryType(r.g) = 'ST_LineString'"
-            "      AND ST_Zmflag(r.g) IN (1, 3) THEN ST_AsBinary(ST_Force3DM(ST_Transform(r.g, 4326))) END"
+            "      AND ST_Zmflag(r.g) IN (1, 3) THEN ST_AsBinary(CASE WHEN ST_Zmflag(r.g) = 3"
+            "      THEN ST_Transform(r.g, 4326) ELSE ST_Force3DM(ST_Transform(r.g, 4326)) END) END"
             # OFFSET 0 keeps the planner from pasting the (costly) geometry expression into each use of r.g
             " FROM (SELECT q.id, {g} AS g FROM ({inner}) AS q(id, g) OFFSET 0) AS r").format(
             g=g, inner=self.source.query(self.conn))

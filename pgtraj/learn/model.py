@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pgtraj.core.errors import config_from_dict
-from pgtraj.core.features import N_CONTINUOUS, NO_DOW, NO_MINUTE, NO_MOVE, TIMING
+from pgtraj.core.features import NO_DOW, NO_MINUTE, NO_MOVE, TIMING, WITHOUT_ALTITUDE
 from pgtraj.core.tokenizer import N_SLOTS, PAD
 
 
@@ -39,6 +39,7 @@ class ModelConfig:
     dropout: float = 0.1
     rope_base: float = 10000.0
     n_classes: int = 0          # classification head (fine-tuning: transport mode, trajectory-user linking)
+    n_continuous: int = WITHOUT_ALTITUDE  # continuous input columns read: 8, or 9 with altitude (features.py)
 
     def __post_init__(self):
         assert self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0
@@ -112,7 +113,7 @@ class Backbone(nn.Module):
         self.dow = nn.Embedding(NO_DOW + 1, cfg.d_model)        # 7 days + special position
         self.minute = nn.Embedding(NO_MINUTE + 1, cfg.d_model)  # 96 quarter hours + special
         self.move = nn.Embedding(NO_MOVE + 1, cfg.d_model)      # 6 slots, jump, start + special
-        self.cont = nn.Linear(N_CONTINUOUS, cfg.d_model)
+        self.cont = nn.Linear(cfg.n_continuous, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -130,7 +131,7 @@ class Backbone(nn.Module):
 
     def forward(self, tokens, dow, minute, cont, move, causal: bool = False):
         x = (self.tok(tokens) + self.anc(self.ancestors[tokens]).sum(dim=2) + self.move(move)
-             + self.dow(dow) + self.minute(minute) + self.cont(cont))
+             + self.dow(dow) + self.minute(minute) + self.cont(cont[..., : self.cfg.n_continuous]))
         x = self.drop(x)
         keep = tokens != PAD                                   # (B, T)
         allowed = keep[:, None, None, :]                       # (B, 1, 1, T): never attend to padding

@@ -118,6 +118,13 @@ def load_into(model: TrajectoryModel, tok: Tokenizer, init: Pretrained) -> None:
     embeddings by cell; a head the pretrained model lacks (or sized for other classes) starts fresh."""
     own = model.state_dict()
     state = {k: v for k, v in init.state.items() if k in own and own[k].shape == v.shape}
+    cont = init.state.get("backbone.cont.weight")
+    if cont is not None and own["backbone.cont.weight"].shape[1] > cont.shape[1]:
+        # a model that reads more continuous columns (altitude) than the pretrained one: the shared columns
+        # keep their weights, the new ones start at zero, so it first predicts as the pretrained model did
+        wider = torch.zeros(own["backbone.cont.weight"].shape, dtype=cont.dtype)
+        wider[:, : cont.shape[1]] = cont
+        state["backbone.cont.weight"] = wider
     if not np.array_equal(tok.vocab, init.tokenizer.vocab):
         emb = init.state["backbone.tok.weight"]
         new = emb[UNK].repeat(tok.vocab_size, 1)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pgtraj.core.errors import ConfigError, PgtrajError, config_from_dict
 from pgtraj.core.clean import CleaningOptions
+from pgtraj.core.features import N_CONTINUOUS, WITHOUT_ALTITUDE
 from pgtraj.core.prepare import check_split_by
 from pgtraj.core.tokenizer import AUTO_ZONE, Tokenizer, TokenizerConfig, choose_resolution
 from pgtraj.core.trajectory import Trajectory
@@ -208,6 +209,12 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
                                 + ", ".join(f"{k} {a} here, {b} there" for k, (a, b) in sorted(differ.items())),
                                 hint="leave preset and model unset to take the pretrained model's")
         sizes = {**init.core_sizes(), **sizes}
+    if not ckpt and "n_continuous" not in cfg.model:
+        # altitude is a feature when most training trajectories have one (a Z coordinate)
+        with_z = sum(p.z is not None for p in train_set) > len(train_set) / 2
+        sizes["n_continuous"] = N_CONTINUOUS if with_z else sizes.get("n_continuous", WITHOUT_ALTITUDE)
+        if with_z:
+            log("altitude (Z) is a feature: most training trajectories have one")
     model = TrajectoryModel.for_tokenizer(tok, {**sizes, "n_classes": len(classes) if classes else 0})
     mcfg = model.cfg
     if init:

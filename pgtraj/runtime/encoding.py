@@ -60,9 +60,15 @@ def length_batches(lengths: list[int], max_tokens: int = BATCH_TOKENS, max_rows:
 
 def run(session, seqs: list) -> list[np.ndarray]:
     """One ONNX call over padded sequences (features.Inputs), given the inputs the graph takes (all of
-    INPUT_NAMES, or the first four for a graph of pgtraj 0.1)."""
+    INPUT_NAMES, or the first four for a graph of pgtraj 0.1) and as many continuous columns as it
+    declares (graphs exported before altitude existed take eight)."""
     b = collate(seqs)
-    return session.run(None, {i.name: getattr(b, i.name) for i in session.get_inputs()})
+    feed = {}
+    for i in session.get_inputs():
+        feed[i.name] = getattr(b, i.name)
+        if i.name == "cont" and isinstance(i.shape[-1], int):
+            feed[i.name] = feed[i.name][..., : i.shape[-1]]
+    return session.run(None, feed)
 
 
 # below this share of a trip's cells known to the vocabulary at full resolution, predictions go by moves,

@@ -10,6 +10,7 @@ Shapes (``shape`` in the description):
 * ``points``: one row per fix: an id (who moves), a time (timestamptz, timestamp read as UTC, or epoch
   seconds) and a point geometry/geography or lat/lon columns in degrees. Each id's fixes become one line in
   time order, which cleaning cuts into trips where the fixes pause.
+A Z coordinate (LINESTRING ZM, POINT Z) travels with the fixes: altitude is a model feature where there is one.
 
 Columns are found by type and usual names unless named (``SOURCE_OPTIONS``); anything that cannot be
 decided, or is missing or of the wrong type, or ids that are NULL, is refused here, before anything is read
@@ -61,9 +62,9 @@ def describe(plpy, source: str, opts: dict) -> dict:
     postgis = extension_schema(plpy, "postgis")
     found = _geometry(plpy, types, named, frm, what, postgis)
     cols = {"traj_column": found[0]} if found else {}
-    shape = None
+    shape, with_z = None, False
     if found:
-        shape = found[1]
+        shape, with_z = found[1].removesuffix("_z"), found[1].endswith("_z")
     else:
         lat = named.get("lat_column") or _by_name(types, LAT_NAMES, NUMBER_TYPES)
         lon = named.get("lon_column") or _by_name(types, LON_NAMES, NUMBER_TYPES)
@@ -94,7 +95,8 @@ def describe(plpy, source: str, opts: dict) -> dict:
     if "split_column" not in cols and types.get("split") == "text":
         cols["split_column"] = "split"  # what pgtraj load writes; an explicit split_column names another
     counts = _check_rows(plpy, frm, what, cols, shape, q)
-    query = (_points_query if shape == "points" else _rows_query)(q, frm, cols, types, postgis)
+    query = _points_query(q, frm, cols, types, postgis, with_z) if shape == "points" else \
+        _rows_query(q, frm, cols, types, postgis)
     return {"source": relation or "query", "shape": shape, "columns": cols, "id_type": types[cols["id_column"]],
             "postgis": postgis, **counts, "query": query}
 
@@ -129,11 +131,13 @@ def _geometry(plpy, types, named, frm, what, postgis) -> tuple[str, str] | None:
         raise InferenceError(f"{what}.{col} (traj_column) is {typ}, not a trajectory", sqlstate="42804",
                              hint="a LINESTRING M geometry (M = epoch seconds), a point geometry with a time column,"
                                   " or a tgeompoint")
-    kinds = {r["k"] for r in plpy.execute(
-        f"SELECT DISTINCT {postgis}.ST_GeometryType(x.g::{postgis}.geometry) AS k FROM (SELECT"
-        f" s.{plpy.quote_ident(col)} AS g FROM {frm} WHERE s.{plpy.quote_ident(col)} IS NOT NULL LIMIT 1000) x")}
+    sample = plpy.execute(
+        f"SELECT DISTINCT {postgis}.ST_GeometryType(x.g::{postgis}.geometry) AS k,"
+        f" {postgis}.ST_Zmflag(x.g::{postgis}.geometry) IN (2, 3) AS z FROM (SELECT"
+        f" s.{plpy.quote_ident(col)} AS g FROM {frm} WHERE s.{plpy.quote_ident(col)} IS NOT NULL LIMIT 1000) x")
+    kinds = {r["k"] for r in sample}
     if kinds <= {"ST_Point"} and kinds:
-        return col, "points"
+        return col, "points_z" if all(r["z"] for r in sample) else "points"
     if kinds <= {"ST_LineString"}:
         return col, "line"
     raise InferenceError(f"{what}.{col} holds {', '.join(sorted(kinds))}: neither one LINESTRING M per trajectory"
@@ -212,13 +216,15 @@ def _rows_query(q, frm, cols, types, postgis) -> str:
             f" FROM {frm}, pgtraj._wkb_or_reason({traj}) AS r ORDER BY 2")
 
 
-def _points_query(q, frm, cols, types, postgis) -> str:
+def _points_query(q, frm, cols, types, postgis, with_z: bool) -> str:
     t = f"s.{q(cols['time_column'])}"
     epoch = (f"pg_catalog.date_part('epoch', {t})" if TIME_TYPES[types[cols['time_column']]] == "ts"
              else f"{t}::pg_catalog.float8")
     if "traj_column" in cols:
         g = f"s.{q(cols['traj_column'])}::{postgis}.geometry"
         x, y, srid = f"{postgis}.ST_X({g})", f"{postgis}.ST_Y({g})", f"pg_catalog.max({postgis}.ST_SRID({g}))"
+        if with_z:  # the altitude travels as Z: ST_MakePoint(x, y, z, m) makes a POINT ZM
+            y += f", {postgis}.ST_Z({g})"
         present = f"s.{q(cols['traj_column'])} IS NOT NULL"
     else:
         x, y, srid = f"s.{q(cols['lon_column'])}", f"s.{q(cols['lat_column'])}", "4326"
@@ -229,6 +235,7 @@ def _points_query(q, frm, cols, types, postgis) -> str:
     return (f"SELECT g.entity, g.id, r.w, r.reason, g.split, g.label FROM (SELECT {entity} AS entity,"
             f" s.{q(cols['id_column'])}::pg_catalog.text AS id, {_optional(q, cols, 'split_column', agg=True)} AS split,"
             f" {_optional(q, cols, 'label_column', agg=True)} AS label,"
-            f" {postgis}.ST_SetSRID({postgis}.ST_MakeLine({postgis}.ST_MakePointM({x}, {y}, {epoch}) ORDER BY {t}),"
+            f" {postgis}.ST_SetSRID({postgis}.ST_MakeLine({postgis}.{'ST_MakePoint' if with_z else 'ST_MakePointM'}"
+            f"({x}, {y}, {epoch}) ORDER BY {t}),"
             f" {srid}) AS line FROM {frm} WHERE {t} IS NOT NULL AND {present} GROUP BY s.{q(cols['id_column'])}) AS g,"
             f" pgtraj._wkb_or_reason(g.line) AS r ORDER BY g.id")

@@ -55,10 +55,11 @@ def make_trips(plpy, source: str, target: str, options: str, replace: bool) -> i
     config, why = cleaning.resolve([t for t, _, _ in raw])
     report = CleaningReport()
     q = plpy.quote_ident
+    shape = "LineStringZM" if any(t.z is not None for t, _, _ in raw) else "LineStringM"  # Z: the altitude
     plpy.execute(f"CREATE TABLE {name} (trip_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
                  f" {q(id_col)} {id_type} NOT NULL, part integer NOT NULL, entity text, label text,"
                  f" start_at timestamptz NOT NULL, end_at timestamptz NOT NULL, fixes integer NOT NULL,"
-                 f" geom {desc['postgis']}.geometry(LineStringM, 4326) NOT NULL, UNIQUE ({q(id_col)}, part))")
+                 f" geom {desc['postgis']}.geometry({shape}, 4326) NOT NULL, UNIQUE ({q(id_col)}, part))")
     insert = plpy.prepare(
         f"INSERT INTO {name} ({q(id_col)}, part, entity, label, start_at, end_at, fixes, geom)"
         f" SELECT x.id::{id_type}, x.part, x.entity, x.label, pg_catalog.to_timestamp(x.t0), pg_catalog.to_timestamp(x.t1),"

@@ -111,7 +111,7 @@ def _extend(tok: Tokenizer, x: Tokens, cell: int, token: int, move: int, dt: flo
     dist = float(haversine_m(a, np.array([lo0]), b, np.array([lo1]))[0])
     new = dict(tokens=token, cells=cell, t=t, dwell=0.0, dt=dt, dow=dow, minute=minute, offset=np.zeros((1, 2)),
                speed=dist / max(dt, 1e-3), heading=float(bearing_deg(a, np.array([lo0]), b, np.array([lo1]))[0]),
-               interpolated=False, move=move)
+               interpolated=False, move=move, alt=x.alt[-1])
     return Tokens(*(np.concatenate([getattr(x, f), np.asarray(new[f]).reshape((1,) + getattr(x, f).shape[1:])
                                     .astype(getattr(x, f).dtype)]) for f in Tokens.FIELDS))
 
