@@ -239,3 +239,24 @@ def test_racing_first_runs_on_a_new_column(conn, db):
         w.join(120)
     assert errors in ([], ["55P03"]), errors
     assert conn.execute("SELECT count(embedding) FROM trips").fetchone() == (4 * N,)
+
+
+def test_tables_keyed_by_uuid_are_filled_kept_fresh_and_searched(conn):
+    """Keys of any type: a uuid-keyed table is embedded, kept fresh by a target, and searched; similar() names
+    rows by their key as text, similar_rows returns them with the uuid as it is."""
+    conn.execute("CREATE TABLE voyages (voyage uuid PRIMARY KEY DEFAULT gen_random_uuid(),"
+                 " geom geometry(LineStringM, 4326), embedding vector(32))")
+    conn.execute("INSERT INTO voyages (geom) SELECT geom FROM trips WHERE id <= 10")
+    conn.execute("CALL pgtraj.embed_table('voyages', 'geom', 'embedding', 'm')")
+    assert conn.execute("SELECT count(*) FROM voyages WHERE embedding IS NULL").fetchone() == (0,)
+    conn.execute("SELECT pgtraj.create_embedding_target('voyages', 'voyages', 'geom', 'embedding', 'm')")
+    new = conn.execute("INSERT INTO voyages (geom) SELECT geom FROM trips WHERE id = 11 RETURNING voyage"
+                       ).fetchone()[0]
+    conn.execute("CALL pgtraj.process_queue('voyages')")
+    assert conn.execute("SELECT embedding IS NOT NULL FROM voyages WHERE voyage = %s", [new]).fetchone() == (True,)
+    (key,) = conn.execute("SELECT s.id FROM voyages v, pgtraj.similar('voyages', 'embedding', v.embedding, 1) s"
+                          " WHERE v.voyage = %s", [new]).fetchone()
+    assert key == str(new)
+    row = conn.execute("SELECT r.voyage, pg_typeof(r.voyage)::text FROM voyages v, LATERAL pgtraj.similar_rows("
+                       "NULL::voyages, 'embedding', v.embedding, 1) r WHERE v.voyage = %s", [new]).fetchone()
+    assert row == (new, "uuid")

@@ -206,8 +206,9 @@ def test_gpx_and_csv_files_load_as_point_tables(db, tmp_path):
         f"T{k},{1 + i // 60:02d}/06/2024 10:{i % 60:02d}:00,{51.9 + i * 1e-3},{4.1 + k}\n"
         for k in (1, 2) for i in range(60)))
     out = cli("load", "file", "--dsn", db, "--path", str(tmp_path / "fleet.csv"), "--table", "fleet",
-              "--time-column", "when", "--time-format", "%d/%m/%Y %H:%M:%S", "--id-column", "truck")
-    assert out.returncode == 0, out.stderr
+              "--time-column", "when", "--time-format", "%d/%m/%Y %H:%M:%S", "--id-column", "truck",
+              "--trips", "fleet_trips")
+    assert out.returncode == 0 and "pgtraj.make_trips: 2 trips of 2 points trajectories" in out.stderr, out.stderr
     with psycopg.connect(db) as conn:
         first, last, ele = conn.execute("SELECT min(ts), max(ts), max(ele) FROM sport.runs").fetchone()
         assert (first.isoformat(), last.isoformat(), ele) == ("2024-03-31T00:50:00+00:00",
@@ -218,6 +219,8 @@ def test_gpx_and_csv_files_load_as_point_tables(db, tmp_path):
         assert d["columns"] == {"id_column": "truck", "time_column": "when", "traj_column": "geom"}
         assert conn.execute("SELECT min(\"when\")::text FROM fleet").fetchone()[0] == "2024-06-01 10:00:00+00"
         assert conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'fleet'").fetchone()[0] == 1
+        assert conn.execute("SELECT array_agg(truck ORDER BY truck), sum(fixes) FROM fleet_trips").fetchone() \
+            == (["T1", "T2"], 120)
 
 
 @needs_seabirds

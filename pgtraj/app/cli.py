@@ -48,6 +48,8 @@ def _install(args) -> int:
 
 
 def _load(args) -> int:
+    from psycopg.types.json import Jsonb
+
     from pgtraj.db.connection import connect, resolve_dsn
     from pgtraj.db.datasets import default_data_dir, load_geolife, parse_ids
 
@@ -63,6 +65,14 @@ def _load(args) -> int:
             _say(f"loaded {r.rows:,} rows into {r.table} ({', '.join(f'{c} {t}' for c, t in r.columns.items())})"
                  f" in {r.seconds:.1f} s; train on it with: pgtraj train NAME --table {r.table} --id-column"
                  f" {args.id_column or '<who moves>'}")
+            if args.trips:
+                if not args.id_column:
+                    raise SourceError("--trips needs --id-column: whose fix each row is")
+                conn.commit()
+                conn.autocommit = True
+                conn.add_notice_handler(lambda d: _say(d.message_primary))
+                conn.execute("CALL pgtraj.make_trips(%s, %s, %s, %s)",
+                             [r.table, args.trips, Jsonb({"id_column": args.id_column}), args.replace])
             return 0
         path = args.path or default_data_dir() / "geolife"
         r = load_geolife(conn, path, schema=args.schema, users=parse_ids(args.users), replace=args.replace, log=_say)
@@ -246,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lat-column", help="file: latitude in degrees (default: lat or latitude); with a longitude,"
                                          " a geom column is added")
     sp.add_argument("--lon-column", help="file: longitude in degrees (default: lon, lng or longitude)")
+    sp.add_argument("--trips", help="file: also build this table of trips from the fixes (pgtraj.make_trips)")
     sp.add_argument("--replace", action="store_true", help="drop and reload an existing schema or table")
     sp.set_defaults(func=_load)
 
