@@ -24,6 +24,12 @@ def _db(args) -> int:
         status = cluster.status()
         print(json.dumps(status, indent=2))
         return 0 if status["running"] else 3  # pg_ctl's convention: 3 = not running
+    elif args.action == "replica":
+        from pathlib import Path
+
+        home = Path(args.replica_dir) if args.replica_dir else cluster.home / "replica"
+        replica = cluster.start_replica(home, port=args.port, log=_say)
+        _say(f"hot standby of {cluster.home} running: {replica.url()} (stop it with: pgtraj db stop --data-dir {home})")
     elif args.action == "url":
         if not cluster.is_running():
             _say(f"the local database in {cluster.home} is not running; run `pgtraj db start`")
@@ -225,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "else the local database from `pgtraj db start`)")
         sp.add_argument("--data-dir", help="home of the local database (default: $PGTRAJ_HOME or the user data dir)")
 
-    sp = sub.add_parser("db", help="manage the local database (start|stop|status|url)")
-    sp.add_argument("action", choices=["start", "stop", "status", "url"])
+    sp = sub.add_parser("db", help="manage the local database (start|stop|status|url|replica)")
+    sp.add_argument("action", choices=["start", "stop", "status", "url", "replica"],
+                    help="replica: start a hot standby of the running local database (pg_basebackup -R)")
+    sp.add_argument("--replica-dir", help="replica: where the standby lives (default: DATA_DIR/replica)")
     sp.add_argument("--data-dir", help="where the cluster and its PL/Python environment live")
     sp.add_argument("--port", type=int, help="TCP port (default: the last one used, else a free one)")
     sp.add_argument("--training", action="store_true", help="add torch to the PL/Python environment (pgtraj.train)")

@@ -136,6 +136,31 @@ class LocalCluster:
         self._create_database()
         return self.url()
 
+    def start_replica(self, home: str | Path, *, port: int | None = None, log=print) -> "LocalCluster":
+        """A hot standby of this running cluster in ``home``: a base backup taken over streaming replication
+        (``pg_basebackup -R``: it follows this cluster from then on), started on its own port with the same
+        settings and PL/Python environment. It serves every read-only pgtraj function (embed, predict_*,
+        score, similar, ...) and sees what is registered and deployed here once it is replayed; anything that
+        writes is refused there (SQLSTATE 25006). Idempotent: an existing replica in ``home`` is started."""
+        if not self.is_running():
+            raise LocalDatabaseError(f"the local database in {self.home} is not running", hint="pgtraj db start")
+        replica = LocalCluster(home, runtime_venv=self.runtime_venv, dbname=self.dbname, settings=self.settings,
+                               listen=self.listen, training=self.training)
+        if not replica.is_initialized():
+            replica._prepare_home()
+            log(f"taking a base backup of 127.0.0.1:{self.port} into {replica.pgdata}")
+            replica.pgdata.mkdir(mode=0o700, exist_ok=True)
+            if os.geteuid() == 0:
+                shutil_chown(replica.pgdata, self.server_user)
+            # the connection string (password included) goes into the standby's postgresql.auto.conf (0600)
+            self.as_server([str(PG_BINDIR / "pg_basebackup"), "-D", str(replica.pgdata), "-R", "-X", "stream",
+                            "-c", "fast", "-d", self.url("postgres")])
+            fd = os.open(replica._password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self._password_file.read_text())
+        replica.start(port=port, log=log)
+        return replica
+
     def stop(self) -> bool:
         """Stop the cluster; return False when it was not running."""
         if not self.is_running():
