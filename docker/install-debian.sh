@@ -4,6 +4,11 @@
 #   from Debian's archive:  postgresql-15, PostGIS 3 (3.3), PL/Python (plpython3u), pg_cron, server headers
 #   built from Debian source packages (sha256-pinned):
 #                           pgvector 0.8.0, MobilityDB 1.3.0 (+ one SQL fix), h3-pg 4.2.3 (+ the H3 C core)
+#   built from upstream release tarballs (sha256-pinned; no Debian package of these versions exists, so
+#   they come from PGTRAJ_SOURCES when the pool does not serve them, and are skipped with a warning when
+#   neither has them):
+#                           pgvector 0.8.6 over 0.8.0 (HNSW vacuum fixes; `pgtraj install` updates each
+#                           database's extension), Citus 13.2.2 (+ a one-line fix for PostgreSQL 15.20)
 #
 # Idempotent: each step is skipped when its result is already installed, so a re-run takes well under a
 # second. CI calls this before every test run; users run it once (as root or through sudo).
@@ -32,7 +37,7 @@ trap 'echo "install-debian.sh: FAILED at line $LINENO: $BASH_COMMAND (build logs
 
 APT_PKGS="postgresql-$PGV postgresql-$PGV-postgis-3 postgresql-plpython3-$PGV postgresql-$PGV-cron
   postgresql-server-dev-$PGV postgresql-client-$PGV build-essential dpkg-dev cmake curl ca-certificates
-  python3-venv python3-dev libgeos-dev libgsl-dev libjson-c-dev libproj-dev"
+  python3-venv python3-dev libgeos-dev libgsl-dev libjson-c-dev libproj-dev libkrb5-dev"
 
 # path-in-pool sha256 -- the sha256 values are those of Debian's signed Sources index and PyPI's index
 PGVECTOR="p/pgvector/pgvector_0.8.0-1.dsc a71780bf7ab9901094a3d9869c489b6e2bcb858a8c14a5fa52d159933e016308
@@ -42,6 +47,11 @@ MOBILITYDB="m/mobilitydb/mobilitydb_1.3.0-2.dsc 1f41d10368a8aeab463303aa17100eb4
 m/mobilitydb/mobilitydb_1.3.0.orig.tar.gz 2851c322a6250d7502d91817d9e4a4fb56715c403c1eeb5aa32990041b076dfe
 m/mobilitydb/mobilitydb_1.3.0-2.debian.tar.xz 8a2d79e7666880b2faab642566b9520f14dfb13381443a59d4bc5f793c0b7640"
 H3PG="h/h3-pg/h3-pg_4.2.3.orig.tar.gz 3c420e8ee3324bfeac600cadf3c7a7bc26c3b95e123d48e40459d34dcd714654"
+# upstream tags v0.8.6 and v13.2.2 (../shared/pg-stack/README.md); the patch makes Citus' private copy of
+# have_createdb_privilege() not collide with the one PostgreSQL 15.20 exports
+PGVECTOR_086="p/pgvector/pgvector-0.8.6.tar.gz 5743dac39fdfa740533cf95e71b033bd5513b71dda194b3cf19464ccbf76f3fb"
+CITUS="c/citus/citus-13.2.2.tar.gz dd2453caec20a830e5e63f1def5c5a98cb6f57ae510407cdcd800916fcdab430
+c/citus/citus-13.2.2-pg15.20.patch 4548c8cdcde3f0b9c068d6230df0e6f13500d50f57e30e5377f973337caa42ce"
 # h3-pg's CMake downloads the H3 C core from GitHub; the h3-py sdist vendors the same core (src/h3lib).
 H3CORE="25/2a/dac23698122456ce12345e0a1408c23bc389eaffab5eb7689b8e080d9dfb/h3-4.2.2.tar.gz 5cc78d546b5c732f480a842e3e436c393fe37fe59b063fe9cb5589206b7c4c7e"
 
@@ -56,7 +66,7 @@ fetch() {
     if ! curl -fsSL --retry 2 --connect-timeout 15 -o "$f.part" "$base/$path" 2>/dev/null; then
       [ -f "$SOURCES/$(basename "$path")" ] || {
         echo "ERROR: cannot download $base/$path and no local copy in $SOURCES" >&2; return 1; }
-      echo "   (pool no longer serves $(basename "$path"); using $SOURCES)"
+      echo "   (the pool does not serve $(basename "$path"); using $SOURCES)"
       cp "$SOURCES/$(basename "$path")" "$f.part"
     fi
     mv "$f.part" "$f"
@@ -91,6 +101,37 @@ step_pgvector() {
   # OPTFLAGS="" : no -march=native, so the library runs on any x86-64 machine the image lands on
   make -C "$WORK/src/pgvector" -j"$JOBS" PG_CONFIG=$PG_CONFIG OPTFLAGS="" >>"$WORK/pgvector.log" 2>&1
   $SUDO make -C "$WORK/src/pgvector" install PG_CONFIG=$PG_CONFIG >>"$WORK/pgvector.log" 2>&1
+}
+
+step_pgvector_086() {
+  if installed "$EXT/vector--0.8.6.sql" "$EXT/vector--0.8.0.sql" "$LIB/vector.so"; then
+    log "pgvector 0.8.6: present"; return; fi
+  if ! fetch "$DEBIAN_POOL" "$PGVECTOR_086" 2>"$WORK/pgvector-0.8.6.log"; then
+    log "pgvector 0.8.6: WARNING no source (set PGTRAJ_SOURCES to a folder with pgvector-0.8.6.tar.gz); staying on 0.8.0"
+    return; fi
+  log "pgvector 0.8.6: building (over 0.8.0, whose scripts stay for the upgrade path)"
+  local src="$WORK/src/pgvector-0.8.6"
+  rm -rf "$src"; mkdir -p "$src"
+  tar -xzf "$CACHE/pgvector-0.8.6.tar.gz" -C "$src" --strip-components=1
+  make -C "$src" -j"$JOBS" PG_CONFIG=$PG_CONFIG OPTFLAGS="" >>"$WORK/pgvector-0.8.6.log" 2>&1
+  $SUDO make -C "$src" install PG_CONFIG=$PG_CONFIG >>"$WORK/pgvector-0.8.6.log" 2>&1
+}
+
+step_citus() {
+  if installed "$EXT/citus.control" "$LIB/citus.so" && grep -q "^default_version = '13.2-1'" "$EXT/citus.control"; then
+    log "Citus 13.2.2: present"; return; fi
+  if ! fetch "$DEBIAN_POOL" "$CITUS" 2>"$WORK/citus.log"; then
+    log "Citus 13.2.2: WARNING no source (set PGTRAJ_SOURCES to a folder with citus-13.2.2.tar.gz and its patch);"
+    log "              single-node pgtraj works without it"
+    return; fi
+  log "Citus 13.2.2: building (1.5 to 6 minutes on 2 cores)"
+  local src="$WORK/src/citus"
+  rm -rf "$src"; mkdir -p "$src"
+  tar -xzf "$CACHE/citus-13.2.2.tar.gz" -C "$src" --strip-components=1
+  patch -d "$src" -p1 <"$CACHE/citus-13.2.2-pg15.20.patch" >>"$WORK/citus.log" 2>&1
+  (cd "$src" && ./configure PG_CONFIG=$PG_CONFIG --without-libcurl --without-lz4) >>"$WORK/citus.log" 2>&1
+  make -C "$src" -j"$JOBS" >>"$WORK/citus.log" 2>&1
+  $SUDO make -C "$src" install >>"$WORK/citus.log" 2>&1
 }
 
 step_mobilitydb() {
@@ -137,11 +178,13 @@ step_apt
 EXT=$($PG_CONFIG --sharedir)/extension
 LIB=$($PG_CONFIG --pkglibdir)
 step_pgvector
+step_pgvector_086
 step_mobilitydb
 step_h3
-for e in postgis plpython3u vector mobilitydb h3 h3_postgis pg_cron; do
+step_citus
+for e in postgis plpython3u vector mobilitydb h3 h3_postgis pg_cron citus; do
   v=$(sed -n "s/^default_version *= *'\?\([^']*\)'\?.*/\1/p" "$EXT/$e.control" 2>/dev/null)
-  [ -n "$v" ] || { echo "ERROR: extension $e is not installed in $EXT" >&2; exit 1; }
-  printf '   %-11s %s\n' "$e" "$v"
+  [ -n "$v" ] || [ "$e" = citus ] || { echo "ERROR: extension $e is not installed in $EXT" >&2; exit 1; }
+  printf '   %-11s %s\n' "$e" "${v:-not built (optional: scale-out)}"
 done
 log "stack ready: PostgreSQL $($PG_CONFIG --version | awk '{print $2}')"

@@ -142,7 +142,9 @@ def test_too_old_extension_version(empty_db, cluster):
                  for r in REQUIREMENTS)
     with pytest.raises(MissingExtensionError) as err:
         install(empty_db, python_path=cluster.python_path, requirements=reqs, **quiet)
-    assert "vector 0.8.0 is available; pgtraj needs 99.0 or newer" in err.value.message
+    with psycopg.connect(empty_db) as c:
+        default = c.execute("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'").fetchone()[0]
+    assert f"vector {default} is available; pgtraj needs 99.0 or newer" in err.value.message
 
 
 def test_pg_cron_outside_its_database_is_a_note_not_an_error(empty_db, cluster):
@@ -317,3 +319,32 @@ def test_install_warns_when_pg_cron_cannot_run_jobs(cluster):
     finally:
         other.stop()
         subprocess.run(["rm", "-rf", str(other.home)], check=False)
+
+
+def test_pgvector_is_updated_in_place_and_its_hnsw_index_keeps_working(empty_db, cluster):
+    """A database on pgvector 0.8.0 (what pgtraj 0.3 installed) is brought to the server's newer pgvector by
+    `pgtraj install` (ALTER EXTENSION vector UPDATE: 0.8.1-0.8.4 fix HNSW corruption during vacuum); its
+    vectors and HNSW index serve the same answers before and after, and a second install changes nothing."""
+    with psycopg.connect(empty_db, autocommit=True) as c:
+        default = c.execute("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'").fetchone()[0]
+        if default == "0.8.0":
+            pytest.skip("this server has no pgvector newer than 0.8.0 (docker/install-debian.sh builds 0.8.6)")
+        c.execute("CREATE EXTENSION vector VERSION '0.8.0'")
+        c.execute("CREATE TABLE v (id int PRIMARY KEY, e vector(3))")
+        c.execute("INSERT INTO v SELECT i, ARRAY[cos(i), sin(i), i % 7]::vector FROM generate_series(1, 500) i")
+        c.execute("CREATE INDEX ON v USING hnsw (e vector_cosine_ops)")
+        c.execute("SET enable_seqscan = off")
+        query = "SELECT id FROM v ORDER BY e <=> '[1, 0.5, 3]' LIMIT 10"
+        before = c.execute(query).fetchall()
+    notes = []
+    install(empty_db, python_path=cluster.python_path, log=notes.append)
+    assert f"note: extension vector updated from 0.8.0 to {default}" in notes, notes
+    with psycopg.connect(empty_db, autocommit=True) as c:
+        assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone() == (default,)
+        c.execute("SET enable_seqscan = off")
+        assert c.execute(query).fetchall() == before
+        c.execute("VACUUM v")
+        assert c.execute(query).fetchall() == before
+    notes.clear()
+    install(empty_db, python_path=cluster.python_path, log=notes.append)
+    assert not any("updated" in n for n in notes)

@@ -44,12 +44,15 @@ class Requirement:
     min_version: str | None = None
     optional: bool = False
     why: str = ""
+    update: bool = False  # brought to the server's newest version by every install (ALTER EXTENSION UPDATE)
 
 
 REQUIREMENTS = (
     Requirement("postgis", "3.0", why="geometries and LINESTRING M trajectories"),
     Requirement("plpython3u", why="in-database inference"),
-    Requirement("vector", "0.8.0", why="embedding columns and HNSW similarity search"),
+    # pgvector's releases since 0.8.0 fix HNSW corruption during vacuum: a database on an older build of it
+    # is updated as soon as the server has the newer one (docker/install-debian.sh builds 0.8.6)
+    Requirement("vector", "0.8.0", why="embedding columns and HNSW similarity search", update=True),
     Requirement("mobilitydb", "1.3.0", why="tgeompoint trajectories"),
     Requirement("h3", "4.1.0", why="H3 cells in SQL"),
     Requirement("h3_postgis", "4.1.0", why="H3 cells from and to PostGIS geometries"),
@@ -183,6 +186,13 @@ def create_extensions(cur: psycopg.Cursor, requirements=REQUIREMENTS) -> tuple[d
     for req in usable:
         cur.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} CASCADE").format(
             sql.Identifier(req.extension)))
+        if req.update:
+            cur.execute("SELECT installed_version, default_version FROM pg_available_extensions WHERE name = %s",
+                        [req.extension])
+            installed, default = cur.fetchone()
+            if version_tuple(installed) < version_tuple(default):
+                cur.execute(sql.SQL("ALTER EXTENSION {} UPDATE").format(sql.Identifier(req.extension)))
+                notes.append(f"extension {req.extension} updated from {installed} to {default}")
     cur.execute("SELECT extname, extversion FROM pg_extension WHERE extname = ANY(%s)",
                 [[r.extension for r in usable]])
     return dict(sorted(cur.fetchall())), notes
