@@ -16,8 +16,10 @@ def _db(args) -> int:
 
     cluster = LocalCluster(args.data_dir, listen=args.listen, training=args.training)
     if args.action == "start":
-        url = cluster.start(port=args.port, log=_say)
+        url = cluster.start(port=args.port, workers=args.workers, log=_say)
         _say(f"local database running: {url}")
+        for w in cluster.workers():
+            _say(f"Citus worker {w.home.name}: {w.url()}")
     elif args.action == "stop":
         _say("stopped" if cluster.stop() else "not running")
     elif args.action == "status":
@@ -235,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["start", "stop", "status", "url", "replica"],
                     help="replica: start a hot standby of the running local database (pg_basebackup -R)")
     sp.add_argument("--replica-dir", help="replica: where the standby lives (default: DATA_DIR/replica)")
+    sp.add_argument("--workers", type=int, help="start: a Citus coordinator with N worker nodes on this host")
     sp.add_argument("--data-dir", help="where the cluster and its PL/Python environment live")
     sp.add_argument("--port", type=int, help="TCP port (default: the last one used, else a free one)")
     sp.add_argument("--training", action="store_true", help="add torch to the PL/Python environment (pgtraj.train)")

@@ -9,8 +9,11 @@ Layout of ``home`` (default: ``$PGTRAJ_HOME``, else ``/var/lib/pgtraj`` for root
 
     pgdata/          the cluster (owned by the server user; 'postgres' when run as root)
     runtime-venv/    PL/Python's environment: numpy, onnxruntime, h3, pgtraj.runtime
-    cluster.json     port, database name, PL/Python environment path
+    cluster.json     port, database name, PL/Python environment path, Citus workers
     password         the superuser's generated password (mode 0600)
+    workers/1, 2...  with ``--workers N``: Citus worker nodes, each a cluster of the same kind (same
+                     password, settings and PL/Python environment) on its own free port; this cluster is
+                     their coordinator (``citus`` preloaded first, nodes registered with citus_add_node)
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class LocalCluster:
 
     def __init__(self, home: str | Path | None = None, *, runtime_venv: str | Path | None = None,
                  dbname: str = DEFAULT_DBNAME, settings: dict[str, str] | None = None,
-                 listen: str = "127.0.0.1", training: bool = False):
+                 listen: str = "127.0.0.1", training: bool = False, citus: bool = False):
         self.home = Path(home or default_home()).absolute()
         self.pgdata = self.home / "pgdata"
         self.runtime_venv = Path(runtime_venv).absolute() if runtime_venv else self.home / "runtime-venv"
@@ -73,6 +76,7 @@ class LocalCluster:
         self.settings = dict(settings or {})
         self.listen = listen  # '*' in the Docker image, where clients come from outside the container
         self.training = training  # torch in the PL/Python environment too, for pgtraj.train in SQL
+        self.citus = citus or bool(self._state_of(self.home).get("workers"))  # a coordinator stays one
         self._state_file = self.home / "cluster.json"
         self._password_file = self.home / "password"
         self.server_user = SUPERUSER if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
@@ -104,19 +108,41 @@ class LocalCluster:
 
     def status(self) -> dict:
         running = self.is_running()
-        return {"home": str(self.home), "initialized": self.is_initialized(), "running": running,
-                "port": self.port, "database": self.dbname, "runtime_venv": str(self.runtime_venv),
-                "url": self.url() if running else None}
+        out = {"home": str(self.home), "initialized": self.is_initialized(), "running": running,
+               "port": self.port, "database": self.dbname, "runtime_venv": str(self.runtime_venv),
+               "url": self.url() if running else None}
+        if self.workers():
+            out["workers"] = [{"home": str(w.home), "running": w.is_running(), "port": w.port} for w in self.workers()]
+        return out
+
+    def workers(self) -> list["LocalCluster"]:
+        """The Citus worker nodes of this coordinator (none for a single-node cluster)."""
+        return [self._worker(i) for i in range(1, int(self._state().get("workers") or 0) + 1)]
+
+    def _worker(self, i: int) -> "LocalCluster":
+        return LocalCluster(self.home / "workers" / str(i), runtime_venv=self.runtime_venv, dbname=self.dbname,
+                            settings=self.settings, listen=self.listen, training=self.training, citus=True)
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, port: int | None = None, *, log=print) -> str:
+    def start(self, port: int | None = None, *, workers: int | None = None, log=print) -> str:
         """Create (if needed) and start the cluster; return its URL. Idempotent, and always brings the
-        PL/Python environment's copy of pgtraj up to date (new connections import the new code)."""
+        PL/Python environment's copy of pgtraj up to date (new connections import the new code).
+        ``workers``: make this a Citus coordinator with that many worker nodes on this host (started, and
+        registered); None keeps what the cluster was (a coordinator restarts its workers)."""
+        if workers:
+            self._check_citus()
+            if self.is_initialized() and not self.citus and self.is_running():
+                raise LocalDatabaseError("the local database is running without Citus",
+                                         hint="pgtraj db stop, then pgtraj db start --workers N")
+            self.citus = True
+            self._prepare_home()
+            self._save_state(workers=max(workers, len(self.workers())))
         if self.is_running():
             if port is not None and port != self.port:
                 raise LocalDatabaseError(f"the local database is already running on port {self.port}",
                                          hint="run `pgtraj db stop` first to move it to another port")
             ensure_runtime_env(self.runtime_venv, training=self.training, log=log)
+            self._start_workers(log)
             return self.url()
         self._check_bindir()
         self._prepare_home()
@@ -134,7 +160,58 @@ class LocalCluster:
         self._save_state(port=port, python_path=str(site))
         self._allow_remote_clients()
         self._create_database()
+        self._start_workers(log)
         return self.url()
+
+    def _start_workers(self, log) -> None:
+        """A coordinator's workers, started (with its password) and registered."""
+        if not (self.citus and self.workers()):
+            return
+        for w in self.workers():
+            w._adopt_password(self)
+            w.start(log=lambda m, i=w.home.name: log(f"worker {i}: {m}"))
+        self._register_workers(log)
+
+    def _check_citus(self) -> None:
+        share = subprocess.run([str(PG_BINDIR / "pg_config"), "--sharedir"], capture_output=True, text=True)
+        if not (Path(share.stdout.strip()) / "extension" / "citus.control").exists():
+            raise LocalDatabaseError("Citus is not installed on this host",
+                                     hint="sudo docker/install-debian.sh (builds Citus 13.2.2; its source is read from"
+                                          " PGTRAJ_SOURCES)")
+
+    def _adopt_password(self, coordinator: "LocalCluster") -> None:
+        """Every node of a Citus cluster has the coordinator's superuser password (nodes log in to each
+        other with it, pg_dist_authinfo)."""
+        if not self._password_file.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(coordinator._password_file.read_text())
+
+    def _register_workers(self, log) -> None:
+        """CREATE EXTENSION citus on every node, the password each node uses to reach the others, and the
+        workers added to the coordinator (each once)."""
+        import psycopg
+
+        password = self._password_file.read_text().strip()
+        for node in [self, *self.workers()]:
+            with psycopg.connect(node.url(), autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS citus")
+                conn.execute("INSERT INTO pg_dist_authinfo (nodeid, rolename, authinfo) SELECT 0, %s, %s"
+                              " WHERE NOT EXISTS (SELECT 1 FROM pg_dist_authinfo WHERE nodeid = 0 AND rolename = %s)",
+                              [SUPERUSER, f"password={password}", SUPERUSER])
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute("SELECT citus_set_coordinator_host('127.0.0.1', %s)", [self.port])
+            for w in self.workers():
+                known = conn.execute("SELECT nodeport FROM pg_dist_node WHERE nodename = '127.0.0.1' AND noderole ="
+                                     " 'primary' AND groupid > 0").fetchall()
+                if (w.port,) not in known:
+                    conn.execute("SELECT citus_add_node('127.0.0.1', %s)", [w.port])
+                    log(f"Citus worker {w.home.name} on 127.0.0.1:{w.port} added")
+            stale = [p for (p,) in conn.execute("SELECT nodeport FROM pg_dist_node WHERE groupid > 0")
+                     if p not in [w.port for w in self.workers()]]
+            for p in stale:  # a worker that came back on another port: its old entry goes
+                conn.execute("SELECT citus_remove_node('127.0.0.1', %s)", [p])
 
     def start_replica(self, home: str | Path, *, port: int | None = None, log=print) -> "LocalCluster":
         """A hot standby of this running cluster in ``home``: a base backup taken over streaming replication
@@ -162,7 +239,9 @@ class LocalCluster:
         return replica
 
     def stop(self) -> bool:
-        """Stop the cluster; return False when it was not running."""
+        """Stop the cluster (and its Citus workers); return False when it was not running."""
+        for w in self.workers():
+            w.stop()
         if not self.is_running():
             return False
         self._pg_ctl(["stop", "-m", "fast", "-w", "-t", "60"])
@@ -196,7 +275,8 @@ class LocalCluster:
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
         if os.geteuid() == 0:
             shutil_chown(self.pgdata, self.server_user)
-        password = secrets.token_urlsafe(24)
+        # a Citus worker has its coordinator's password already (_adopt_password)
+        password = self._password_file.read_text().strip() if self._password_file.exists() else secrets.token_urlsafe(24)
         # initdb reads the password from a file: a private one (0600, owned by the server user), removed after
         pwfile = self.home / ".initdb-pw"
         fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -237,7 +317,9 @@ class LocalCluster:
             "listen_addresses": f"'{self.listen}'",
             "port": str(port),
             "unix_socket_directories": "''",  # TCP only: no socket paths to share or outgrow
-            "shared_preload_libraries": "'postgis-3,pg_cron'",
+            # Citus must come first where it is loaded
+            "shared_preload_libraries": "'citus,postgis-3,pg_cron'" if self.citus else "'postgis-3,pg_cron'",
+            **({"citus.node_conninfo": "'sslmode=prefer'"} if self.citus else {}),
             "cron.database_name": f"'{self.dbname}'",
             # pg_cron runs each job in a background worker as the job's role: over libpq it would need a
             # password-less login, which this cluster (scram only, TCP only) rightly refuses
@@ -271,8 +353,12 @@ class LocalCluster:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
 
     def _state(self) -> dict:
+        return self._state_of(self.home)
+
+    @staticmethod
+    def _state_of(home: Path) -> dict:
         try:
-            return json.loads(self._state_file.read_text())
+            return json.loads((home / "cluster.json").read_text())
         except (OSError, ValueError):
             return {}
 
