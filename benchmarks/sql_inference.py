@@ -30,13 +30,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import psycopg
-from pgtraj.runtime.inference import (
-    BATCH_TOKENS,
-    embed_wkbs,
-    length_batches,
-    vector_text,
-    windows,
-)
 
 from pgtraj.app.training import read_split
 from pgtraj.core.features import to_inputs
@@ -46,6 +39,8 @@ from pgtraj.db import registry
 from pgtraj.db.connection import connect, resolve_dsn
 from pgtraj.learn.export import example_batch, export_checked
 from pgtraj.learn.train import load_checkpoint
+from pgtraj.runtime.encoding import BATCH_TOKENS, length_batches, vector_text, windows
+from pgtraj.runtime.tasks.encoder import embed_wkbs
 
 
 def register(conn, name: str, checkpoint: str, objective: str, example_pieces) -> None:
