@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import statistics
-import struct
 import time
 from pathlib import Path
 
@@ -78,7 +77,7 @@ def main() -> None:
         t = time.perf_counter()
         with conn.cursor().copy("COPY bench.scale (id, geom) FROM STDIN") as copy:
             for i, r in enumerate(rows):
-                copy.write_row((i + 1, _ewkb_hex(r)))
+                copy.write_row((i + 1, to_wkb(r, srid=4326).hex()))
         conn.execute("ANALYZE bench.scale")
         results["load_seconds"] = round(time.perf_counter() - t, 1)
         results["table_bytes"] = conn.execute("SELECT pg_total_relation_size('bench.scale')").fetchone()[0]
@@ -153,13 +152,6 @@ def main() -> None:
     path = Path(__file__).parent / "results" / "scale.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
-
-
-def _ewkb_hex(r) -> str:
-    """Hex EWKB of a LINESTRING M with SRID 4326 (what COPY reads into a geometry(LineStringM, 4326))."""
-    xym = np.stack([r.lon, r.lat, r.t], axis=1).astype("<f8")
-    return (struct.pack("<BII", 1, 2 | 0x40000000 | 0x20000000, 4326) + struct.pack("<I", len(r))
-            + xym.tobytes()).hex()
 
 
 def _rss_mb(pid: int) -> float | None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -43,11 +42,10 @@ from pgtraj.db.datasets import default_data_dir
 from pgtraj.learn.downstream import SoftmaxRegression, classification_metrics, head, model_class_scores, speed_features
 from pgtraj.learn.evaluation import distance_matrix, dtw, search_metrics, split_odd_even, twin_ranks
 from pgtraj.learn.export import onnx_embedder
-from pgtraj.learn.train import TrainConfig, train
 
-from downstream_unseen import aligned
+from downstream_unseen import aligned, fine_tune
 from route_search import shifted, start_end, windows
-from unseen import MAX_LEN, base_init, baselines, fine_tune_config, model_results, sample
+from unseen import MAX_LEN, base_init, baselines, model_results, sample
 
 SEEN_COLONY = "PER_PSC_PSC"
 
@@ -80,13 +78,6 @@ def nearest_place(train_windows: list, y: list, test: list, n_classes: int) -> n
         for c in np.unique(y):
             out[i, c] = -d[y == c].min()
     return out
-
-
-def fine_tune(objective, train_set, val_set, out: Path, steps, init, card, labels=None):
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = fine_tune_config(objective, steps, card, from_base=init is not None)
-    return train(train_set, val_set, TrainConfig.from_dict(cfg), out, labels=labels, progress=False,
-                 log=lambda m: None, init=init)
 
 
 def main() -> None:

@@ -74,6 +74,9 @@ fetch() {
   done <<<"$2"
 }
 
+# unpack TARBALL DIR: a fresh DIR holding the tarball's top folder's contents
+unpack() { rm -rf "$2"; mkdir -p "$2"; tar -xzf "$1" -C "$2" --strip-components=1; }
+
 installed() { [ "$FORCE" != 1 ] && for f in "$@"; do [ -e "$f" ] || return 1; done; }
 
 step_apt() {
@@ -111,8 +114,7 @@ step_pgvector_086() {
     return; fi
   log "pgvector 0.8.6: building (over 0.8.0, whose scripts stay for the upgrade path)"
   local src="$WORK/src/pgvector-0.8.6"
-  rm -rf "$src"; mkdir -p "$src"
-  tar -xzf "$CACHE/pgvector-0.8.6.tar.gz" -C "$src" --strip-components=1
+  unpack "$CACHE/pgvector-0.8.6.tar.gz" "$src"
   make -C "$src" -j"$JOBS" PG_CONFIG=$PG_CONFIG OPTFLAGS="" >>"$WORK/pgvector-0.8.6.log" 2>&1
   $SUDO make -C "$src" install PG_CONFIG=$PG_CONFIG >>"$WORK/pgvector-0.8.6.log" 2>&1
 }
@@ -126,8 +128,7 @@ step_citus() {
     return; fi
   log "Citus 13.2.2: building (1.5 to 6 minutes on 2 cores)"
   local src="$WORK/src/citus"
-  rm -rf "$src"; mkdir -p "$src"
-  tar -xzf "$CACHE/citus-13.2.2.tar.gz" -C "$src" --strip-components=1
+  unpack "$CACHE/citus-13.2.2.tar.gz" "$src"
   patch -d "$src" -p1 <"$CACHE/citus-13.2.2-pg15.20.patch" >>"$WORK/citus.log" 2>&1
   (cd "$src" && ./configure PG_CONFIG=$PG_CONFIG --without-libcurl --without-lz4) >>"$WORK/citus.log" 2>&1
   make -C "$src" -j"$JOBS" >>"$WORK/citus.log" 2>&1
@@ -161,9 +162,8 @@ step_h3() {
   fetch "$DEBIAN_POOL" "$H3PG"
   fetch "$PYPI_FILES" "$H3CORE"
   local src="$WORK/src/h3-pg" core="$WORK/src/h3core"
-  rm -rf "$src" "$core"; mkdir -p "$src" "$core"
-  tar -xzf "$CACHE/h3-pg_4.2.3.orig.tar.gz" -C "$src" --strip-components=1
-  tar -xzf "$CACHE/h3-4.2.2.tar.gz" -C "$core" --strip-components=1
+  unpack "$CACHE/h3-pg_4.2.3.orig.tar.gz" "$src"
+  unpack "$CACHE/h3-4.2.2.tar.gz" "$core"
   # point CMake's FetchContent at the vendored core; it is linked statically into h3.so
   cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DPostgreSQL_CONFIG=$PG_CONFIG \
         -DFETCHCONTENT_SOURCE_DIR_H3="$core/src/h3lib" -DFETCHCONTENT_FULLY_DISCONNECTED=ON \

@@ -186,6 +186,30 @@ BEGIN
 END
 $$;
 
+-- What a nearest-neighbour search checks and sets first: k and ef_search in range, the column there, and
+-- pgvector's search settings for this transaction (hnsw.ef_search; for k above 1,000, the iterative scan
+-- that keeps searching until k rows are found, in exact distance order).
+CREATE OR REPLACE FUNCTION pgtraj._search_setup(source regclass, embedding_column name, k integer, ef_search integer)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgtraj AS $$
+BEGIN
+    IF k IS NULL OR ef_search IS NULL OR k < 1 OR k > 10000 OR ef_search < 1 OR ef_search > 1000 THEN
+        RAISE EXCEPTION 'pgtraj: k must be 1..10000 and ef_search 1..1000 (got %, %)', k, ef_search
+              USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = source AND a.attname = embedding_column
+                                                  AND NOT a.attisdropped) THEN
+        RAISE EXCEPTION 'pgtraj: column % of % does not exist', quote_literal(embedding_column), source
+              USING ERRCODE = '42703';
+    END IF;
+    PERFORM set_config('hnsw.ef_search', least(greatest(ef_search, k), 1000)::text, true);
+    IF k > 1000 THEN
+        PERFORM set_config('hnsw.iterative_scan', 'strict_order', true);
+        PERFORM set_config('hnsw.max_scan_tuples', greatest(20000, 10 * k)::text, true);
+    END IF;
+END
+$$;
+
 -- The k rows nearest to a query embedding, by cosine distance, through the HNSW index when there is one.
 -- ef_search (candidates kept while searching, pgvector's hnsw.ef_search, at most 1,000) trades speed for
 -- recall; for k above it, pgvector's iterative scan keeps searching until k rows are found, in exact
@@ -198,21 +222,8 @@ LANGUAGE plpgsql VOLATILE STRICT SET search_path = pg_catalog, pgtraj AS $$
 DECLARE
     key name;
 BEGIN
-    IF k < 1 OR k > 10000 OR ef_search < 1 OR ef_search > 1000 THEN
-        RAISE EXCEPTION 'pgtraj: k must be 1..10000 and ef_search 1..1000 (got %, %)', k, ef_search
-              USING ERRCODE = '22023';
-    END IF;
+    PERFORM pgtraj._search_setup(source, embedding_column, k, ef_search);
     key := (pgtraj._primary_key(source)).name;
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = source AND a.attname = embedding_column
-                                                  AND NOT a.attisdropped) THEN
-        RAISE EXCEPTION 'pgtraj: column % of % does not exist', quote_literal(embedding_column), source
-              USING ERRCODE = '42703';
-    END IF;
-    PERFORM set_config('hnsw.ef_search', least(greatest(ef_search, k), 1000)::text, true);
-    IF k > 1000 THEN
-        PERFORM set_config('hnsw.iterative_scan', 'strict_order', true);
-        PERFORM set_config('hnsw.max_scan_tuples', greatest(20000, 10 * k)::text, true);
-    END IF;
     RETURN QUERY EXECUTE format('SELECT %I::text, (%I OPERATOR(@extschema:vector@.<=>) $1)::float8 FROM %s'
                                 ' WHERE %I IS NOT NULL ORDER BY %I OPERATOR(@extschema:vector@.<=>) $1 LIMIT $2',
                                 key, embedding_column, source, embedding_column, embedding_column)
@@ -238,20 +249,7 @@ BEGIN
         RAISE EXCEPTION 'pgtraj: similar_rows takes a table''s row type, not %', pg_typeof(source)
               USING ERRCODE = '42804', HINT = 'pass NULL::schema.table';
     END IF;
-    IF k IS NULL OR ef_search IS NULL OR k < 1 OR k > 10000 OR ef_search < 1 OR ef_search > 1000 THEN
-        RAISE EXCEPTION 'pgtraj: k must be 1..10000 and ef_search 1..1000 (got %, %)', k, ef_search
-              USING ERRCODE = '22023';
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = rel AND a.attname = embedding_column
-                                                  AND NOT a.attisdropped) THEN
-        RAISE EXCEPTION 'pgtraj: column % of % does not exist', quote_literal(embedding_column), rel
-              USING ERRCODE = '42703';
-    END IF;
-    PERFORM set_config('hnsw.ef_search', least(greatest(ef_search, k), 1000)::text, true);
-    IF k > 1000 THEN
-        PERFORM set_config('hnsw.iterative_scan', 'strict_order', true);
-        PERFORM set_config('hnsw.max_scan_tuples', greatest(20000, 10 * k)::text, true);
-    END IF;
+    PERFORM pgtraj._search_setup(rel, embedding_column, k, ef_search);
     RETURN QUERY EXECUTE format('SELECT t.* FROM %s t WHERE t.%I IS NOT NULL'
                                 ' ORDER BY t.%I OPERATOR(@extschema:vector@.<=>) $1 LIMIT $2',
                                 rel, embedding_column, embedding_column)

@@ -7,6 +7,7 @@ import json
 import sys
 
 from pgtraj import __version__
+from pgtraj.core.clean import PROFILES
 from pgtraj.core.contract import SOURCE_OPTIONS
 from pgtraj.core.errors import PgtrajError, SourceError
 
@@ -107,9 +108,7 @@ def _train(args) -> int:
     for key, value in (("resolution", args.resolution), ("timezone", args.timezone)):
         if value is not None:
             cfg["tokenizer"] = {**cfg.get("tokenizer", {}), key: int(value) if value.isdigit() else value}
-    cleaning = {"profile": args.profile, "max_speed_mps": args.max_speed, "max_gap_s": args.max_gap,
-                "max_discard": 1.0 if args.allow_discard else None}
-    cfg["cleaning"] = {**cfg.get("cleaning", {}), **{k: v for k, v in cleaning.items() if v is not None}}
+    cfg["cleaning"] = {**cfg.get("cleaning", {}), **_cleaning(args)}
     out = Path(args.out or f"pgtraj-output/runs/{args.name}").absolute()
     mv = train_and_register(resolve_dsn(args.dsn, args.data_dir), args.name, args.table, TrainConfig.from_dict(cfg),
                             out, **{k: getattr(args, k) for k in SOURCE_OPTIONS if getattr(args, k)},
@@ -124,21 +123,36 @@ def _trips(args) -> int:
 
     from pgtraj.db.connection import connect, resolve_dsn
 
+    import psycopg
+
+    from pgtraj.db.readers import source_error
+
     options = {k: getattr(args, k) for k in SOURCE_OPTIONS if getattr(args, k, None)}
-    cleaning = {"profile": args.profile, "max_speed_mps": args.max_speed, "max_gap_s": args.max_gap,
-                "max_discard": 1.0 if args.allow_discard else None}
-    options["cleaning"] = {k: v for k, v in cleaning.items() if v is not None}
+    options["cleaning"] = _cleaning(args)
     with connect(resolve_dsn(args.dsn, args.data_dir), autocommit=True) as conn:
         conn.add_notice_handler(lambda d: _say(d.message_primary))
         try:
             conn.execute("CALL pgtraj.make_trips(%s, %s, %s, %s)", [args.source, args.target, Jsonb(options),
                                                                      args.replace])
-        except Exception as exc:
-            diag = getattr(exc, "diag", None)
-            if diag is None or diag.message_primary is None:
-                raise
-            raise SourceError(diag.message_primary.removeprefix("pgtraj: "), hint=diag.message_hint) from None
+        except psycopg.Error as exc:
+            raise source_error(exc) from None
     return 0
+
+
+def _cleaning(args) -> dict:
+    """The cleaning options the command line named (CleaningOptions keys)."""
+    named = {"profile": args.profile, "max_speed_mps": args.max_speed, "max_gap_s": args.max_gap,
+             "max_discard": 1.0 if args.allow_discard else None}
+    return {k: v for k, v in named.items() if v is not None}
+
+
+def _cleaning_flags(sp) -> None:
+    sp.add_argument("--profile", choices=["auto", *PROFILES],
+                    help="cleaning thresholds of a domain (default auto: from the data's own speeds and intervals)")
+    sp.add_argument("--max-speed", type=float, help="cleaning: fixes reached faster than this (m/s) are GPS errors")
+    sp.add_argument("--max-gap", type=float, help="cleaning: a pause longer than this (s) ends a trip")
+    sp.add_argument("--allow-discard", action="store_true",
+                    help="go on even if cleaning discards more than cleaning.max_discard (20%%) of the fixes")
 
 
 def _runtime_env(args) -> int:
@@ -290,12 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split-by", choices=["time", "entity"],
                     help="without a split column: each entity's latest 30%% of fixes held out (time, default), or"
                          " whole entities (entity)")
-    sp.add_argument("--profile", choices=["auto", "walk", "bike", "car", "person", "vessel", "aircraft", "animal"],
-                    help="cleaning thresholds of a domain (default auto: from the data's own speeds and intervals)")
-    sp.add_argument("--max-speed", type=float, help="cleaning: fixes reached faster than this (m/s) are GPS errors")
-    sp.add_argument("--max-gap", type=float, help="cleaning: a pause longer than this (s) ends a trip")
-    sp.add_argument("--allow-discard", action="store_true",
-                    help="train even if cleaning discards more than cleaning.max_discard (20%%) of the fixes")
+    _cleaning_flags(sp)
     sp.add_argument("--resolution", help="H3 resolution 5-12 (default: the pretrained model's, else from the data)")
     sp.add_argument("--timezone", help="local time for time features: auto (each fix's zone, default) or an IANA name")
     sp.add_argument("--config", help="training config JSON (see training/); its keys are TrainConfig fields")
@@ -319,10 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("target", help="the table to create (schema.table)")
     for flag in ("id", "traj", "time", "lat", "lon", "entity", "label"):
         sp.add_argument(f"--{flag}-column", help=f"the source's {flag} column (see pgtraj train)")
-    sp.add_argument("--profile", choices=["auto", "walk", "bike", "car", "person", "vessel", "aircraft", "animal"])
-    sp.add_argument("--max-speed", type=float)
-    sp.add_argument("--max-gap", type=float, help="a pause longer than this (s) ends a trip")
-    sp.add_argument("--allow-discard", action="store_true")
+    _cleaning_flags(sp)
     sp.add_argument("--replace", action="store_true", help="drop and rebuild an existing target")
     sp.set_defaults(func=_trips)
 

@@ -19,11 +19,11 @@ from pgtraj.core.errors import RegistryError, SourceError, config_from_dict
 from pgtraj.core.prepare import Prepared, prepare
 from pgtraj.db import registry
 from pgtraj.db.connection import connect
-from pgtraj.db.readers import QuerySource, TrajectoryReader, _table
+from pgtraj.db.readers import QuerySource, TrajectoryReader, _table, source_error
 from pgtraj.learn.pipeline import Pretrained, fit_and_export
 from pgtraj.learn.pretrained import AUTO, auto_start
 from pgtraj.learn.train import TrainConfig, TrainingError, train
-from pgtraj.runtime.sources import is_query
+from pgtraj.runtime.sources import is_query, summary
 
 
 def describe_source(conn: psycopg.Connection, source: str, options: dict | None = None) -> dict:
@@ -33,19 +33,15 @@ def describe_source(conn: psycopg.Connection, source: str, options: dict | None 
     try:
         return conn.execute(f"SELECT pgtraj.describe_source(%s::{cast}, %s)", [source, Jsonb(opts)]).fetchone()[0]
     except psycopg.Error as exc:
-        hint = exc.diag.message_hint if exc.diag else None
-        raise SourceError(f"{(exc.diag.message_primary if exc.diag else None) or str(exc).strip()}".removeprefix(
-            "pgtraj: "), hint=hint) from None
+        raise source_error(exc) from None
+
 
 
 def read_source(conn: psycopg.Connection, source: str, cfg: TrainConfig, options: dict | None = None,
                 log=print) -> tuple[Prepared, dict]:
     """Every row of a table or query, cleaned and split as ``cfg`` says (core.prepare), and its description."""
     desc = describe_source(conn, source, options)
-    cols = ", ".join(f"{k.removesuffix('_column')} {v}" for k, v in desc["columns"].items())
-    log(f"reading {desc['source']} ({desc['shape']}: {cols}; {desc['rows']:,} rows"
-        + (f", {desc['incomplete_fixes']:,} fixes without time or position skipped" if desc["incomplete_fixes"] else "")
-        + ")")
+    log(summary(desc))
     with conn.transaction(), conn.cursor(name="pgtraj_source", binary=True) as cur:
         cur.itersize = 200
         cur.execute(desc["query"])

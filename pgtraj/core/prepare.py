@@ -40,8 +40,37 @@ def check_split_by(split_by: str) -> str:
     return split_by
 
 
-def prepare(rows, options: CleaningOptions, split_by: str = "time", log=print) -> Prepared:
-    check_split_by(split_by)
+@dataclass
+class Read:
+    """The usable trajectories of a source's rows, and what was refused."""
+
+    trajectories: list        # (Trajectory, entity, split) per usable row
+    labels: dict              # trajectory id -> label, for rows that have one
+    rejected: Counter         # reason -> rows
+    rows: int
+
+    def summary(self) -> str:
+        out = (f"{self.rows} rows read, {len(self.trajectories)} trajectories"
+               f" ({sum(len(t) for t, _, _ in self.trajectories):,} fixes)")
+        if self.rejected:
+            out += "; rejected: " + ", ".join(f"{n} {reason}" for reason, n in self.rejected.most_common())
+        return out
+
+
+@dataclass
+class Cleaned:
+    """Cleaned pieces with the entity and source split of the trajectory each came from."""
+
+    pieces: list
+    entities: list
+    given: list
+    why: str                  # the thresholds and where they came from
+    report: CleaningReport
+
+
+def read_rows(rows) -> Read:
+    """Parse rows ``(entity, id, wkb, reason, split, label)``; a row without a usable trajectory is counted
+    by its reason, never dropped silently."""
     raw, rejected, labels = [], Counter(), {}
     n_rows = 0
     for entity, traj_id, wkb, reason, split, label in rows:
@@ -55,27 +84,38 @@ def prepare(rows, options: CleaningOptions, split_by: str = "time", log=print) -
             raw.append((from_wkb(traj_id, wkb), entity, split))
         except TrajectoryError as exc:
             rejected[exc.reason] += 1
-    read = f"{n_rows} rows read, {len(raw)} trajectories ({sum(len(t) for t, _, _ in raw):,} fixes)"
-    if rejected:
-        read += "; rejected: " + ", ".join(f"{n} {reason}" for reason, n in rejected.most_common())
-    log(read)
-    if not raw:
-        raise SourceError(f"the source has no usable trajectories ({read})",
-                          hint="check the table/query, its WHERE clause and the rejected rows' reasons")
+    return Read(raw, labels, rejected, n_rows)
 
-    config, why = options.resolve([t for t, _, _ in raw])
+
+def clean_read(read: Read, options: CleaningOptions) -> Cleaned:
+    """Every trajectory cleaned with the thresholds ``options`` resolve to on them (check_discard is the
+    caller's, once it has said what cleaning did)."""
+    config, why = options.resolve([t for t, _, _ in read.trajectories])
     report = CleaningReport()
     pieces, entities, given = [], [], []
-    for traj, entity, split in raw:
+    for traj, entity, split in read.trajectories:
         for piece in clean(traj, config, report):
             pieces.append(piece)
-            entities.append("" if entity is None else entity)
+            entities.append(entity)
             given.append(split)
-    log(f"cleaning: {why}; {report.summary()}")
+    return Cleaned(pieces, entities, given, why, report)
+
+
+def prepare(rows, options: CleaningOptions, split_by: str = "time", log=print) -> Prepared:
+    check_split_by(split_by)
+    read = read_rows(rows)
+    log(read.summary())
+    if not read.trajectories:
+        raise SourceError(f"the source has no usable trajectories ({read.summary()})",
+                          hint="check the table/query, its WHERE clause and the rejected rows' reasons")
+    cleaned = clean_read(read, options)
+    pieces, given, report = cleaned.pieces, cleaned.given, cleaned.report
+    entities = ["" if e is None else e for e in cleaned.entities]
+    log(f"cleaning: {cleaned.why}; {report.summary()}")
     discarded = check_discard(report, options.max_discard)
 
-    record: dict = {"trajectories_read": n_rows, "rejected": dict(rejected),
-                    "cleaning": {"thresholds": why, "discarded_share": round(discarded, 6), **report.counts}}
+    record: dict = {"trajectories_read": read.rows, "rejected": dict(read.rejected),
+                    "cleaning": {"thresholds": cleaned.why, "discarded_share": round(discarded, 6), **report.counts}}
     if any(s is not None for s in given):
         splits = {name: [p for p, s in zip(pieces, given) if s == name] for name in FRACTIONS}
         record["split"] = {"by": "column", "pieces_without_split": sum(s is None for s in given)}
@@ -106,4 +146,4 @@ def prepare(rows, options: CleaningOptions, split_by: str = "time", log=print) -
             raise SourceError(f"no '{name}' trajectories to train with: {how} ({shown})",
                               hint="give the source a split column with train and val rows, or let pgtraj split it"
                                    " (no split column; split_by time or entity)")
-    return Prepared(splits, labels, record)
+    return Prepared(splits, read.labels, record)

@@ -53,12 +53,17 @@ class Trajectory:
                           None if self.z is None else self.z[index])
 
 
-def to_wkb(traj: Trajectory) -> bytes:
+def to_wkb(traj: Trajectory, srid: int | None = None) -> bytes:
     """ISO WKB of the trajectory as a LINESTRING M, or ZM with its altitude (x = lon, y = lat, M = epoch
-    seconds): from_wkb's inverse."""
+    seconds): from_wkb's inverse. With ``srid``, EWKB carrying it (what COPY reads into a typed column)."""
     cols = [traj.lon, traj.lat] + ([] if traj.z is None else [traj.z]) + [traj.t]
     coords = np.stack(cols, axis=1).astype("<f8")
-    return struct.pack("<BII", 1, _ISO_M if traj.z is None else _ISO_ZM, len(traj)) + coords.tobytes()
+    if srid is None:
+        head = struct.pack("<BII", 1, _ISO_M if traj.z is None else _ISO_ZM, len(traj))
+    else:
+        flags = _EWKB_M | _EWKB_SRID | (0 if traj.z is None else _EWKB_Z)
+        head = struct.pack("<BIII", 1, 2 | flags, srid, len(traj))
+    return head + coords.tobytes()
 
 
 def from_wkb(traj_id, wkb: bytes | memoryview, time_scale: float = 1.0) -> Trajectory:

@@ -179,14 +179,14 @@ class LocalCluster:
                                      hint="sudo docker/install-debian.sh (builds Citus 13.2.2; its source is read from"
                                           " PGTRAJ_SOURCES)")
 
-    def _adopt_password(self, coordinator: "LocalCluster") -> None:
-        """Every node of a Citus cluster has the coordinator's superuser password (nodes log in to each
-        other with it, pg_dist_authinfo)."""
+    def _adopt_password(self, other: "LocalCluster") -> None:
+        """This cluster logs in with ``other``'s superuser password: a Citus worker has its coordinator's
+        (nodes log in to each other with it, pg_dist_authinfo), a standby its primary's (a copy of it)."""
         if not self._password_file.exists():
             self.home.mkdir(parents=True, exist_ok=True)
             fd = os.open(self._password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(coordinator._password_file.read_text())
+                f.write(other._password_file.read_text())
 
     def _register_workers(self, log) -> None:
         """CREATE EXTENSION citus on every node, the password each node uses to reach the others, and the
@@ -232,9 +232,7 @@ class LocalCluster:
             # the connection string (password included) goes into the standby's postgresql.auto.conf (0600)
             self.as_server([str(PG_BINDIR / "pg_basebackup"), "-D", str(replica.pgdata), "-R", "-X", "stream",
                             "-c", "fast", "-d", self.url("postgres")])
-            fd = os.open(replica._password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(self._password_file.read_text())
+            replica._adopt_password(self)
         replica.start(port=port, log=log)
         return replica
 

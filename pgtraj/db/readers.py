@@ -116,6 +116,12 @@ class QuerySource:
         return sql.SQL(self.sql_text.strip().rstrip(";"))
 
 
+def source_error(exc: psycopg.Error) -> SourceError:
+    """What the server said about a source (pgtraj.describe_source, make_trips), as the client reports it."""
+    message = (exc.diag.message_primary if exc.diag else None) or str(exc).strip()
+    return SourceError(message.removeprefix("pgtraj: "), hint=exc.diag.message_hint if exc.diag else None)
+
+
 def _column_type(conn, table: str, column: str) -> str:
     cur = conn.execute(sql.SQL("SELECT {} FROM {} LIMIT 0").format(sql.Identifier(column), _table(table)))
     oid = cur.description[0].type_code

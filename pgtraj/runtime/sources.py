@@ -21,6 +21,7 @@ schema-qualified: the text runs in the caller's session, whatever its search_pat
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 from pgtraj.core.contract import SOURCE_OPTIONS
 from pgtraj.runtime.batch import extension_schema, resolve_table
@@ -99,6 +100,31 @@ def describe(plpy, source: str, opts: dict) -> dict:
         _rows_query(q, frm, cols, types, postgis)
     return {"source": relation or "query", "shape": shape, "columns": cols, "id_type": types[cols["id_column"]],
             "postgis": postgis, **counts, "query": query}
+
+
+def summary(desc: dict) -> str:
+    """What a description says of the source, as the training log shows it (client and server alike)."""
+    cols = ", ".join(f"{k.removesuffix('_column')} {v}" for k, v in desc["columns"].items())
+    skipped = (f", {desc['incomplete_fixes']:,} fixes without time or position skipped"
+               if desc["incomplete_fixes"] else "")
+    return f"reading {desc['source']} ({desc['shape']}: {cols}; {desc['rows']:,} rows{skipped})"
+
+
+@contextmanager
+def rows(plpy, desc: dict, batch: int = 500):
+    """The described source's rows as core.prepare reads them, through an SPI cursor that is closed on the
+    way out (before anything commits or rolls back: an open cursor would pin its portal)."""
+    cursor = plpy.cursor(desc["query"])
+
+    def each():
+        while fetched := cursor.fetch(batch):
+            for r in fetched:
+                yield r["entity"], r["id"], r["w"], r["reason"], r["split"], r["label"]
+
+    try:
+        yield each()
+    finally:
+        cursor.close()
 
 
 def _type_names(plpy, oids) -> list[str]:

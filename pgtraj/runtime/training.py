@@ -37,23 +37,9 @@ def read_source(plpy, source: str, opts: dict, cfg, log):
     from pgtraj.core.prepare import prepare
 
     desc = sources.describe(plpy, source, opts)
-    log(f"reading {desc['source']} ({desc['shape']}, {desc['rows']:,} rows"
-        + (f", {desc['incomplete_fixes']:,} fixes without time or position skipped" if desc["incomplete_fixes"] else "")
-        + ")")
-    cursor = plpy.cursor(desc["query"])
-
-    def rows():
-        while True:
-            batch = cursor.fetch(500)
-            if not batch:
-                return
-            for r in batch:
-                yield r["entity"], r["id"], r["w"], r["reason"], r["split"], r["label"]
-
-    try:  # closed before anything commits or rolls back: an open cursor would pin its portal
-        prepared = prepare(rows(), config_from_dict(CleaningOptions, cfg.cleaning, "cleaning"), cfg.split_by, log=log)
-    finally:
-        cursor.close()
+    log(sources.summary(desc))
+    with sources.rows(plpy, desc) as each:
+        prepared = prepare(each, config_from_dict(CleaningOptions, cfg.cleaning, "cleaning"), cfg.split_by, log=log)
     return prepared, {k: desc[k] for k in ("source", "shape", "columns", "rows", "incomplete_fixes")}
 
 

@@ -20,9 +20,10 @@ BATCH = 500
 
 
 def make_trips(plpy, source: str, target: str, options: str, replace: bool) -> int:
-    from pgtraj.core.clean import CleaningOptions, CleaningReport, check_discard, clean
-    from pgtraj.core.errors import PgtrajError, TrajectoryError, config_from_dict
-    from pgtraj.core.trajectory import from_wkb, to_wkb
+    from pgtraj.core.clean import CleaningOptions, check_discard
+    from pgtraj.core.errors import PgtrajError, config_from_dict
+    from pgtraj.core.prepare import clean_read, read_rows
+    from pgtraj.core.trajectory import to_wkb
 
     opts = json.loads(options or "{}")
     if not isinstance(opts, dict):
@@ -38,24 +39,12 @@ def make_trips(plpy, source: str, target: str, options: str, replace: bool) -> i
     name = _target(plpy, target, replace)
     desc = sources.describe(plpy, source, {k: v for k, v in opts.items() if v is not None})
     id_col, id_type = desc["columns"]["id_column"], desc["id_type"]
-    raw, rejected = [], {}
-    cursor = plpy.cursor(desc["query"])
-    try:
-        while rows := cursor.fetch(BATCH):
-            for r in rows:
-                if r["w"] is None:
-                    rejected[r["reason"] or "NULL trajectory"] = rejected.get(r["reason"] or "NULL trajectory", 0) + 1
-                    continue
-                try:
-                    raw.append((from_wkb(r["id"], r["w"]), r["entity"], r["label"]))
-                except TrajectoryError as exc:
-                    rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
-    finally:
-        cursor.close()
-    config, why = cleaning.resolve([t for t, _, _ in raw])
-    report = CleaningReport()
+    with sources.rows(plpy, desc) as each:
+        read = read_rows(each)
+    cleaned = clean_read(read, cleaning)
+    share = check_discard(cleaned.report, cleaning.max_discard)  # a CleaningError is reported as 22023
     q = plpy.quote_ident
-    shape = "LineStringZM" if any(t.z is not None for t, _, _ in raw) else "LineStringM"  # Z: the altitude
+    shape = "LineStringZM" if any(t.z is not None for t, _, _ in read.trajectories) else "LineStringM"  # Z: altitude
     plpy.execute(f"CREATE TABLE {name} (trip_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
                  f" {q(id_col)} {id_type} NOT NULL, part integer NOT NULL, entity text, label text,"
                  f" start_at timestamptz NOT NULL, end_at timestamptz NOT NULL, fixes integer NOT NULL,"
@@ -69,22 +58,16 @@ def make_trips(plpy, source: str, target: str, options: str, replace: bool) -> i
         " pg_catalog.unnest($6::pg_catalog.float8[]), pg_catalog.unnest($7::pg_catalog.int4[]),"
         " pg_catalog.unnest($8::pg_catalog.bytea[])) AS x(id, part, entity, label, t0, t1,"
         " n, w)", ["text[]", "int4[]", "text[]", "text[]", "float8[]", "float8[]", "int4[]", "bytea[]"])
-    batch: list[tuple] = []
     trips = 0
-    for traj, entity, label in raw:
-        for p in clean(traj, config, report):
-            batch.append((str(traj.id), p.part, entity, label, float(p.t[0]), float(p.t[-1]), len(p), to_wkb(p)))
-            if len(batch) >= BATCH:
-                plpy.execute(insert, [list(c) for c in zip(*batch)])
-                trips, batch = trips + len(batch), []
-    share = check_discard(report, cleaning.max_discard)
-    if batch:
+    for i in range(0, len(cleaned.pieces), BATCH):
+        batch = [(str(p.id), p.part, e, read.labels.get(p.id), float(p.t[0]), float(p.t[-1]), len(p), to_wkb(p))
+                 for p, e in zip(cleaned.pieces[i:i + BATCH], cleaned.entities[i:i + BATCH])]
         plpy.execute(insert, [list(c) for c in zip(*batch)])
         trips += len(batch)
     plpy.execute(f"ANALYZE {name}")
-    plpy.notice(f"pgtraj.make_trips: {trips} trips of {len(raw)} {desc['shape']} trajectories into {name};"
-                f" cleaning: {why}; discarded {share:.2%} of the fixes"
-                + (f"; rejected: {rejected}" if rejected else ""))
+    plpy.notice(f"pgtraj.make_trips: {trips} trips of {len(read.trajectories)} {desc['shape']} trajectories into"
+                f" {name}; cleaning: {cleaned.why}; discarded {share:.2%} of the fixes"
+                + (f"; rejected: {dict(read.rejected)}" if read.rejected else ""))
     return trips
 
 
