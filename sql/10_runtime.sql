@@ -21,3 +21,18 @@ LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS $$
     SELECT version FROM pgtraj.installation
 $$;
 COMMENT ON FUNCTION pgtraj.version() IS 'The pgtraj version installed in this database';
+
+-- What Citus makes of a table: 'distributed' (sharded over the workers), 'reference' (a copy on every node:
+-- the registry's tables on a Citus cluster, pgtraj/db/citus.py) or 'local' (a coordinator table in Citus'
+-- metadata); NULL for an ordinary table or where Citus is not installed.
+CREATE OR REPLACE FUNCTION pgtraj._citus_kind(t regclass) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgtraj AS $$
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN (SELECT CASE WHEN p.partmethod <> 'n' OR p.colocationid <> 0 AND p.repmodel = 's' THEN 'distributed'
+                        WHEN p.repmodel = 't' THEN 'reference' ELSE 'local' END
+              FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = t);
+END
+$$;

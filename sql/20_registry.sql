@@ -69,6 +69,9 @@ BEGIN
             coalesce(_register.metrics, '{}'), _register.primary_metric, coalesce(_register.higher_is_better, true),
             _register.embedding_dim, _register.training_run_id, _register.description, who)
     RETURNING id INTO new_id;
+    IF pgtraj._citus_kind('pgtraj.model_artifacts') = 'reference' THEN  -- no trigger there (40_inference.sql)
+        PERFORM pgtraj._check_graph(new_id, k, encode(sha256(g), 'hex'), g) FROM unnest(kinds, graphs) AS u(k, g);
+    END IF;
     INSERT INTO pgtraj.model_artifacts (model_id, kind, format, bytes, sha256)  -- each checked by its trigger
     SELECT new_id, k, CASE k WHEN 'weights' THEN 'npz' ELSE 'onnx' END, g, encode(sha256(g), 'hex')
       FROM unnest(kinds, graphs) AS u(k, g);

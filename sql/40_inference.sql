@@ -82,14 +82,29 @@ $$;
 -- model's tokenizer; an encoder's width is the model's embedding_dim), then written to the runtime's file
 -- cache, so that parallel workers, which may not query from PL/Python, can load a model no backend has
 -- used yet. A graph that fails the check fails the INSERT.
+CREATE OR REPLACE FUNCTION pgtraj._check_graph(model_id bigint, kind text, sha256 text, bytes bytea) RETURNS void
+LANGUAGE plpython3u VOLATILE SET search_path = pg_catalog, pgtraj AS $$
+@BOOT@
+pgtraj.graphs.check_artifact(plpy, {"model_id": model_id, "kind": kind, "sha256": sha256, "bytes": bytes})
+$$;
 CREATE OR REPLACE FUNCTION pgtraj._check_artifact() RETURNS trigger
 LANGUAGE plpython3u SET search_path = pg_catalog, pgtraj AS $$
 @BOOT@
 pgtraj.graphs.check_artifact(plpy, TD["new"])
 $$;
-DROP TRIGGER IF EXISTS check_artifact ON pgtraj.model_artifacts;
-CREATE TRIGGER check_artifact AFTER INSERT OR UPDATE ON pgtraj.model_artifacts
-    FOR EACH ROW EXECUTE FUNCTION pgtraj._check_artifact();
+-- The check is a trigger, so that a superuser's own INSERT is checked too; except on Citus, where the
+-- registry is a reference table, which can carry no trigger: there pgtraj._register, the one way in for
+-- every other role, checks each graph before storing it. (One statement each: Citus sends a trigger's
+-- statement text, and no more, to every node.)
+DO $$
+BEGIN
+    IF pgtraj._citus_kind('pgtraj.model_artifacts') IS DISTINCT FROM 'reference' THEN
+        DROP TRIGGER IF EXISTS check_artifact ON pgtraj.model_artifacts;
+        CREATE TRIGGER check_artifact AFTER INSERT OR UPDATE ON pgtraj.model_artifacts
+            FOR EACH ROW EXECUTE FUNCTION pgtraj._check_artifact();
+    END IF;
+END
+$$;
 
 -- embeddings ---------------------------------------------------------------------------------------------
 

@@ -93,7 +93,8 @@ BEGIN
                coalesce(_record_errors.attempts, 1)
           FROM unnest(bad_keys, sqlstates, messages) AS u(k, s, m)
         ON CONFLICT (table_name, embedding_column, key) DO UPDATE
-           SET attempts = coalesce(_record_errors.attempts, e.attempts + 1), last_failed_at = now(),
+           -- no function call here: Citus refuses them in DO UPDATE (this table is in its metadata there)
+           SET attempts = coalesce(_record_errors.attempts, e.attempts + 1), last_failed_at = excluded.last_failed_at,
                sqlstate = excluded.sqlstate, error = excluded.error, model_id = excluded.model_id;
     END IF;
 END
@@ -110,6 +111,18 @@ pgtraj.batch.embed_table(plpy, source, traj_column, embedding_column, model, bat
 $$;
 COMMENT ON PROCEDURE pgtraj.embed_table(regclass, name, name, text, integer, text) IS
     'Fills a vector column with a model''s embeddings of one aspect (route, spacetime), batch by batch (each committed): only rows with no embedding or one from another model version; unusable rows go to pgtraj.embedding_errors';
+
+-- A round of embed_table on a Citus worker: batches of the shards of source that this node holds, from each
+-- shard's cursor, each committed, for about `seconds` (runtime/batch.py, embed_node). It runs in a connection
+-- the coordinator opens as the caller, so the shards' own grants apply; summary says what became of them.
+CREATE OR REPLACE PROCEDURE pgtraj._embed_node(source text, traj_column name, embedding_column name, model text,
+                                               batch_size integer, aspect text, cursors text, seconds float8,
+                                               INOUT summary text DEFAULT NULL)
+LANGUAGE plpython3u AS $$
+@BOOT@
+return {"summary": pgtraj.batch.embed_node(plpy, source, traj_column, embedding_column, model, batch_size, aspect,
+                                          cursors, seconds)}
+$$;
 
 -- Jobs as people want to read them: a 'running' job whose backend is gone was interrupted.
 CREATE OR REPLACE VIEW pgtraj.job_status AS

@@ -2,6 +2,10 @@
 -- denied. The test suite reproduces each attack these rules stop (tests/test_security.py) and prints the
 -- whole catalogue of rights (tests/sql/api.sql).
 
+-- Every routine and type below prints fully qualified (regprocedure, and Citus' own text of these
+-- statements): on a Citus coordinator they are sent to every worker, whose search_path is not this install's.
+SET LOCAL search_path = pg_catalog;
+
 REVOKE ALL ON SCHEMA pgtraj FROM PUBLIC;
 GRANT USAGE ON SCHEMA pgtraj TO pgtraj_user, pgtraj_service;
 
@@ -27,7 +31,7 @@ DECLARE
                         'similarity _predict_next predict_next _predict_destination predict_destination _predict_path '
                         '_predict_travel_time predict_travel_time _classify classify '
                         'predict_path _fill_gaps fill_gaps fill_gaps_detail _score score _warmup warmup export_model '
-                        'embed_table _job_start _job_update _record_errors create_hnsw_index _primary_key similar similar_rows _search_setup '
+                        'embed_table _embed_node _citus_kind _job_start _job_update _record_errors create_hnsw_index _primary_key similar similar_rows _search_setup '
                         '_enqueue create_embedding_target drop_embedding_target process_queue pause_embedding '
                         'resume_embedding _target_add _target_remove _target_pause _queue_add _queue_take _queue_done '
                         'schedule_refresh _schedule_refresh unschedule_refresh _unschedule _check_writable describe_source make_trips _wkb_or_reason'],
@@ -36,7 +40,7 @@ DECLARE
                          'schedule_training _schedule_training unschedule_training'],
         -- what the SECURITY DEFINER functions owned by pgtraj_service call
         ['pgtraj_service', '_acting_for _check_writable _check_column_rights _target _record_errors _primary_key '
-                           '_model_doc']];
+                           '_model_doc _citus_kind _check_graph']];
     r  text[];
     fn regprocedure;
 BEGIN

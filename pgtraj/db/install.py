@@ -9,6 +9,9 @@ leaves nothing half-applied, and concurrent installs run one after the other):
 4. migrations/NNNN_*.sql not yet recorded in pgtraj.schema_migrations are applied, in order;
 5. sql/*.sql (functions, views, privileges) are (re)created, with the runtime's path written into every
    PL/Python function (boot_snippet), and the installation row is written.
+
+On a Citus coordinator (db/citus.py) every worker is checked first (extensions, PL/Python), Citus carries
+what the install creates to every node, and the registry's tables become reference tables.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from pgtraj.core.errors import (
     NotSuperuserError,
     RuntimeImportError,
 )
+from pgtraj.db import citus
 from pgtraj.db.connection import connect
 from pgtraj.runtime.boot import path_setup, plpython_body
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 INSTALL_LOCK = "pgtraj.install"
+PINNED_PATH = "pg_catalog, pgtraj"  # every function's search_path (sql/00_roles.sql)
 STACK_HINT = "install the stack with `sudo docker/install-debian.sh` (Debian 12), or see README.md"
 
 
@@ -112,6 +117,13 @@ def install(dsn: str, *, python_path: str | None = None, log=print,
     result = InstallResult(version=__version__)
     with connect(dsn, application_name="pgtraj install") as conn, conn.cursor() as cur:
         check_superuser(cur)
+        distributed = citus.enabled(cur)
+        nodes = citus.workers(cur) if distributed else []
+        if nodes:
+            citus.check_extensions(cur, requirements)
+            # the worker probe below runs in connections of its own: PL/Python must exist there already
+            cur.execute("CREATE EXTENSION IF NOT EXISTS plpython3u")
+            conn.commit()
         cur.execute("SET LOCAL client_min_messages = warning")  # no 'already exists, skipping' noise
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [INSTALL_LOCK])
         result.extensions, result.notes = create_extensions(cur, requirements)
@@ -122,21 +134,34 @@ def install(dsn: str, *, python_path: str | None = None, log=print,
         log(f"PL/Python runtime: Python {result.runtime['python']}, numpy {result.runtime['numpy']}, "
             f"onnxruntime {result.runtime['onnxruntime']}, h3 {result.runtime['h3']}")
         python_path = python_path or result.runtime.get("found_at")  # where the server found it, kept
+        if nodes:  # the functions Citus copies to the workers carry this path
+            for node, info in citus.probe_workers(cur, _PROBE_BODY.replace("@PATH@", path_setup(python_path))).items():
+                check_runtime(info, python_path, where=f"Citus worker {node}")
+            log(f"Citus: {len(nodes)} worker(s) checked: {', '.join(map(str, nodes))}")
         result.applied = apply_migrations(cur, migrations, log)
         cur.execute(
             """INSERT INTO pgtraj.installation (version, python_path) VALUES (%s, %s)
                ON CONFLICT (singleton) DO UPDATE
-               SET version = excluded.version, python_path = excluded.python_path, upgraded_at = now()""",
+               SET version = excluded.version, python_path = excluded.python_path,
+                   upgraded_at = excluded.upgraded_at""",  # no function here: Citus refuses them
             [__version__, python_path])
+        authinfo = None
+        if distributed:
+            citus.make_reference_tables(cur, log)
         schemas = extension_schemas(cur)
         # types in signatures resolve here; bodies run under their own pinned search_path
         cur.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.SQL(", ").join(
             sql.Identifier(s) for s in dict.fromkeys(["pg_catalog", "pgtraj", *schemas.values()]))))
         for f in sorted(resource_dir("sql").glob("*.sql")):
-            cur.execute(render_sql(f.read_text(), python_path, schemas))
+            cur.execute(render_sql(f.read_text(), python_path, schemas, citus=distributed))
+        if distributed:
+            authinfo = citus.service_login(cur)  # its role was made by sql/00_roles.sql
         result.notes += scheduling_notes(cur)
         for note in result.notes:
             log(f"note: {note}")
+        conn.commit()
+        if authinfo and nodes:
+            citus.finish(cur, authinfo)
     log(f"pgtraj {__version__} installed ({len(result.applied)} migration(s) applied)")
     return result
 
@@ -209,9 +234,14 @@ def _pg_cron_unusable(cur: psycopg.Cursor) -> str | None:
     return None
 
 
-def render_sql(text: str, python_path: str | None, schemas: dict[str, str]) -> str:
+def render_sql(text: str, python_path: str | None, schemas: dict[str, str], *, citus: bool = False) -> str:
     """sql/*.sql as installed: ``@extschema:NAME@`` is the quoted schema of extension NAME (as in PostgreSQL
-    16's extension scripts), and each ``@BOOT@`` body becomes plpython_body()."""
+    16's extension scripts), and each ``@BOOT@`` body becomes plpython_body(). On Citus every function may
+    also read the registry (reference tables, local on every node) from inside a query on a shard, which
+    Citus refuses unless told (citus.allow_nested_distributed_execution) for the function's duration."""
+    if citus:
+        text = text.replace(f"SET search_path = {PINNED_PATH}",
+                            f"SET search_path = {PINNED_PATH} SET citus.allow_nested_distributed_execution = on")
     def schema(m: re.Match) -> str:
         if m.group(1) not in schemas:
             raise DatabaseSetupError(f"sql/ refers to extension {m.group(1)}, which is not installed")
@@ -248,9 +278,7 @@ def scheduling_notes(cur: psycopg.Cursor) -> list[str]:
     return []
 
 
-_PROBE = """
-CREATE FUNCTION pg_temp.pgtraj_probe() RETURNS text LANGUAGE plpython3u AS $$
-import json
+_PROBE_BODY = """import json
 @PATH@
 out = {"executable": sys.executable, "python": sys.version.split()[0], "errors": {}}
 for name in ("numpy", "onnxruntime", "h3", "pgtraj.runtime.api"):
@@ -261,10 +289,9 @@ for name in ("numpy", "onnxruntime", "h3", "pgtraj.runtime.api"):
 if not out["errors"]:
     import os, pgtraj, pgtraj.runtime.api
     out.update(pgtraj.runtime.api.info())
-    out["found_at"] = os.path.dirname(os.path.dirname(pgtraj.__file__))
-return json.dumps(out)
-$$
-"""
+    out["found_at"] = os.path.dirname(os.path.dirname(pgtraj.__file__))"""
+_PROBE = ("CREATE FUNCTION pg_temp.pgtraj_probe() RETURNS text LANGUAGE plpython3u AS $$\n"
+          f"{_PROBE_BODY}\nreturn json.dumps(out)\n$$")
 
 
 def probe_runtime(cur: psycopg.Cursor, python_path: str | None) -> dict:
@@ -273,26 +300,32 @@ def probe_runtime(cur: psycopg.Cursor, python_path: str | None) -> dict:
     cur.execute("SELECT pg_temp.pgtraj_probe()")
     info = json.loads(cur.fetchone()[0])
     cur.execute("DROP FUNCTION pg_temp.pgtraj_probe()")
-    where = f"python_path={python_path!r}" if python_path else "the server's default sys.path"
+    check_runtime(info, python_path)
+    return info
+
+
+def check_runtime(info: dict, python_path: str | None, where: str = "the server") -> None:
+    """What a probe found is what this client needs: every package, recent enough, and the same pgtraj."""
+    path = f"python_path={python_path!r}" if python_path else "the server's default sys.path"
     fix = ("build the runtime environment on the database host with `pgtraj runtime-env /var/lib/pgtraj/runtime-venv` "
            "(it uses the system python3 that PL/Python embeds), then `pgtraj install --python-path <the "
            "site-packages it prints>`")
     if info["errors"]:
         missing = "; ".join(f"{k}: {v}" for k, v in info["errors"].items())
-        raise RuntimeImportError(f"PL/Python (Python {info['python']}, {where}) cannot import: {missing}",
+        raise RuntimeImportError(f"PL/Python on {where} (Python {info['python']}, {path}) cannot import: {missing}",
                                  hint=fix)
     for pkg, minimum in RUNTIME_MINIMUMS.items():
         if version_tuple(info[pkg]) < version_tuple(minimum):
-            raise RuntimeImportError(f"PL/Python has {pkg} {info[pkg]}; pgtraj needs {minimum} or newer", hint=fix)
+            raise RuntimeImportError(f"PL/Python on {where} has {pkg} {info[pkg]}; pgtraj needs {minimum} or newer",
+                                     hint=fix)
     if info["pgtraj"] != __version__ or info["digest"] != package_digest():
         raise RuntimeImportError(
-            f"PL/Python imports pgtraj runtime {info['pgtraj']} (source digest {info['digest'][:12]}) but this "
+            f"PL/Python on {where} imports pgtraj runtime {info['pgtraj']} (source digest {info['digest'][:12]}) but this "
             f"client is pgtraj {__version__} ({package_digest()[:12]})",
             hint="refresh the runtime environment (`pgtraj runtime-env PATH`; the local database does it on "
                  "`pgtraj db start`) so that both run the same code")
     if info["torch_loaded"]:
-        raise DatabaseSetupError("the pgtraj runtime imported torch inside the server", hint="this is a bug")
-    return info
+        raise DatabaseSetupError(f"the pgtraj runtime imported torch inside {where}", hint="this is a bug")
 
 
 def _recorded_python_path(cur: psycopg.Cursor) -> str | None:

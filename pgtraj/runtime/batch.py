@@ -9,6 +9,11 @@ run picks up the rest. A row that cannot be embedded, whatever the reason (unusa
 PostGIS does not know, a time no calendar has), is recorded in pgtraj.embedding_errors under its key and
 skipped; the others in its batch are kept. Progress goes to NOTICEs and to the job's row in pgtraj.jobs.
 
+On a Citus distributed table the same batches run on the workers (``pgtraj._embed_node``: each node
+embeds the shards it holds, so no trajectory travels to the coordinator), one backend per node and the
+nodes in parallel, in rounds of a few seconds; the coordinator keeps the job row and the failed rows, and
+each shard keeps its own key cursor from round to round.
+
 Procedures that commit cannot pin search_path with a SET clause, so every name in the SQL below is
 qualified (pg_catalog., pgtraj., the extension's schema): nothing a role plants on the caller's
 search_path is ever called from here.
@@ -128,11 +133,16 @@ def describe(plpy, source: str, traj_column: str, embedding_column: str) -> Tabl
 
 
 def check_dimensions(plpy, ref: Ref, where: Table, aspect: str = "route") -> None:
-    """The model's embeddings (of ``aspect``) fit the vector column."""
+    """The model's embeddings (of ``aspect``) fit the vector column. The registry's embedding_dim was checked
+    against the graph when it was stored (graphs.check_artifact), so no session is loaded here: on Citus this
+    runs on the coordinator, which embeds nothing itself."""
     from pgtraj.runtime import models
 
-    _, sess = models.session(plpy, ref)
-    dim = dimension(sess.get_outputs()[0].shape[1], aspect)
+    width = plpy.execute(plpy.prepare("SELECT embedding_dim FROM pgtraj.model_registry WHERE id = $1", ["int8"]),
+                         [ref.model_id])[0]["embedding_dim"]
+    if width is None:
+        width = models.session(plpy, ref)[1].get_outputs()[0].shape[1]
+    dim = dimension(width, aspect)
     if where.emb_typmod > 0 and where.emb_typmod != dim:
         raise InferenceError(f"model {models.label(plpy, ref.model_id)} embeds in {dim} dimensions but"
                              f" {where.sql}.{where.emb} is vector({where.emb_typmod})", sqlstate="42804",
@@ -232,53 +242,190 @@ def embed_table(plpy, source: str, traj_column: str, embedding_column: str, mode
                           hint="SELECT * FROM pgtraj.job_status WHERE status = 'running' shows it")
     with advisory_lock(plpy, "pgtraj.embed_table", f"{where.oid}.{embedding_column}", busy):
         ensure_version_column(plpy, where)
-        T, K, E, V, G = where.sql, q(where.key), q(embedding_column), q(where.version_column), q(traj_column)
-        stale = f"{G} IS NOT NULL AND ({E} IS NULL OR {V} IS DISTINCT FROM $1::pg_catalog.int8)"
-        total = plpy.execute(plpy.prepare(f"SELECT pg_catalog.count(*) AS n FROM {T} WHERE {stale}", ["int8"]),
-                             [ref.model_id])[0]["n"]
+        plpy.commit()  # the new column's lock released: on Citus, other backends count and fill the shards
+        distributed = citus_kind(plpy, where.oid) == "distributed"
+        total = _count_stale(plpy, where, ref, distributed)
         job = Job(plpy, "embed_table", where, model, ref, total,
                   {"traj_column": traj_column, "batch_size": batch_size, "aspect": aspect})
-        keys = plpy.prepare(f"SELECT {K}::pg_catalog.text AS key FROM {T} WHERE {stale} AND ($2::{where.key_type} IS"
-                            f" NULL OR {K} > $2::{where.key_type}) ORDER BY {K} LIMIT $3", ["int8", "text", "int4"])
-        update = plpy.prepare(f"UPDATE {T} AS t SET {E} = u.e::{where.vector}, {V} = $1 FROM ROWS FROM ("
-                              f"pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[])) AS u(k, e)"
-                              f" WHERE t.{K} = u.k::{where.key_type}", ["int8", "text[]", "text[]"])
         try:
-            _run(plpy, job, ref, where, total, batch_size, keys, update, aspect)
+            if distributed:
+                _run_shards(plpy, job, ref, where, total, batch_size, aspect)
+            else:
+                _run(plpy, job, ref, where, total, batch_size, aspect)
         except BaseException as exc:
             job.fail(exc)
             raise
         return {"job": job.id, "total": total, **job.state}
 
 
-def _run(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, keys, update, aspect: str) -> None:
-    reader = Reader(plpy, where)
-    record = plpy.prepare("SELECT pgtraj._record_errors($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4, $5, $6,"
-                          " $7)", ["oid", "name", "int8", "text[]", "text[]", "text[]", "text[]"])
-    done = failed = batches = 0
-    last = None
-    while True:
-        batch = [r["key"] for r in plpy.execute(keys, [ref.model_id, last, batch_size])]
-        if not batch:
-            break
-        rows, unreadable = reader.read(batch)
+def _stale(plpy, where: Table, version: str = "$1") -> str:
+    """Rows to embed: a trajectory, and no embedding or one by another model version than ``version``."""
+    E, V, G = plpy.quote_ident(where.emb), plpy.quote_ident(where.version_column), plpy.quote_ident(where.traj)
+    return f"{G} IS NOT NULL AND ({E} IS NULL OR {V} IS DISTINCT FROM {version}::pg_catalog.int8)"
+
+
+def _count_stale(plpy, where: Table, ref: Ref, distributed: bool) -> int:
+    """How many rows the job has to embed. A distributed table is counted shard by shard
+    (run_command_on_shards), so that a node that is down does not stop the ones that are up: its rows are
+    left out of the total, and the job, once the others are done, fails naming it."""
+    if not distributed:
+        return plpy.execute(plpy.prepare(f"SELECT pg_catalog.count(*) AS n FROM {where.sql} WHERE {_stale(plpy, where)}",
+                                         ["int8"]), [ref.model_id])[0]["n"]
+    # format() fills in each shard's name for %s; a % in a column name is doubled to stay itself
+    command = f"SELECT pg_catalog.count(*) FROM %s WHERE {_stale(plpy, where, str(int(ref.model_id))).replace('%', '%%')}"
+    return plpy.execute(plpy.prepare("SELECT coalesce(sum(result::pg_catalog.int8) FILTER (WHERE success), 0) AS n"
+                                     " FROM pg_catalog.run_command_on_shards($1::pg_catalog.oid::pg_catalog.regclass, $2)",
+                                     ["oid", "text"]), [where.oid, command])[0]["n"]
+
+
+class Batches:
+    """The batches of one table (or one shard of it): the next stale keys after a cursor, each batch read,
+    embedded and written back in place; what could not be embedded comes back as {key: (sqlstate, message)}."""
+
+    def __init__(self, plpy, where: Table, ref: Ref, aspect: str):
+        q = plpy.quote_ident
+        T, K, E, V = where.sql, q(where.key), q(where.emb), q(where.version_column)
+        self.plpy, self.ref, self.aspect, self.reader = plpy, ref, aspect, Reader(plpy, where)
+        self.keys = plpy.prepare(f"SELECT {K}::pg_catalog.text AS key FROM {T} WHERE {_stale(plpy, where)} AND"
+                                 f" ($2::{where.key_type} IS NULL OR {K} > $2::{where.key_type}) ORDER BY {K} LIMIT $3",
+                                 ["int8", "text", "int4"])
+        self.update = plpy.prepare(f"UPDATE {T} AS t SET {E} = u.e::{where.vector}, {V} = $1 FROM ROWS FROM ("
+                                   f"pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[]))"
+                                   f" AS u(k, e) WHERE t.{K} = u.k::{where.key_type}", ["int8", "text[]", "text[]"])
+
+    def next(self, after: str | None, size: int) -> list[str]:
+        return [r["key"] for r in self.plpy.execute(self.keys, [self.ref.model_id, after, size])]
+
+    def embed(self, batch: list[str]) -> tuple[list[str], dict]:
+        rows, unreadable = self.reader.read(batch)
         todo = [k for k in batch if rows.get(k) is not None]
-        embs, errors = encoder.embed_rows(plpy, [rows[k] for k in todo], ref, labels=todo, skip_errors=True,
-                                          aspect=aspect)
+        embs, errors = encoder.embed_rows(self.plpy, [rows[k] for k in todo], self.ref, labels=todo, skip_errors=True,
+                                          aspect=self.aspect)
         ok = [k for k, e in zip(todo, embs) if e is not None]
-        bad = {**unreadable, **{todo[i]: (e.sqlstate, e.message) for i, e in errors.items()}}
-        plpy.execute(update, [ref.model_id, ok, [e for e in embs if e is not None]])
-        plpy.execute(record, [where.oid, where.emb, ref.model_id, ok, list(bad), [s for s, _ in bad.values()],
-                              [m for _, m in bad.values()]])
-        done, failed, batches = done + len(ok), failed + len(bad), batches + 1
+        self.plpy.execute(self.update, [self.ref.model_id, ok, [e for e in embs if e is not None]])
+        return ok, {**unreadable, **{todo[i]: (e.sqlstate, e.message) for i, e in errors.items()}}
+
+
+class Progress:
+    """What the coordinator of a run keeps: counts, failed rows recorded, the job row and a NOTICE per step."""
+
+    def __init__(self, plpy, job: Job, ref: Ref, where: Table, total: int):
+        self.plpy, self.job, self.ref, self.where, self.total = plpy, job, ref, where, total
+        self.done = self.failed = self.batches = 0
+        self.record = plpy.prepare("SELECT pgtraj._record_errors($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4,"
+                                   " $5, $6, $7)", ["oid", "name", "int8", "text[]", "text[]", "text[]", "text[]"])
+
+    def add(self, ok: list[str], bad: dict, batches: int = 1) -> None:
+        """One step's results, committed with the job row (its batches are safe from here on)."""
+        self.plpy.execute(self.record, [self.where.oid, self.where.emb, self.ref.model_id, ok, list(bad),
+                                        [s for s, _ in bad.values()], [m for _, m in bad.values()]])
+        self.done, self.failed, self.batches = self.done + len(ok), self.failed + len(bad), self.batches + batches
+        elapsed = time.perf_counter() - self.job.t0
+        state = {"embedded": self.done, "failed": self.failed, "batches": self.batches, "seconds": round(elapsed, 3),
+                 "rows_per_second": round(self.done / elapsed, 1) if elapsed > 0 else None}
+        self.job.update(self.done + self.failed, state)
+        self.plpy.commit()
+        self.plpy.notice(f"pgtraj.embed_table {self.where.sql}.{self.where.emb}: {self.done + self.failed}/{self.total}"
+                         f" rows ({state['rows_per_second']} rows/s){f', {self.failed} failed' if self.failed else ''}")
+
+
+def _run(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, aspect: str) -> None:
+    batches, progress, last = Batches(plpy, where, ref, aspect), Progress(plpy, job, ref, where, total), None
+    while batch := batches.next(last, batch_size):
+        progress.add(*batches.embed(batch))
         last = batch[-1]
-        elapsed = time.perf_counter() - job.t0
-        state = {"embedded": done, "failed": failed, "batches": batches, "seconds": round(elapsed, 3),
-                 "rows_per_second": round(done / elapsed, 1) if elapsed > 0 else None}
-        job.update(done + failed, state)
-        plpy.commit()  # this batch is safe from here on
-        plpy.notice(f"pgtraj.embed_table {where.sql}.{where.emb}: {done + failed}/{total} rows"
-                    f" ({state['rows_per_second']} rows/s){f', {failed} failed' if failed else ''}")
+    _finish(plpy, job, progress.failed, where)
+
+
+def citus_kind(plpy, oid: int) -> str | None:
+    """'distributed', 'reference' or 'local' for a table Citus manages, None otherwise (pgtraj._citus_kind)."""
+    return plpy.execute(plpy.prepare("SELECT pgtraj._citus_kind($1::pg_catalog.oid::pg_catalog.regclass) AS k",
+                                     ["oid"]), [oid])[0]["k"]
+
+
+def _run_shards(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, aspect: str) -> None:
+    """Rounds of about NODE_ROUND_SECONDS of batches on every worker at once (run_command_on_workers: each
+    node, in a backend of its own, works through the shards it holds: pgtraj._embed_node), until a round
+    finds nothing left. Each shard keeps its own key cursor from round to round. A node that cannot be
+    reached is tried again each round while the others go on; once they are done, the job fails naming it,
+    and what every node committed stays."""
+    q = plpy.quote_literal
+    r = plpy.execute(plpy.prepare(
+        "SELECT m.name || '@' || m.version AS label, pg_catalog.quote_ident(n.nspname) || '.' ||"
+        " pg_catalog.quote_ident(c.relname) AS qualified FROM pgtraj.model_registry m, pg_catalog.pg_class c"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE m.id = $1 AND c.oid = $2",
+        ["int8", "oid"]), [ref.model_id, where.oid])[0]  # the very version resolved here; the table by name
+    run = plpy.prepare("SELECT nodename || ':' || nodeport AS node, success, result"
+                       " FROM pg_catalog.run_command_on_workers($1)", ["text"])
+    progress, cursors = Progress(plpy, job, ref, where, total), {}
+    while True:
+        command = (f"CALL pgtraj._embed_node({q(r['qualified'])}, {q(where.traj)}, {q(where.emb)}, {q(r['label'])},"
+                   f" {batch_size}, {q(aspect)}, {q(json.dumps(cursors))}, {NODE_ROUND_SECONDS})")
+        ok, bad, batches, lost = [], {}, 0, []
+        for row in plpy.execute(run, [command]):
+            if not row["success"]:
+                lost.append((row["node"], row["result"]))
+                continue
+            out = json.loads(row["result"])
+            cursors.update(out["cursors"])
+            ok += out["embedded"]
+            bad.update({k: tuple(v) for k, v in out["failed"].items()})
+            batches += out["batches"]
+        if batches:
+            progress.add(ok, bad, batches)
+        else:
+            break
+    if lost:
+        node, error = lost[0]
+        more = f" (and {len(lost) - 1} more node(s))" if len(lost) > 1 else ""
+        raise InferenceError(f"Citus worker {node}{more} could not embed its shards of {where.sql}: {error}",
+                             sqlstate="08006", hint="the batches committed so far are kept: bring the node back"
+                                                    " and CALL pgtraj.embed_table again to finish")
+    _finish(plpy, job, progress.failed, where)
+
+
+# how long one round of embed_table keeps each Citus worker at work before it reports back: every round
+# is a new backend on each node (run_command_on_workers opens one), which loads the model again
+NODE_ROUND_SECONDS = 5.0
+
+
+def embed_node(plpy, source: str, traj_column: str, embedding_column: str, model: str, batch_size: int,
+               aspect: str, cursors: str, seconds: float) -> str:
+    """On a Citus worker: batches of the shards of ``source`` this node holds, each committed, for about
+    ``seconds`` (at least one batch); each shard from its cursor on (``cursors``, by shard name; false once
+    it was found done). Returns, as JSON for the coordinator, the cursors moved on, the keys embedded and
+    the failed rows."""
+    t0, cursors = time.perf_counter(), json.loads(cursors)
+    shards = [r["shard"] for r in plpy.execute(plpy.prepare(
+        "SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname || '_' || s.shardid)"
+        " AS shard FROM pg_catalog.pg_dist_shard s JOIN pg_catalog.pg_dist_placement p USING (shardid)"
+        " JOIN pg_catalog.pg_class c ON c.oid = s.logicalrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE s.logicalrelid = $1::pg_catalog.regclass"
+        " AND p.groupid = (SELECT groupid FROM pg_catalog.pg_dist_local_group) ORDER BY s.shardid", ["text"]), [source])]
+    ref, moved, ok, bad, batches = resolve(plpy, model, "encoder"), {}, [], {}, 0
+    for shard in shards:
+        if cursors.get(shard) is False:
+            continue
+        if time.perf_counter() - t0 >= seconds and batches:
+            break
+        work = Batches(plpy, describe(plpy, shard, traj_column, embedding_column), ref, aspect)
+        last = cursors.get(shard)
+        while True:
+            batch = work.next(last, batch_size)
+            if not batch:
+                last = False  # nothing left in this shard
+                break
+            done, failed = work.embed(batch)
+            plpy.commit()
+            ok, last, batches = ok + done, batch[-1], batches + 1
+            bad.update({k: list(v) for k, v in failed.items()})
+            if time.perf_counter() - t0 >= seconds:
+                break
+        moved[shard] = last
+    return json.dumps({"cursors": moved, "embedded": ok, "failed": bad, "batches": batches})
+
+
+def _finish(plpy, job: Job, failed: int, where: Table) -> None:
     job.update(job.done, job.state, "succeeded")
     plpy.commit()
     if failed:

@@ -18,6 +18,7 @@ from pgtraj.runtime.batch import (
     Reader,
     begin_procedure,
     check_dimensions,
+    citus_kind,
     describe,
     ensure_version_column,
     resolve,
@@ -33,6 +34,12 @@ def create_target(plpy, name: str, source: str, traj_column: str, embedding_colu
     q = plpy.quote_ident
     encoder.check_aspect(aspect)
     where = describe(plpy, source, traj_column, embedding_column)
+    if citus_kind(plpy, where.oid) == "distributed":
+        # its triggers would run on the shards, on the workers, and write the coordinator's queue from there
+        raise InferenceError(f"{where.sql} is a Citus distributed table: the refresh queue does not serve those yet",
+                             sqlstate="0A000",
+                             hint=f"CALL pgtraj.embed_table('{where.sql}', ...) embeds only new and stale rows, on the"
+                                  " workers; schedule it with pg_cron to keep the column fresh")
     ref = resolve(plpy, model, "encoder")
     check_dimensions(plpy, ref, where, aspect)
     ensure_version_column(plpy, where)
