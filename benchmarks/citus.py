@@ -110,6 +110,7 @@ def main() -> None:
     queries = np.random.default_rng(0).choice(np.arange(1, len(rows) + 1), args.queries, replace=False).tolist()
     results: dict = {"rows": len(rows), "fixes": int(sum(len(r) for r in rows)), "settings": []}
     root = Path(tempfile.mkdtemp(prefix="pgtraj-bench-citus-"))
+    root.chmod(0o755)  # the server user must reach the data directories under it
     try:
         for n in [0, *args.workers]:
             cluster = LocalCluster(root / f"n{n}", runtime_venv=root / "runtime-venv",
