@@ -72,7 +72,7 @@ BEGIN
     IF pgtraj._citus_kind('pgtraj.model_artifacts') = 'reference' THEN  -- no trigger there (40_inference.sql)
         PERFORM pgtraj._check_graph(new_id, k, encode(sha256(g), 'hex'), g) FROM unnest(kinds, graphs) AS u(k, g);
     END IF;
-    INSERT INTO pgtraj.model_artifacts (model_id, kind, format, bytes, sha256)  -- each checked by its trigger
+    INSERT INTO pgtraj.model_artifacts (model_id, kind, format, bytes, sha256)  -- elsewhere: checked by its trigger
     SELECT new_id, k, CASE k WHEN 'weights' THEN 'npz' ELSE 'onnx' END, g, encode(sha256(g), 'hex')
       FROM unnest(kinds, graphs) AS u(k, g);
     RETURN QUERY SELECT new_id, new_ver;

@@ -72,9 +72,9 @@ def check_extensions(cur: psycopg.Cursor, requirements) -> None:
     """Every worker has the extensions pgtraj needs, recent enough: the error names the node and what it lacks."""
     from pgtraj.db.install import STACK_HINT, version_tuple
 
-    names = [r.extension for r in requirements]
-    query = ("SELECT coalesce(json_object_agg(name, default_version), '{}') FROM pg_catalog.pg_available_extensions"
-             f" WHERE name IN ({', '.join(map(quote_literal, names))})")
+    query = sql.SQL("SELECT coalesce(json_object_agg(name, default_version), '{{}}')"
+                    " FROM pg_catalog.pg_available_extensions WHERE name IN ({})").format(
+        sql.SQL(", ").join(sql.Literal(r.extension) for r in requirements)).as_string(cur)
     for node, (ok, result) in on_workers(cur, query).items():
         if not ok:
             raise DatabaseSetupError(f"Citus worker {node} cannot be reached from the coordinator: {result}",
@@ -165,14 +165,10 @@ def service_login(cur: psycopg.Cursor) -> str:
 def finish(cur: psycopg.Cursor, authinfo: str) -> None:
     """After the install committed: every worker's pg_dist_authinfo has pgtraj_service's entry (Citus does
     not copy that table), so that writes made on a worker reach the other nodes too."""
-    command = ("INSERT INTO pg_catalog.pg_dist_authinfo (nodeid, rolename, authinfo) VALUES (0, "
-               f"{quote_literal(SERVICE_ROLE)}, {quote_literal(authinfo)}) ON CONFLICT (rolename, nodeid)"
-               " DO UPDATE SET authinfo = excluded.authinfo")
+    command = sql.SQL("INSERT INTO pg_catalog.pg_dist_authinfo (nodeid, rolename, authinfo) VALUES (0, {}, {})"
+                      " ON CONFLICT (rolename, nodeid) DO UPDATE SET authinfo = excluded.authinfo").format(
+        sql.Literal(SERVICE_ROLE), sql.Literal(authinfo)).as_string(cur)
     for node, (ok, result) in on_workers(cur, command).items():
         if not ok:
             raise DatabaseSetupError(f"Citus worker {node}: could not store pgtraj_service's node login: {result}",
                                      hint="run `pgtraj install` again once the node is reachable")
-
-
-def quote_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"

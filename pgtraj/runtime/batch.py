@@ -234,7 +234,6 @@ def embed_table(plpy, source: str, traj_column: str, embedding_column: str, mode
     if not 1 <= batch_size <= 100_000:
         raise InferenceError(f"batch_size must be from 1 to 100000, not {batch_size}", sqlstate="22023")
     encoder.check_aspect(aspect)
-    q = plpy.quote_ident
     where = describe(plpy, source, traj_column, embedding_column)
     ref = resolve(plpy, model, "encoder")
     check_dimensions(plpy, ref, where, aspect)

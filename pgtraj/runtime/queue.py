@@ -38,7 +38,7 @@ def create_target(plpy, name: str, source: str, traj_column: str, embedding_colu
         # its triggers would run on the shards, on the workers, and write the coordinator's queue from there
         raise InferenceError(f"{where.sql} is a Citus distributed table: the refresh queue does not serve those yet",
                              sqlstate="0A000",
-                             hint=f"CALL pgtraj.embed_table('{where.sql}', ...) embeds only new and stale rows, on the"
+                             hint=f"CALL pgtraj.embed_table({plpy.quote_literal(where.sql)}, ...) embeds only new and stale rows, on the"
                                   " workers; schedule it with pg_cron to keep the column fresh")
     ref = resolve(plpy, model, "encoder")
     check_dimensions(plpy, ref, where, aspect)
