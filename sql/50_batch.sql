@@ -100,17 +100,168 @@ BEGIN
 END
 $$;
 
+-- embed_table(..., workers => n): the stale keys of a job cut into parts, which n backends take one at a
+-- time: first those of their own slot (0 the caller, 1..n-1 the pg_cron sessions), then, once every slot has
+-- started, or PARTS_GRACE after the job began whatever is left, and at any time a part whose backend is gone
+-- (taken over from its cursor). Only the job's own backend plans parts; only its role's sessions take them.
+CREATE OR REPLACE FUNCTION pgtraj._parts_plan(job bigint, bounds text[], slots integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgtraj.jobs j WHERE j.id = job AND j.pid = pg_backend_pid() AND j.status = 'running') THEN
+        RAISE EXCEPTION 'pgtraj: job % is not running in this session', job USING ERRCODE = '42501';
+    ELSIF slots IS NULL OR slots < 1 OR slots > 64 THEN
+        RAISE EXCEPTION 'pgtraj: workers must be 1 to 64, not %', slots USING ERRCODE = '22023';
+    END IF;
+    -- part i covers the keys above bounds[i] (none: from the first) up to bounds[i + 1] (none: to the last)
+    INSERT INTO pgtraj.job_parts (job, part, slot, after_key, last_key)
+    SELECT job, i - 1, (i - 1) % slots, CASE WHEN i > 1 THEN bounds[i - 1] END,
+           CASE WHEN i <= cardinality(bounds) THEN bounds[i] END
+      FROM generate_series(1, coalesce(cardinality(bounds), 0) + 1) AS i;
+    RETURN coalesce(cardinality(bounds), 0) + 1;
+END
+$$;
+
+-- The job a background session was started for, if it is still running and its role's: its args.
+CREATE OR REPLACE FUNCTION pgtraj._job_of(job bigint, caller name) RETURNS pgtraj.jobs
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    j pgtraj.jobs;
+BEGIN
+    SELECT * INTO j FROM pgtraj.jobs x WHERE x.id = job;
+    IF NOT FOUND OR j.created_by <> caller THEN
+        RAISE EXCEPTION 'pgtraj: job % is not one of role %''s', job, caller USING ERRCODE = '42501';
+    END IF;
+    RETURN j;
+END
+$$;
+
+-- A backend of the job takes its next part (none: nothing is left for it, or the job is over).
+CREATE OR REPLACE FUNCTION pgtraj._part_claim(job bigint, slot integer, grace interval DEFAULT '30 s',
+                                              caller name DEFAULT current_user)
+RETURNS TABLE (part integer, after_key text, last_key text, cursor text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+#variable_conflict use_column
+DECLARE
+    j pgtraj.jobs := pgtraj._job_of(job, pgtraj._acting_for(caller));
+    p pgtraj.job_parts;
+BEGIN
+    IF j.status <> 'running' OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = j.pid) THEN
+        RETURN;
+    END IF;
+    SELECT * INTO p FROM pgtraj.job_parts x
+     WHERE x.job = j.id
+       AND ((x.status = 'pending'
+             AND (x.slot = _part_claim.slot OR clock_timestamp() - j.started_at > grace
+                  OR NOT EXISTS (SELECT 1 FROM pgtraj.job_parts o WHERE o.job = j.id GROUP BY o.slot
+                                 HAVING bool_and(o.status = 'pending'))))
+            OR (x.status = 'running' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                                      WHERE a.pid = x.pid AND (a.backend_start <= x.claimed_at
+                                                             OR a.backend_start IS NULL))))
+     ORDER BY x.slot = _part_claim.slot DESC, x.status = 'running' DESC, x.part
+     LIMIT 1 FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    UPDATE pgtraj.job_parts x SET status = 'running', pid = pg_backend_pid(), claimed_at = clock_timestamp(),
+                                  holders = x.holders || pg_backend_pid()
+     WHERE x.job = p.job AND x.part = p.part;
+    RETURN QUERY SELECT p.part, p.after_key, p.last_key, p.cursor;
+END
+$$;
+
+-- A committed batch of a part (or its end: status 'done' or 'failed' with the error), written only by the
+-- backend that holds the part; false when the job is over (cancelled, failed elsewhere): stop there.
+CREATE OR REPLACE FUNCTION pgtraj._part_update(job bigint, part integer, cursor text, embedded bigint, failed bigint,
+                                               status text DEFAULT NULL, error text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+#variable_conflict use_column
+BEGIN
+    IF status IS NOT NULL AND status NOT IN ('done', 'failed') THEN
+        RAISE EXCEPTION 'pgtraj: a part ends done or failed, not %', quote_literal(status) USING ERRCODE = '22023';
+    END IF;
+    UPDATE pgtraj.job_parts x
+       SET cursor = coalesce(_part_update.cursor, x.cursor), embedded = x.embedded + coalesce(_part_update.embedded, 0),
+           failed = x.failed + coalesce(_part_update.failed, 0),
+           batches = x.batches + CASE WHEN _part_update.cursor IS NOT NULL THEN 1 ELSE 0 END,
+           status = coalesce(_part_update.status, x.status), error = left(_part_update.error, 4000)
+     WHERE x.job = _part_update.job AND x.part = _part_update.part AND x.pid = pg_backend_pid() AND x.status = 'running';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgtraj: part % of job % is not held by this session', part, job USING ERRCODE = '42501';
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pgtraj.jobs j WHERE j.id = _part_update.job AND j.status = 'running'
+                      AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = j.pid));
+END
+$$;
+
+-- Where a job's parts stand, for its own role: rows embedded and failed, parts by status, sessions that
+-- took part, and the first error of a failed part.
+CREATE OR REPLACE FUNCTION pgtraj._parts_progress(job bigint, caller name DEFAULT current_user,
+                                                  OUT embedded bigint, OUT failed bigint, OUT batches bigint,
+                                                  OUT open_parts integer, OUT failed_parts integer, OUT sessions integer,
+                                                  OUT error text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+#variable_conflict use_column
+DECLARE
+    j pgtraj.jobs := pgtraj._job_of(job, pgtraj._acting_for(caller));
+BEGIN
+    SELECT coalesce(sum(p.embedded), 0), coalesce(sum(p.failed), 0), coalesce(sum(p.batches), 0),
+           count(*) FILTER (WHERE p.status IN ('pending', 'running')), count(*) FILTER (WHERE p.status = 'failed'),
+           (SELECT count(DISTINCT h) FROM pgtraj.job_parts o, unnest(o.holders) h WHERE o.job = j.id), (array_agg(p.error ORDER BY p.part) FILTER (WHERE p.status = 'failed'))[1]
+      INTO embedded, failed, batches, open_parts, failed_parts, sessions, error
+      FROM pgtraj.job_parts p WHERE p.job = j.id;
+END
+$$;
+
+-- The pg_cron sessions of a job, pgtraj-embed-<job>-<slot>, running CALL pgtraj._embed_part(job, slot) as
+-- the job's role: every second where pg_cron schedules by the second (1.5 on), else every minute; a run
+-- that finds nothing left returns at once. The caller's backend unschedules them when the job ends (a
+-- session that finds its job over unschedules itself: pgtraj._unschedule).
+CREATE OR REPLACE FUNCTION pgtraj._schedule_parts(job bigint, caller name DEFAULT current_user) RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    j        pgtraj.jobs := pgtraj._job_of(job, pgtraj._acting_for(caller));
+    slots    integer;
+    schedule text := '* * * * *';
+BEGIN
+    IF j.pid <> pg_backend_pid() OR j.status <> 'running' THEN
+        RAISE EXCEPTION 'pgtraj: job % is not running in this session', job USING ERRCODE = '42501';
+    END IF;
+    SELECT max(p.slot) INTO slots FROM pgtraj.job_parts p WHERE p.job = j.id;
+    IF (SELECT string_to_array(split_part(e.extversion, '-', 1), '.')::int[] >= '{1,5}' FROM pg_extension e
+         WHERE e.extname = 'pg_cron') THEN
+        schedule := '1 seconds';
+    END IF;
+    FOR s IN 1..coalesce(slots, 0) LOOP
+        PERFORM pgtraj._cron_schedule(format('pgtraj-embed-%s-%s', j.id, s), schedule,
+                                      format('CALL pgtraj._embed_part(%s, %s)', j.id, s), j.created_by,
+                                      'CALL pgtraj.embed_table without workers');
+    END LOOP;
+    RETURN coalesce(slots, 0);
+END
+$$;
+
 -- pgtraj 0.2.0's, without aspect (a procedure is never a view's dependency: dropping it is safe)
 DROP PROCEDURE IF EXISTS pgtraj.embed_table(regclass, name, name, text, integer);
+-- pgtraj 0.4.0's, without workers
+DROP PROCEDURE IF EXISTS pgtraj.embed_table(regclass, name, name, text, integer, text);
 CREATE OR REPLACE PROCEDURE pgtraj.embed_table(source regclass, traj_column name, embedding_column name,
                                                model text, batch_size integer DEFAULT 500,
-                                               aspect text DEFAULT 'route')
+                                               aspect text DEFAULT 'route', workers integer DEFAULT 1)
 LANGUAGE plpython3u AS $$
 @BOOT@
-pgtraj.batch.embed_table(plpy, source, traj_column, embedding_column, model, batch_size, aspect)
+pgtraj.batch.embed_table(plpy, source, traj_column, embedding_column, model, batch_size, aspect, workers)
 $$;
-COMMENT ON PROCEDURE pgtraj.embed_table(regclass, name, name, text, integer, text) IS
-    'Fills a vector column with a model''s embeddings of one aspect (route, spacetime), batch by batch (each committed): only rows with no embedding or one from another model version; unusable rows go to pgtraj.embedding_errors';
+COMMENT ON PROCEDURE pgtraj.embed_table(regclass, name, name, text, integer, text, integer) IS
+    'Fills a vector column with a model''s embeddings of one aspect (route, spacetime), batch by batch (each committed), in this backend or with workers => n backends at once (n - 1 started by pg_cron as the caller): only rows with no embedding or one from another model version; unusable rows go to pgtraj.embedding_errors';
+
+-- A pg_cron session of embed_table(..., workers => n): takes parts of the job until none is left for it.
+CREATE OR REPLACE PROCEDURE pgtraj._embed_part(job bigint, slot integer)
+LANGUAGE plpython3u AS $$
+@BOOT@
+pgtraj.batch.embed_parts(plpy, job, slot)
+$$;
 
 -- A round of embed_table on a Citus worker: batches of the shards of source that this node holds, from each
 -- shard's cursor, each committed, for about `seconds` (runtime/batch.py, embed_node). It runs in a connection

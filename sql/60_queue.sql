@@ -241,7 +241,7 @@ $$;
 CREATE OR REPLACE FUNCTION pgtraj._unschedule(job text, caller name DEFAULT current_user) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtraj AS $$
 BEGIN
-    IF job !~ '^pgtraj-(refresh|train)-' THEN
+    IF job !~ '^pgtraj-(refresh|train|embed)-' THEN
         RAISE EXCEPTION 'pgtraj: % is not a pgtraj job', quote_literal(job) USING ERRCODE = '42501';
     END IF;
     RETURN pgtraj._cron_unschedule(job, pgtraj._acting_for(caller));

@@ -15,8 +15,10 @@ REVOKE ALL ON ALL TABLES IN SCHEMA pgtraj FROM PUBLIC, pgtraj_user, pgtraj_admin
 GRANT SELECT ON ALL TABLES IN SCHEMA pgtraj TO pgtraj_user, pgtraj_service;
 GRANT INSERT, UPDATE, DELETE ON pgtraj.model_registry, pgtraj.model_artifacts, pgtraj.deployment_log,
                                 pgtraj.training_runs, pgtraj.jobs, pgtraj.embedding_targets, pgtraj.embedding_queue,
-                                pgtraj.embedding_errors
+                                pgtraj.embedding_errors, pgtraj.job_parts
     TO pgtraj_service;
+-- a job's parts name keys of its table: only its own role reads them (pgtraj._parts_progress)
+REVOKE SELECT ON pgtraj.job_parts FROM pgtraj_user;
 
 -- Routines: nothing for PUBLIC, then by role. Internal functions a role may call are those the public
 -- ones call with the caller's rights; each validates its arguments (digests are 64 hex digits, model ids
@@ -31,7 +33,7 @@ DECLARE
                         'similarity _predict_next predict_next _predict_destination predict_destination _predict_path '
                         '_predict_travel_time predict_travel_time _classify classify '
                         'predict_path _fill_gaps fill_gaps fill_gaps_detail _score score _warmup warmup export_model '
-                        'embed_table _embed_node _citus_kind _job_start _job_update _record_errors create_hnsw_index _primary_key similar similar_rows _search_setup '
+                        'embed_table _embed_node _embed_part _parts_plan _part_claim _part_update _parts_progress _schedule_parts _citus_kind _job_start _job_update _record_errors create_hnsw_index _primary_key similar similar_rows _search_setup '
                         '_enqueue create_embedding_target drop_embedding_target process_queue pause_embedding '
                         'resume_embedding _target_add _target_remove _target_pause _queue_add _queue_take _queue_done '
                         'schedule_refresh _schedule_refresh unschedule_refresh _unschedule _check_writable describe_source make_trips _wkb_or_reason'],
@@ -40,7 +42,7 @@ DECLARE
                          'schedule_training _schedule_training unschedule_training'],
         -- what the SECURITY DEFINER functions owned by pgtraj_service call
         ['pgtraj_service', '_acting_for _check_writable _check_column_rights _target _record_errors _primary_key '
-                           '_model_doc _citus_kind _check_graph']];
+                           '_model_doc _citus_kind _check_graph _job_of']];
     r  text[];
     fn regprocedure;
 BEGIN
@@ -60,7 +62,7 @@ BEGIN
     FOR fn IN SELECT p.oid FROM pg_proc p WHERE p.pronamespace = 'pgtraj'::regnamespace AND p.proname = ANY (ARRAY[
                   '_register', 'deploy', '_run_start', '_run_finish', '_job_start', '_job_update', '_record_errors',
                   '_enqueue', '_target_add', '_target_remove', '_target_pause', '_queue_add', '_queue_take',
-                  '_queue_done', '_forget_dropped']) LOOP
+                  '_queue_done', '_forget_dropped', '_parts_plan', '_part_claim', '_part_update', '_parts_progress']) LOOP
         EXECUTE format('ALTER ROUTINE %s OWNER TO pgtraj_service', fn);
     END LOOP;
 END

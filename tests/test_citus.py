@@ -108,9 +108,10 @@ def test_install_makes_the_registry_reference_tables_and_every_node_serves_it(ci
                                " 'pgtraj.model_artifacts', 'pgtraj.deployment_log', 'pgtraj.jobs']::regclass[]) t"))
         assert kinds == {"pgtraj.model_registry": "reference", "pgtraj.model_artifacts": "reference",
                          "pgtraj.deployment_log": "reference", "pgtraj.jobs": None}
-        # every function but those of the coordinator's own tables (the refresh queue's _target)
+        # every function but those returning rows of the coordinator's own tables (the refresh queue's
+        # _target, the job bookkeeping's _job_of)
         functions = c.execute("SELECT count(*) FROM pg_proc WHERE pronamespace = 'pgtraj'::regnamespace"
-                              " AND proname <> '_target'").fetchone()[0]
+                              " AND proname NOT IN ('_target', '_job_of')").fetchone()[0]
         deployed = c.execute("SELECT model_id FROM pgtraj.deployments WHERE name = 'm'").fetchone()
         # a second install changes nothing and is refused nowhere
         install_again = __import__("pgtraj.db.install", fromlist=["install"]).install
@@ -175,6 +176,9 @@ def test_inference_in_queries_over_a_distributed_table_runs_on_the_workers(citus
         assert len(nxt) == 12 and {n for _, n in nxt} == {3}
         # the coordinator itself loaded no model: the work was done where the shards are
         assert c.execute("SELECT pgtraj.runtime_info() -> 'cache' ->> 'sessions'").fetchone()[0] == "0"
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:  # n backends are for one server's table
+            c.execute("CALL pgtraj.embed_table('trips', 'geom', 'e', 'm', workers => 2)")
+        assert "every Citus worker" in err.value.diag.message_primary
 
 
 @needs_citus

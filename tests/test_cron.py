@@ -7,6 +7,7 @@ pg_cron 1.4 schedules by the minute, so this waits up to three minutes for the j
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import psycopg
@@ -22,14 +23,14 @@ from .test_sql_training import TINY, make_table
 WAIT_S = 240
 
 
-def wait_for(what: str, check, timeout: float = WAIT_S):
+def wait_for(what: str, check, timeout: float = WAIT_S, every: float = 1.0):
     deadline = time.monotonic() + timeout
     while True:
         got = check()
         if got:
             return got
         assert time.monotonic() < deadline, f"pg_cron did not {what} within {timeout} s"
-        time.sleep(1)
+        time.sleep(every)
 
 
 @pytest.fixture
@@ -119,3 +120,70 @@ def test_scheduling_is_for_roles_that_may_do_the_work(cron_db, models):
             su.execute("SELECT pgtraj.unschedule_refresh(%s)", [f"sec_{u}"])
             su.execute("SELECT pgtraj.drop_embedding_target(%s)", [f"sec_{u}"])
             su.execute("DROP TABLE public.cron_secret")
+
+
+def test_embed_table_with_workers_fills_the_column_with_pg_cron_sessions_and_survives_a_killed_one(cron_db, models,
+                                                                                                    login_role):
+    """workers => 2: the caller's backend and a pg_cron session running as the caller take key-range parts;
+    the session, killed in the middle of a part, loses nothing (its part is taken over from its cursor), and
+    the sessions are unscheduled when the job ends. pg_cron 1.4 starts the session at the next minute.
+    Another role can neither read the job's parts (they name the table's keys), take one, write one, plan
+    them nor schedule sessions for the job."""
+    url, user, _ = cron_db
+    u = user.role
+    with psycopg.connect(url, autocommit=True) as su:
+        register(su, models[0], name=f"cron-{u}")
+    with psycopg.connect(user(url), autocommit=True) as c:
+        c.execute(f"SET search_path = {u}, public")
+        c.execute("CREATE TABLE trips (id int PRIMARY KEY, geom geometry(LineStringM, 4326), embedding vector(32))")
+        fill(c, "trips", n=80)
+        for step in (100, 200, 400, 800):  # 1,280 rows: 8 parts of 160 rows, 80 batches each
+            c.execute(f"INSERT INTO trips SELECT id + {step}, geom FROM trips WHERE id <= {step}")
+        assert c.execute("SELECT count(*) FROM trips").fetchone() == (1280,)
+        coordinator = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        said, errors = [], []
+        c.add_notice_handler(lambda d: said.append(d.message_primary))
+
+        def run():
+            try:
+                c.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', %s, batch_size => 2, workers => 2)",
+                          [f"cron-{u}"])
+            except psycopg.Error as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        with psycopg.connect(url, autocommit=True) as su:
+            # a part of slot 1 held by another backend, with a committed batch: the pg_cron session at work
+            session = wait_for("start a session that embeds a part", lambda: worker.is_alive() and su.execute(
+                "SELECT p.pid, a.usename FROM pgtraj.job_parts p JOIN pg_stat_activity a ON a.pid = p.pid"
+                " WHERE p.slot = 1 AND p.status = 'running' AND p.batches > 0 AND p.pid <> %s", [coordinator]
+            ).fetchone() or not worker.is_alive() and ("coordinator ended first", None), every=0.02)
+            assert session[1] == u, (session, errors)  # runs as the caller, not as a superuser
+            su.execute("SELECT pg_terminate_backend(%s)", [session[0]])
+        worker.join(WAIT_S)
+        assert not worker.is_alive() and not errors, errors
+    with psycopg.connect(url, autocommit=True) as su:
+        job = su.execute("SELECT id, status, done, total FROM pgtraj.job_status WHERE created_by = %s"
+                         " AND kind = 'embed_table' ORDER BY id DESC LIMIT 1", [u]).fetchone()
+        assert job[1:] == ("succeeded", 1280, 1280)
+        same = su.execute(f"SELECT count(*), bool_and(embedding <-> pgtraj.embed(geom, %s) < 1e-5) FROM {u}.trips"
+                          " WHERE embedding_model IS NOT NULL", [f"cron-{u}"]).fetchone()
+        assert same == (1280, True)
+        parts = su.execute("SELECT count(*), bool_and(status = 'done'), sum(embedded) FROM pgtraj.job_parts"
+                           " WHERE job = %s", [job[0]]).fetchone()
+        assert parts == (8, True, 1280)
+        assert su.execute("SELECT count(*) FROM cron.job WHERE jobname LIKE %s", [f"pgtraj-embed-{job[0]}-%"]
+                          ).fetchone() == (0,)
+    assert any("2 of 2 backends" in m for m in said), said[-3:]
+    with psycopg.connect(user(url), autocommit=True) as c:
+        assert c.execute("SELECT open_parts, failed_parts, sessions FROM pgtraj._parts_progress(%s)", [job[0]]
+                         ).fetchone() == (0, 0, 2)
+    with psycopg.connect(login_role("pgtraj_user")(url), autocommit=True) as c:
+        j = job[0]
+        for call in ("SELECT * FROM pgtraj.job_parts", f"SELECT * FROM pgtraj._part_claim({j}, 1)",
+                     f"SELECT pgtraj._part_update({j}, 0, '1', 1, 0)", f"SELECT * FROM pgtraj._parts_progress({j})",
+                     f"SELECT pgtraj._schedule_parts({j})", f"SELECT pgtraj._parts_plan({j}, '{{}}', 2)"):
+            with pytest.raises(psycopg.Error) as err:
+                c.execute(call)
+            assert err.value.sqlstate == "42501", (call, err.value)

@@ -260,3 +260,17 @@ def test_tables_keyed_by_uuid_are_filled_kept_fresh_and_searched(conn):
     row = conn.execute("SELECT r.voyage, pg_typeof(r.voyage)::text FROM voyages v, LATERAL pgtraj.similar_rows("
                        "NULL::voyages, 'embedding', v.embedding, 1) r WHERE v.voyage = %s", [new]).fetchone()
     assert row == (new, "uuid")
+
+
+def test_workers_need_pg_cron_and_a_sane_count(conn):
+    """workers => n starts n - 1 pg_cron sessions: in a database pg_cron does not serve that is refused with
+    the way out, before a job is opened; the count is checked first."""
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm', workers => 0)")
+    assert err.value.sqlstate == "22023" and "workers must be from 1 to 64" in str(err.value)
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("CALL pgtraj.embed_table('trips', 'geom', 'embedding', 'm', workers => 2)")
+    assert err.value.sqlstate == "0A000" and "pg_cron is not enabled" in str(err.value)
+    assert "without workers" in err.value.diag.message_hint
+    assert conn.execute("SELECT count(embedding) FROM trips").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM pgtraj.jobs").fetchone() == (0,)

@@ -55,7 +55,7 @@ def test_fresh_install_creates_everything(empty_db, cluster):
             "SELECT tablename FROM pg_tables WHERE schemaname = 'pgtraj'").fetchall()}
         assert tables == {"installation", "schema_migrations", "model_registry", "model_artifacts",
                           "deployment_log", "training_runs", "jobs", "embedding_errors", "embedding_targets",
-                          "embedding_queue"}
+                          "embedding_queue", "job_parts"}
     assert any(f"pgtraj {__version__} installed" in line for line in logs)
 
 

@@ -194,6 +194,10 @@ class Reader:
         return rows, failed
 
 
+def message_of(exc: BaseException) -> str:
+    return str(getattr(exc, "message", None) or (exc.args[0] if exc.args else exc))
+
+
 def _about_a_row(exc) -> bool:
     return (sqlstate_of(exc) or "XX000")[:2] not in _NOT_ROW_CLASSES
 
@@ -223,16 +227,17 @@ class Job:
         """After an error: the open batch is lost, the committed ones stay; the job row says which error."""
         self.plpy.rollback()
         cancelled = sqlstate_of(exc) == "57014"
-        message = getattr(exc, "message", None) or (exc.args[0] if exc.args else str(exc))
-        self.update(self.done, self.state, "cancelled" if cancelled else "failed", str(message)[:4000])
+        self.update(self.done, self.state, "cancelled" if cancelled else "failed", message_of(exc)[:4000])
         self.plpy.commit()
 
 
 def embed_table(plpy, source: str, traj_column: str, embedding_column: str, model: str, batch_size: int,
-                aspect: str = "route") -> dict:
+                aspect: str = "route", workers: int = 1) -> dict:
     begin_procedure(plpy, "pgtraj.embed_table")
     if not 1 <= batch_size <= 100_000:
         raise InferenceError(f"batch_size must be from 1 to 100000, not {batch_size}", sqlstate="22023")
+    if workers is None or not 1 <= workers <= 64:
+        raise InferenceError(f"workers must be from 1 to 64, not {workers}", sqlstate="22023")
     encoder.check_aspect(aspect)
     where = describe(plpy, source, traj_column, embedding_column)
     ref = resolve(plpy, model, "encoder")
@@ -243,12 +248,24 @@ def embed_table(plpy, source: str, traj_column: str, embedding_column: str, mode
         ensure_version_column(plpy, where)
         plpy.commit()  # the new column's lock released: on Citus, other backends count and fill the shards
         distributed = citus_kind(plpy, where.oid) == "distributed"
+        if distributed and workers > 1:
+            raise InferenceError(f"workers => {workers} fills a table on one server; {where.sql} is distributed,"
+                                 " and embed_table already embeds it on every Citus worker at once",
+                                 sqlstate="0A000", hint="CALL pgtraj.embed_table without workers")
+        if workers > 1 and not plpy.execute("SELECT pg_catalog.to_regnamespace('cron') IS NOT NULL AS ok")[0]["ok"]:
+            raise InferenceError(f"workers => {workers} starts pg_cron sessions, and pg_cron is not enabled in this"
+                                 " database", sqlstate="0A000",
+                                 hint="CALL pgtraj.embed_table without workers, or in the database named by"
+                                      " cron.database_name")
         total = _count_stale(plpy, where, ref, distributed)
         job = Job(plpy, "embed_table", where, model, ref, total,
-                  {"traj_column": traj_column, "batch_size": batch_size, "aspect": aspect})
+                  {"traj_column": traj_column, "batch_size": batch_size, "aspect": aspect, "workers": workers,
+                   "table_oid": where.oid})
         try:
             if distributed:
                 _run_shards(plpy, job, ref, where, total, batch_size, aspect)
+            elif workers > 1:
+                _run_parts(plpy, job, ref, where, total, batch_size, aspect, workers)
             else:
                 _run(plpy, job, ref, where, total, batch_size, aspect)
         except BaseException as exc:
@@ -284,16 +301,22 @@ class Batches:
     def __init__(self, plpy, where: Table, ref: Ref, aspect: str):
         q = plpy.quote_ident
         T, K, E, V = where.sql, q(where.key), q(where.emb), q(where.version_column)
-        self.plpy, self.ref, self.aspect, self.reader = plpy, ref, aspect, Reader(plpy, where)
-        self.keys = plpy.prepare(f"SELECT {K}::pg_catalog.text AS key FROM {T} WHERE {_stale(plpy, where)} AND"
-                                 f" ($2::{where.key_type} IS NULL OR {K} > $2::{where.key_type}) ORDER BY {K} LIMIT $3",
-                                 ["int8", "text", "int4"])
+        self.plpy, self.ref, self.aspect, self.reader, self.where = plpy, ref, aspect, Reader(plpy, where), where
+        self.plans: dict[tuple[bool, bool], object] = {}
         self.update = plpy.prepare(f"UPDATE {T} AS t SET {E} = u.e::{where.vector}, {V} = $1 FROM ROWS FROM ("
                                    f"pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[]))"
                                    f" AS u(k, e) WHERE t.{K} = u.k::{where.key_type}", ["int8", "text[]", "text[]"])
 
-    def next(self, after: str | None, size: int) -> list[str]:
-        return [r["key"] for r in self.plpy.execute(self.keys, [self.ref.model_id, after, size])]
+    def next(self, after: str | None, size: int, upto: str | None = None) -> list[str]:
+        """The next ``size`` stale keys above ``after`` and up to ``upto`` (None: no bound)."""
+        bounds = (after is not None, upto is not None)
+        if bounds not in self.plans:  # a plan per bound present, so that each is an index range, never a filter
+            K, typ = self.plpy.quote_ident(self.where.key), self.where.key_type
+            where = [_stale(self.plpy, self.where)] + [f"{K} > $2::{typ}"] * bounds[0] + [f"{K} <= $4::{typ}"] * bounds[1]
+            self.plans[bounds] = self.plpy.prepare(
+                f"SELECT {K}::pg_catalog.text AS key FROM {self.where.sql} WHERE {' AND '.join(where)} ORDER BY {K}"
+                " LIMIT $3", ["int8", "text", "int4", "text"])
+        return [r["key"] for r in self.plpy.execute(self.plans[bounds], [self.ref.model_id, after, size, upto])]
 
     def embed(self, batch: list[str]) -> tuple[list[str], dict]:
         rows, unreadable = self.reader.read(batch)
@@ -305,27 +328,43 @@ class Batches:
         return ok, {**unreadable, **{todo[i]: (e.sqlstate, e.message) for i, e in errors.items()}}
 
 
+class Errors:
+    """Writes a step's outcome to pgtraj.embedding_errors: keys that worked leave it, failures are recorded."""
+
+    def __init__(self, plpy, where: Table, ref: Ref):
+        self.plpy, self.where, self.ref = plpy, where, ref
+        self.plan = plpy.prepare("SELECT pgtraj._record_errors($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4,"
+                                 " $5, $6, $7)", ["oid", "name", "int8", "text[]", "text[]", "text[]", "text[]"])
+
+    def record(self, ok: list[str], bad: dict) -> None:
+        self.plpy.execute(self.plan, [self.where.oid, self.where.emb, self.ref.model_id, ok, list(bad),
+                                      [s for s, _ in bad.values()], [m for _, m in bad.values()]])
+
+
 class Progress:
     """What the coordinator of a run keeps: counts, failed rows recorded, the job row and a NOTICE per step."""
 
     def __init__(self, plpy, job: Job, ref: Ref, where: Table, total: int):
-        self.plpy, self.job, self.ref, self.where, self.total = plpy, job, ref, where, total
+        self.plpy, self.job, self.where, self.total = plpy, job, where, total
         self.done = self.failed = self.batches = 0
-        self.record = plpy.prepare("SELECT pgtraj._record_errors($1::pg_catalog.oid::pg_catalog.regclass, $2, $3, $4,"
-                                   " $5, $6, $7)", ["oid", "name", "int8", "text[]", "text[]", "text[]", "text[]"])
+        self.errors = Errors(plpy, where, ref)
 
     def add(self, ok: list[str], bad: dict, batches: int = 1) -> None:
         """One step's results, committed with the job row (its batches are safe from here on)."""
-        self.plpy.execute(self.record, [self.where.oid, self.where.emb, self.ref.model_id, ok, list(bad),
-                                        [s for s, _ in bad.values()], [m for _, m in bad.values()]])
-        self.done, self.failed, self.batches = self.done + len(ok), self.failed + len(bad), self.batches + batches
+        self.errors.record(ok, bad)
+        self.report(self.done + len(ok), self.failed + len(bad), self.batches + batches)
+
+    def report(self, done: int, failed: int, batches: int, **more) -> None:
+        """The counts so far into the job row, committed, and a NOTICE."""
+        self.done, self.failed, self.batches = done, failed, batches
         elapsed = time.perf_counter() - self.job.t0
-        state = {"embedded": self.done, "failed": self.failed, "batches": self.batches, "seconds": round(elapsed, 3),
-                 "rows_per_second": round(self.done / elapsed, 1) if elapsed > 0 else None}
-        self.job.update(self.done + self.failed, state)
+        state = {"embedded": done, "failed": failed, "batches": batches, "seconds": round(elapsed, 3),
+                 "rows_per_second": round(done / elapsed, 1) if elapsed > 0 else None, **more}
+        self.job.update(done + failed, state)
         self.plpy.commit()
-        self.plpy.notice(f"pgtraj.embed_table {self.where.sql}.{self.where.emb}: {self.done + self.failed}/{self.total}"
-                         f" rows ({state['rows_per_second']} rows/s){f', {self.failed} failed' if self.failed else ''}")
+        sessions = f", {more['sessions']} of {more['workers']} backends" if "sessions" in more else ""
+        self.plpy.notice(f"pgtraj.embed_table {self.where.sql}.{self.where.emb}: {done + failed}/{self.total}"
+                         f" rows ({state['rows_per_second']} rows/s{sessions}){f', {failed} failed' if failed else ''}")
 
 
 def _run(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, aspect: str) -> None:
@@ -350,10 +389,10 @@ def _run_shards(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: 
     and what every node committed stays."""
     q = plpy.quote_literal
     r = plpy.execute(plpy.prepare(
-        "SELECT m.name || '@' || m.version AS label, pg_catalog.quote_ident(n.nspname) || '.' ||"
-        " pg_catalog.quote_ident(c.relname) AS qualified FROM pgtraj.model_registry m, pg_catalog.pg_class c"
-        " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE m.id = $1 AND c.oid = $2",
-        ["int8", "oid"]), [ref.model_id, where.oid])[0]  # the very version resolved here; the table by name
+        "SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) AS qualified"
+        " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        ["oid"]), [where.oid])[0]  # the table by name: a worker's OIDs are its own
+    r["label"] = exact_label(plpy, ref.model_id)
     run = plpy.prepare("SELECT nodename || ':' || nodeport AS node, success, result"
                        " FROM pg_catalog.run_command_on_workers($1)", ["text"])
     progress, cursors = Progress(plpy, job, ref, where, total), {}
@@ -381,6 +420,146 @@ def _run_shards(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: 
                              sqlstate="08006", hint="the batches committed so far are kept: bring the node back"
                                                     " and CALL pgtraj.embed_table again to finish")
     _finish(plpy, job, progress.failed, where)
+
+
+def exact_label(plpy, model_id: int) -> str:
+    """name@version of a registered model: the very version resolved by the backend that started a job, for
+    the other backends that work on it."""
+    return plpy.execute(plpy.prepare("SELECT m.name || '@' || m.version AS label FROM pgtraj.model_registry m"
+                                     " WHERE m.id = $1", ["int8"]), [model_id])[0]["label"]
+
+
+# embed_table(..., workers => n) cuts the stale keys into this many parts per backend, so that a backend
+# that is done early (or starts late: pg_cron before 1.5 starts jobs at the next minute) takes more of them
+PARTS_PER_WORKER = 4
+# how long the caller's backend leaves a pg_cron session's parts to it before taking them over itself
+PARTS_GRACE_SECONDS = 75
+
+
+def _run_parts(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, aspect: str,
+               workers: int) -> None:
+    """embed_table with ``workers`` backends: this one and workers - 1 pg_cron sessions as the caller
+    (pgtraj._embed_part), each taking key-range parts of the stale rows (pgtraj._part_claim) and committing
+    its batches with the part's cursor. This backend works parts too, keeps the job row and the NOTICEs, and
+    takes over parts whose session is gone or never came; the sessions are unscheduled when the job ends."""
+    K = plpy.quote_ident(where.key)
+    n = workers * PARTS_PER_WORKER
+    cut = plpy.execute(plpy.prepare(  # the stale keys' quantiles: parts of about equal row counts
+        f"SELECT pg_catalog.percentile_disc($2::pg_catalog.float8[]) WITHIN GROUP (ORDER BY {K})::pg_catalog.text[]"
+        f" AS b FROM {where.sql} WHERE {_stale(plpy, where)}", ["int8", "float8[]"]),
+        [ref.model_id, [i / n for i in range(1, n)]])[0]["b"]
+    bounds = list(dict.fromkeys(b for b in cut or [] if b is not None))
+    plpy.execute(plpy.prepare("SELECT pgtraj._parts_plan($1, $2, $3)", ["int8", "text[]", "int4"]),
+                 [job.id, bounds, workers])
+    slots = plpy.execute(plpy.prepare("SELECT pgtraj._schedule_parts($1) AS n", ["int8"]), [job.id])[0]["n"]
+    plpy.commit()  # pg_cron sees its jobs, the sessions see the parts
+    progress, work = Progress(plpy, job, ref, where, total), Batches(plpy, where, ref, aspect)
+    status = plpy.prepare("SELECT * FROM pgtraj._parts_progress($1)", ["int8"])
+    reported = 0.0
+
+    def report(force: bool = False) -> dict:
+        nonlocal reported
+        p = plpy.execute(status, [job.id])[0]
+        if force or time.perf_counter() - reported >= 1.0:
+            progress.report(p["embedded"], p["failed"], p["batches"], sessions=p["sessions"], workers=workers)
+            reported = time.perf_counter()
+        return p
+
+    try:
+        parts = Parts(plpy, job.id, 0, PARTS_GRACE_SECONDS)
+        while True:
+            part = parts.claim()
+            if part is not None:
+                parts.embed(part, work, batch_size, report)
+                continue
+            p = report()
+            if not p["open_parts"]:
+                break
+            plpy.execute("SELECT pg_catalog.pg_sleep(0.2)")  # the sessions' parts: wait for them or their end
+    finally:
+        plpy.rollback()  # nothing open on success; the unfinished batch when something went wrong
+        unschedule = plpy.prepare("SELECT pgtraj._unschedule($1)", ["text"])
+        for s in range(1, slots + 1):
+            plpy.execute(unschedule, [f"pgtraj-embed-{job.id}-{s}"])
+        plpy.commit()
+    p = report(force=True)
+    if p["failed_parts"]:
+        sqlstate, _, message = (p["error"] or "XX000: unknown").partition(": ")
+        raise InferenceError(f"{p['failed_parts']} part(s) of {where.sql} failed in a pg_cron session: {message}",
+                             sqlstate=sqlstate, hint="the batches committed so far are kept: CALL pgtraj.embed_table"
+                                                     " again to finish")
+    if p["sessions"] < workers:
+        plpy.notice(f"pgtraj.embed_table: {p['sessions']} of {workers} backends took part (pg_cron starts a"
+                    " session within a minute, or a second from pg_cron 1.5 on; a small table may be done first)")
+    _finish(plpy, job, progress.failed, where)
+
+
+class Parts:
+    """The parts one backend takes of a job (its ``slot``: 0 the caller, 1.. pg_cron's) and works through,
+    batch by batch from the part's cursor, each batch committed with the part's counts."""
+
+    def __init__(self, plpy, job: int, slot: int, grace: float):
+        self.plpy, self.job, self.slot, self.grace = plpy, job, slot, grace
+        self.take = plpy.prepare("SELECT * FROM pgtraj._part_claim($1, $2, $3 * interval '1 s')",
+                                 ["int8", "int4", "float8"])
+        self.update = plpy.prepare("SELECT pgtraj._part_update($1, $2, $3, $4, $5, $6, $7) AS go",
+                                   ["int8", "int4", "text", "int8", "int8", "text", "text"])
+
+    def claim(self) -> dict | None:
+        rows = self.plpy.execute(self.take, [self.job, self.slot, self.grace])
+        self.plpy.commit()
+        return dict(rows[0]) if rows.nrows() else None
+
+    def embed(self, part: dict, work: Batches, batch_size: int, after_batch=lambda: None) -> bool:
+        """The part's batches; False when the job ended meanwhile (the part stays where its cursor is)."""
+        errors, last = Errors(self.plpy, work.where, work.ref), part["cursor"] or part["after_key"]
+        while batch := work.next(last, batch_size, part["last_key"]):
+            ok, bad = work.embed(batch)
+            errors.record(ok, bad)
+            go = self.plpy.execute(self.update, [self.job, part["part"], batch[-1], len(ok), len(bad), None, None])
+            self.plpy.commit()
+            last = batch[-1]
+            after_batch()
+            if not go[0]["go"]:
+                return False
+        self.end(part, "done")
+        return True
+
+    def end(self, part: dict, status: str, error: str | None = None) -> None:
+        self.plpy.execute(self.update, [self.job, part["part"], None, 0, 0, status, error])
+        self.plpy.commit()
+
+
+def embed_parts(plpy, job: int, slot: int) -> None:
+    """A pg_cron session of embed_table(..., workers => n): the job's parts, its own slot's first, until none
+    is left for it. A part that fails for another reason than a row is marked failed with its error (the
+    caller's backend reports it); a session that finds its job over unschedules itself."""
+    begin_procedure(plpy, "pgtraj._embed_part")
+    rows = plpy.execute(plpy.prepare("SELECT args, status FROM pgtraj.jobs WHERE id = $1", ["int8"]), [job])
+    parts, work, part = Parts(plpy, job, slot, PARTS_GRACE_SECONDS), None, None
+    try:
+        while rows.nrows() and rows[0]["status"] == "running" and (part := parts.claim()) is not None:
+            if work is None:
+                args = json.loads(rows[0]["args"])
+                table = plpy.execute(plpy.prepare("SELECT $1::pg_catalog.regclass::pg_catalog.text AS t", ["oid"]),
+                                     [args["table_oid"]])[0]["t"]  # as this session names it
+                work = Batches(plpy, describe(plpy, table, args["traj_column"], args["embedding_column"]),
+                               resolve(plpy, exact_label(plpy, args["model_id"]), "encoder"), args["aspect"])
+                batch_size = args["batch_size"]
+            if not parts.embed(part, work, batch_size):
+                break
+            part = None
+    except Exception as exc:
+        if part is None:
+            raise
+        plpy.rollback()
+        parts.end(part, "failed", f"{sqlstate_of(exc) or 'XX000'}: {message_of(exc)}")
+        return
+    over = plpy.execute(plpy.prepare("SELECT NOT EXISTS (SELECT 1 FROM pgtraj.jobs WHERE id = $1 AND status ="
+                                     " 'running') AS over", ["int8"]), [job])[0]["over"]
+    if over:
+        plpy.execute(plpy.prepare("SELECT pgtraj._unschedule($1)", ["text"]), [f"pgtraj-embed-{job}-{slot}"])
+        plpy.commit()
 
 
 # how long one round of embed_table keeps each Citus worker at work before it reports back: every round
