@@ -30,6 +30,17 @@ BEGIN
 END
 $$;
 
+-- A target's trigger on a Citus distributed table, which runs on the shards (on the workers, where the
+-- queue is not): a changed trajectory clears its row's embedding and model version (the columns are its
+-- arguments), so process_queue, which embeds the rows without a current embedding there, takes it again.
+CREATE OR REPLACE FUNCTION pgtraj._clear_embedding() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pgtraj AS $$
+BEGIN
+    NEW := jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], NULL, TG_ARGV[1], NULL));
+    RETURN NEW;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pgtraj._target(name text, caller name) RETURNS pgtraj.embedding_targets
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgtraj AS $$
 DECLARE
@@ -261,7 +272,9 @@ COMMENT ON FUNCTION pgtraj.unschedule_refresh(text) IS 'Removes a target''s pg_c
 -- security_invoker: a role sees only the targets of tables it may read (the tables' row security).
 CREATE OR REPLACE VIEW pgtraj.embedding_status WITH (security_invoker = true) AS
 SELECT t.name, t.table_name, t.embedding_column, t.model, t.paused,
-       count(q.key) FILTER (WHERE q.attempts = 0)  AS pending,
+       -- on a Citus distributed table nothing is queued: its rows without a current embedding wait instead
+       CASE WHEN pgtraj._citus_kind(t.table_name) = 'distributed' THEN NULL
+            ELSE count(q.key) FILTER (WHERE q.attempts = 0) END AS pending,
        count(q.key) FILTER (WHERE q.attempts > 0)  AS retrying,
        (SELECT count(*) FROM pgtraj.embedding_errors e
          WHERE e.table_name = t.table_name AND e.embedding_column = t.embedding_column) AS failed,

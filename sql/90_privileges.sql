@@ -34,7 +34,7 @@ DECLARE
                         '_predict_travel_time predict_travel_time _classify classify '
                         'predict_path _fill_gaps fill_gaps fill_gaps_detail _score score _warmup warmup export_model '
                         'embed_table _embed_node _embed_part _parts_plan _part_claim _part_update _parts_progress _schedule_parts _citus_kind _job_start _job_update _record_errors create_hnsw_index _primary_key similar similar_rows _search_setup '
-                        '_enqueue create_embedding_target drop_embedding_target process_queue pause_embedding '
+                        '_enqueue _clear_embedding create_embedding_target drop_embedding_target process_queue pause_embedding '
                         'resume_embedding _target_add _target_remove _target_pause _queue_add _queue_take _queue_done '
                         'schedule_refresh _schedule_refresh unschedule_refresh _unschedule _check_writable describe_source make_trips _wkb_or_reason'],
         -- training, registering, importing and deploying models

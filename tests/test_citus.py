@@ -246,12 +246,45 @@ def test_similar_on_a_distributed_table_merges_the_shards_top_k(citus):
 
 
 @needs_citus
-def test_the_refresh_queue_refuses_a_distributed_table_with_the_way_that_works(citus):
+def test_an_embedding_target_keeps_a_distributed_table_fresh_on_the_workers(citus):
+    """create_embedding_target on a distributed table: a trigger on the shards clears the embedding of a row
+    whose trajectory changed, and process_queue embeds every row without a current embedding on the
+    workers (the coordinator loads no model); the target's status, a bad row and drop work as elsewhere."""
     coordinator, _ = citus
     with psycopg.connect(coordinator.url(), autocommit=True) as c:
-        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
-            c.execute("SELECT pgtraj.create_embedding_target('t', 'trips', 'geom', 'e', 'm')")
-        assert "distributed" in err.value.diag.message_primary and "embed_table" in err.value.diag.message_hint
+        c.execute("DELETE FROM trips WHERE id < 0")  # the unreadable row of the embed_table test
+        c.execute("DELETE FROM pgtraj.embedding_errors")
+        c.execute("UPDATE trips SET e = NULL")
+        n = c.execute("SELECT count(*) FROM trips WHERE geom IS NOT NULL").fetchone()[0]
+        assert c.execute("SELECT pgtraj.create_embedding_target('fresh', 'trips', 'geom', 'e', 'm')").fetchone() == (n,)
+        c.execute("CALL pgtraj.process_queue('fresh')")
+        assert c.execute("SELECT count(*) FROM trips WHERE e IS NULL AND geom IS NOT NULL").fetchone() == (0,)
+        assert c.execute("SELECT pgtraj.runtime_info() -> 'cache' ->> 'sessions'").fetchone()[0] == "0"
+        # a changed trajectory (its embedding cleared on its shard, on a worker), a new row and a bad one
+        other = c.execute("SELECT geom::text FROM trips WHERE id = 5").fetchone()[0]  # (Citus: no subquery here)
+        c.execute("UPDATE trips SET geom = %s::geometry WHERE id = 3", [other])
+        assert c.execute("SELECT e IS NULL, e_model IS NULL FROM trips WHERE id = 3").fetchone() == (True, True)
+        assert c.execute("SELECT e IS NOT NULL FROM trips WHERE id = 4").fetchone() == (True,)
+        c.execute("INSERT INTO trips (id, geom) VALUES (1000, ST_SetSRID(ST_MakeLine(ST_MakePointM(116.3, 39.9, 1e9),"
+                  " ST_MakePointM(116.31, 39.91, 1e9 + 60)), 4326))")
+        c.execute("INSERT INTO trips (id, geom) VALUES (1001, ST_SetSRID(ST_MakeLine(ST_MakePointM(116.3, 95, 1e9),"
+                  " ST_MakePointM(116.4, 95, 1e9 + 60)), 4326))")
+        c.execute("CALL pgtraj.process_queue('fresh')")
+        job = c.execute("SELECT kind, status, total, done, failed FROM pgtraj.job_status ORDER BY id DESC LIMIT 1"
+                        ).fetchone()
+        assert job == ("refresh", "succeeded", 3, 3, 1)
+        assert c.execute("SELECT bool_and(e <-> pgtraj.embed(geom, 'm') < 1e-4) FROM trips WHERE id IN (3, 1000)"
+                         ).fetchone() == (True,)
+        assert c.execute("SELECT key, sqlstate FROM pgtraj.embedding_errors WHERE key = '1001'").fetchall() == \
+            [("1001", "22023")]
+        status = c.execute("SELECT pending, failed, last_run_status FROM pgtraj.embedding_status WHERE name = 'fresh'"
+                           ).fetchone()
+        assert status == (None, 1, "succeeded")  # nothing is queued there: its stale rows wait instead
+        c.execute("SELECT pgtraj.drop_embedding_target('fresh')")
+        c.execute("UPDATE trips SET geom = %s::geometry WHERE id = 4", [other])
+        assert c.execute("SELECT e IS NOT NULL FROM trips WHERE id = 4").fetchone() == (True,)  # trigger gone
+        c.execute("DELETE FROM trips WHERE id IN (1000, 1001)")
+        c.execute("DELETE FROM pgtraj.embedding_errors")
 
 
 @needs_citus

@@ -208,7 +208,7 @@ class Job:
 
     def __init__(self, plpy, kind: str, where: Table, model: str, ref: Ref, total: int | None, details: dict,
                  target: str | None = None):
-        self.plpy, self.state, self.done = plpy, {}, 0
+        self.plpy, self.kind, self.state, self.done = plpy, kind, {}, 0
         self.id = plpy.execute(plpy.prepare(
             "SELECT pgtraj._job_start($1, $2::pg_catalog.oid::pg_catalog.regclass, $3, $4, $5, $6, $7, $8) AS id",
             ["text", "oid", "name", "text", "int8", "int8", "jsonb", "text"]),
@@ -257,13 +257,13 @@ def embed_table(plpy, source: str, traj_column: str, embedding_column: str, mode
                                  " database", sqlstate="0A000",
                                  hint="CALL pgtraj.embed_table without workers, or in the database named by"
                                       " cron.database_name")
-        total = _count_stale(plpy, where, ref, distributed)
+        total = count_stale(plpy, where, ref, distributed)
         job = Job(plpy, "embed_table", where, model, ref, total,
                   {"traj_column": traj_column, "batch_size": batch_size, "aspect": aspect, "workers": workers,
                    "table_oid": where.oid})
         try:
             if distributed:
-                _run_shards(plpy, job, ref, where, total, batch_size, aspect)
+                run_shards(plpy, job, ref, where, total, batch_size, aspect)
             elif workers > 1:
                 _run_parts(plpy, job, ref, where, total, batch_size, aspect, workers)
             else:
@@ -280,7 +280,7 @@ def _stale(plpy, where: Table, version: str = "$1") -> str:
     return f"{G} IS NOT NULL AND ({E} IS NULL OR {V} IS DISTINCT FROM {version}::pg_catalog.int8)"
 
 
-def _count_stale(plpy, where: Table, ref: Ref, distributed: bool) -> int:
+def count_stale(plpy, where: Table, ref: Ref, distributed: bool) -> int:
     """How many rows the job has to embed. A distributed table is counted shard by shard
     (run_command_on_shards), so that a node that is down does not stop the ones that are up: its rows are
     left out of the total, and the job, once the others are done, fails naming it."""
@@ -363,7 +363,8 @@ class Progress:
         self.job.update(done + failed, state)
         self.plpy.commit()
         sessions = f", {more['sessions']} of {more['workers']} backends" if "sessions" in more else ""
-        self.plpy.notice(f"pgtraj.embed_table {self.where.sql}.{self.where.emb}: {done + failed}/{self.total}"
+        what = "pgtraj.process_queue" if self.job.kind == "refresh" else "pgtraj.embed_table"
+        self.plpy.notice(f"{what} {self.where.sql}.{self.where.emb}: {done + failed}/{self.total}"
                          f" rows ({state['rows_per_second']} rows/s{sessions}){f', {failed} failed' if failed else ''}")
 
 
@@ -381,7 +382,7 @@ def citus_kind(plpy, oid: int) -> str | None:
                                      ["oid"]), [oid])[0]["k"]
 
 
-def _run_shards(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, aspect: str) -> None:
+def run_shards(plpy, job: Job, ref: Ref, where: Table, total: int, batch_size: int, aspect: str) -> None:
     """Rounds of about NODE_ROUND_SECONDS of batches on every worker at once (run_command_on_workers: each
     node, in a backend of its own, works through the shards it holds: pgtraj._embed_node), until a round
     finds nothing left. Each shard keeps its own key cursor from round to round. A node that cannot be

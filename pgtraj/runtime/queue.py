@@ -19,11 +19,13 @@ from pgtraj.runtime.batch import (
     begin_procedure,
     check_dimensions,
     citus_kind,
+    count_stale,
     describe,
     ensure_version_column,
     resolve,
+    run_shards,
 )
-from pgtraj.runtime.server import InferenceError
+from pgtraj.runtime.server import InferenceError, advisory_lock
 from pgtraj.runtime.tasks import encoder
 
 
@@ -34,12 +36,6 @@ def create_target(plpy, name: str, source: str, traj_column: str, embedding_colu
     q = plpy.quote_ident
     encoder.check_aspect(aspect)
     where = describe(plpy, source, traj_column, embedding_column)
-    if citus_kind(plpy, where.oid) == "distributed":
-        # its triggers would run on the shards, on the workers, and write the coordinator's queue from there
-        raise InferenceError(f"{where.sql} is a Citus distributed table: the refresh queue does not serve those yet",
-                             sqlstate="0A000",
-                             hint=f"CALL pgtraj.embed_table({plpy.quote_literal(where.sql)}, ...) embeds only new and stale rows, on the"
-                                  " workers; schedule it with pg_cron to keep the column fresh")
     ref = resolve(plpy, model, "encoder")
     check_dimensions(plpy, ref, where, aspect)
     ensure_version_column(plpy, where)
@@ -47,6 +43,17 @@ def create_target(plpy, name: str, source: str, traj_column: str, embedding_colu
                               " $7, $8, $9)", ["text", "oid", "name", "name", "name", "text", "int4", "int4", "text"]),
                  [name, where.oid, where.key, traj_column, embedding_column, model, batch_size, max_attempts, aspect])
     T, G = where.sql, q(traj_column)
+    if citus_kind(plpy, where.oid) == "distributed":
+        # Citus runs a table's triggers on its shards, on the workers, where the coordinator's queue is not:
+        # there a changed trajectory clears its row's embedding instead, and process_queue embeds the rows
+        # without a current one on the workers, shard by shard (as embed_table does); what it has to do now
+        # is every such row (counted in this backend's distributed transaction, which sees the new column)
+        lit = plpy.quote_literal
+        plpy.execute("SELECT pg_catalog.set_config('citus.enable_unsafe_triggers', 'on', true)")
+        plpy.execute(f"CREATE TRIGGER {q(f'pgtraj_{name}_stale')} BEFORE UPDATE OF {G} ON {T} FOR EACH ROW"
+                     f" WHEN (OLD.{G}::pg_catalog.text IS DISTINCT FROM NEW.{G}::pg_catalog.text)"
+                     f" EXECUTE FUNCTION pgtraj._clear_embedding({lit(embedding_column)}, {lit(where.version_column)})")
+        return count_stale(plpy, where, ref, False)
     arg = plpy.quote_literal(name)
     # run with the caller's rights: creating a trigger needs the TRIGGER privilege on the table
     plpy.execute(f"CREATE TRIGGER {q(f'pgtraj_{name}_insert')} AFTER INSERT ON {T} FOR EACH ROW"
@@ -72,7 +79,9 @@ def drop_target(plpy, name: str) -> None:
                              hint="SELECT name FROM pgtraj.embedding_targets lists them")
     table = plpy.execute(plpy.prepare("SELECT $1::pg_catalog.regclass::pg_catalog.text AS t", ["oid"]),
                          [rows[0]["oid"]])[0]["t"]
-    for suffix in ("insert", "update"):  # with the caller's rights: only the table's owner drops triggers
+    if citus_kind(plpy, rows[0]["oid"]) == "distributed":
+        plpy.execute("SELECT pg_catalog.set_config('citus.enable_unsafe_triggers', 'on', true)")
+    for suffix in ("insert", "update", "stale"):  # with the caller's rights: only the table's owner drops triggers
         plpy.execute(f"DROP TRIGGER IF EXISTS {plpy.quote_ident(f'pgtraj_{name}_{suffix}')} ON {table}")
     plpy.execute(plpy.prepare("SELECT pgtraj._target_remove($1)", ["text"]), [name])
 
@@ -118,6 +127,8 @@ def _drain(plpy, t: dict, max_batches: int | None) -> dict:
     where = describe(plpy, table, t["traj_column"], t["embedding_column"])
     ref = resolve(plpy, t["model"], "encoder")
     check_dimensions(plpy, ref, where, t["aspect"])
+    if citus_kind(plpy, where.oid) == "distributed":
+        return _refresh_shards(plpy, t, where, ref)
     K, E, V = q(where.key), q(t["embedding_column"]), q(where.version_column)
     take = plpy.prepare("SELECT key, attempts FROM pgtraj._queue_take($1, $2)", ["text", "int4"])
     update = plpy.prepare(f"UPDATE {where.sql} AS t SET {E} = u.e::{where.vector}, {V} = $1 FROM ROWS FROM ("
@@ -167,3 +178,21 @@ def _drain(plpy, t: dict, max_batches: int | None) -> dict:
     job.update(state["embedded"], state, "succeeded", total=state["embedded"])
     plpy.commit()
     return state
+
+
+def _refresh_shards(plpy, t: dict, where, ref) -> dict:
+    """A target on a Citus distributed table: its rows without a current embedding (new, changed, or made
+    by another model version) embedded on the workers, shard by shard, in the batches embed_table runs
+    there. A row that fails is recorded in pgtraj.embedding_errors (attempts counted) and tried again on
+    the next run: no backoff, as the workers do not see the coordinator's queue."""
+    busy = InferenceError(f"pgtraj.embed_table or process_queue is filling {where.sql}.{where.emb}", sqlstate="55P03",
+                          hint="SELECT * FROM pgtraj.job_status WHERE status = 'running' shows it")
+    with advisory_lock(plpy, "pgtraj.embed_table", f"{where.oid}.{where.emb}", busy):
+        total = count_stale(plpy, where, ref, True)
+        job = Job(plpy, "refresh", where, t["model"], ref, total, {"distributed": True}, target=t["name"])
+        try:
+            run_shards(plpy, job, ref, where, total, t["batch_size"], t["aspect"])
+        except BaseException as exc:
+            job.fail(exc)
+            raise
+    return job.state
