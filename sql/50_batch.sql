@@ -356,6 +356,8 @@ $$;
 CREATE OR REPLACE FUNCTION pgtraj._search_setup(source regclass, embedding_column name, k integer, ef_search integer)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgtraj AS $$
+DECLARE
+    setting text;
 BEGIN
     IF k IS NULL OR ef_search IS NULL OR k < 1 OR k > 10000 OR ef_search < 1 OR ef_search > 1000 THEN
         RAISE EXCEPTION 'pgtraj: k must be 1..10000 and ef_search 1..1000 (got %, %)', k, ef_search
@@ -367,6 +369,14 @@ BEGIN
               USING ERRCODE = '42703';
     END IF;
     PERFORM set_config('hnsw.ef_search', least(greatest(ef_search, k), 1000)::text, true);
+    IF pgtraj._citus_kind(source) = 'distributed' THEN
+        -- Citus sends the shards' searches to the workers with their own settings; only SET LOCAL
+        -- (under propagate_set_commands = local) goes with them, for this transaction
+        PERFORM set_config('citus.propagate_set_commands', 'local', true);
+        FOREACH setting IN ARRAY ARRAY['hnsw.ef_search', 'hnsw.iterative_scan', 'hnsw.max_scan_tuples'] LOOP
+            EXECUTE format('SET LOCAL %s = %L', setting, current_setting(setting));
+        END LOOP;
+    END IF;
     IF k > 1000 THEN
         PERFORM set_config('hnsw.iterative_scan', 'strict_order', true);
         PERFORM set_config('hnsw.max_scan_tuples', greatest(20000, 10 * k)::text, true);

@@ -243,6 +243,11 @@ def test_similar_on_a_distributed_table_merges_the_shards_top_k(citus):
         found = [k for k, _ in c.execute("SELECT * FROM pgtraj.similar('trips', 'e', %s::geometry, 'm', k => 5)",
                                          [query])]
         assert found == exact and found[0] == str(TRIPS_ID)
+        # ef_search reaches the shards' searches on the workers (Citus propagates SET LOCAL only)
+        with c.transaction():
+            c.execute("SELECT * FROM pgtraj.similar('trips', 'e', %s::geometry, 'm', k => 5, ef_search => 77)",
+                      [query])
+            assert c.execute("SELECT DISTINCT current_setting('hnsw.ef_search') FROM trips").fetchall() == [("77",)]
 
 
 @needs_citus
