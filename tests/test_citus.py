@@ -74,7 +74,7 @@ def citus():
     from .test_inference import LINE, TRIPS, register, trained
 
     home = new_home()
-    coordinator = LocalCluster(home, runtime_venv=CACHE / "runtime-venv", settings=FAST)
+    coordinator = LocalCluster(home, runtime_venv=CACHE / "runtime-venv", settings=FAST, training=True)
     try:
         coordinator.start(workers=2, log=lambda m: None)
         install(coordinator.url(), python_path=coordinator.python_path, log=lambda m: None)
@@ -313,3 +313,24 @@ def test_training_reads_a_distributed_table_like_a_local_one(citus):
         assert [(t.id, t.t.tolist(), t.lon.tolist()) for t in dist.splits[split]] == \
                [(t.id, t.t.tolist(), t.lon.tolist()) for t in local.splits[split]]
     assert sum(len(v) for v in dist.splits.values()) > 0
+
+
+@needs_citus
+def test_sql_training_on_the_coordinator_reads_a_distributed_table(citus):
+    """CALL pgtraj.train on a Citus coordinator reads a distributed table through its distributed queries,
+    registers the model in the reference tables, and every worker serves it in a pushed-down query."""
+    from .test_sql_training import TINY, make_table
+
+    coordinator, _ = citus
+    with psycopg.connect(coordinator.url(), autocommit=True) as c:
+        make_table(c, "train_trips", n=30)  # filled locally (Citus takes no subquery in VALUES), then spread
+        c.execute("SELECT create_distributed_table('train_trips', 'id', shard_count => 4)")
+        c.execute("CALL pgtraj.train('citus-sql', 'train_trips', 'next_cell', %s::jsonb)", [json.dumps(TINY)])
+        status, outcome = c.execute("SELECT status, outcome FROM pgtraj.training_status"
+                                    " WHERE model_name = 'citus-sql'").fetchone()
+        assert status == "succeeded" and outcome.startswith("registered v1"), outcome
+        served = c.execute("SELECT count(DISTINCT t.id) FROM train_trips t, pgtraj.predict_next(t.geom, 'citus-sql',"
+                           " k => 1) p").fetchone()[0]
+        assert served == 30
+    assert on_each_worker(coordinator, "SELECT count(*) FROM pgtraj.model_registry WHERE name = 'citus-sql'") \
+        == [[(1,)]] * 2

@@ -9,6 +9,10 @@ run picks up the rest. A row that cannot be embedded, whatever the reason (unusa
 PostGIS does not know, a time no calendar has), is recorded in pgtraj.embedding_errors under its key and
 skipped; the others in its batch are kept. Progress goes to NOTICEs and to the job's row in pgtraj.jobs.
 
+With ``workers => n`` the stale keys are cut into key ranges (pgtraj.job_parts) that n backends take one at
+a time: the caller's and n - 1 pg_cron sessions of the caller's role (``pgtraj._embed_part``), each
+committing its batches with its part's cursor; a part whose backend is gone is taken over from there.
+
 On a Citus distributed table the same batches run on the workers (``pgtraj._embed_node``: each node
 embeds the shards it holds, so no trajectory travels to the coordinator), one backend per node and the
 nodes in parallel, in rounds of a few seconds; the coordinator keeps the job row and the failed rows, and

@@ -152,6 +152,8 @@ def _train_register_deploy(plpy, run_id, name, source, source_opts, cfg, deploy,
         raise InferenceError(exc.message, sqlstate=getattr(exc, "sqlstate", "22023"), hint=exc.hint) from None
     splits = prepared.splits
     log(f"{len(splits['train'])} train / {len(splits['val'])} val pieces from {source}")
+    plpy.commit()  # the reading ends here: on Citus, a read over many shards at once and a write to the
+    #                registry (reference tables) may not share a transaction
     last = [time.perf_counter()]
 
     def on_step(step, model, metrics):
