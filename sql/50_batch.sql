@@ -398,9 +398,14 @@ DECLARE
 BEGIN
     PERFORM pgtraj._search_setup(source, embedding_column, k, ef_search);
     key := (pgtraj._primary_key(source)).name;
-    RETURN QUERY EXECUTE format('SELECT %I::text, (%I OPERATOR(@extschema:vector@.<=>) $1)::float8 FROM %s'
-                                ' WHERE %I IS NOT NULL ORDER BY %I OPERATOR(@extschema:vector@.<=>) $1 LIMIT $2',
-                                key, embedding_column, source, embedding_column, embedding_column)
+    -- No "WHERE column IS NOT NULL" in the ordered scan: with statistics taken before the column was filled
+    -- (embed_table, then no ANALYZE yet) the planner would count one such row and sort the whole table
+    -- instead of using the HNSW index. The index holds no NULLs; a sort puts them last, filtered here.
+    RETURN QUERY EXECUTE format('SELECT s.id, s.distance FROM (SELECT %I::text AS id,'
+                                ' (%I OPERATOR(@extschema:vector@.<=>) $1)::float8 AS distance FROM %s'
+                                ' ORDER BY %I OPERATOR(@extschema:vector@.<=>) $1 LIMIT $2) s'
+                                ' WHERE s.distance IS NOT NULL',
+                                key, embedding_column, source, embedding_column)
         USING query, k;
 END
 $$;
@@ -424,9 +429,11 @@ BEGIN
               USING ERRCODE = '42804', HINT = 'pass NULL::schema.table';
     END IF;
     PERFORM pgtraj._search_setup(rel, embedding_column, k, ef_search);
-    RETURN QUERY EXECUTE format('SELECT t.* FROM %s t WHERE t.%I IS NOT NULL'
-                                ' ORDER BY t.%I OPERATOR(@extschema:vector@.<=>) $1 LIMIT $2',
-                                rel, embedding_column, embedding_column)
+    -- ordered without an IS NOT NULL filter, as in similar() (why there), the NULLs dropped after the limit
+    RETURN QUERY EXECUTE format('SELECT (s.r).* FROM (SELECT t AS r, t.%I OPERATOR(@extschema:vector@.<=>) $1 AS d'
+                                ' FROM %s t ORDER BY t.%I OPERATOR(@extschema:vector@.<=>) $1 LIMIT $2) s'
+                                ' WHERE s.d IS NOT NULL',
+                                embedding_column, rel, embedding_column)
         USING query, k;
 END
 $$;

@@ -79,6 +79,38 @@ def test_k_above_ef_search_returns_k_rows_in_distance_order(db):
         assert len(c.execute("SELECT * FROM pgtraj.similar('vecs', 'v', row_id => 7, k => 5000)").fetchall()) == 2999
 
 
+def test_similar_uses_the_index_when_statistics_predate_the_embeddings(db):
+    """The usual order, statistics taken while the column was empty, then filled, then indexed: the planner
+    believes no row has an embedding. similar() and similar_rows still search through the HNSW index (seen
+    in the plans auto_explain sends as NOTICEs), and where they sort instead (no index), rows without an
+    embedding never come back."""
+    with psycopg.connect(db, autocommit=True) as c:
+        c.execute("CREATE TABLE stale (id int PRIMARY KEY, v vector(16)) WITH (autovacuum_enabled = false)")
+        c.execute("INSERT INTO stale SELECT i, NULL FROM generate_series(1, 20000) i")  # enough for an index to pay
+        c.execute("ANALYZE stale")
+        c.execute("UPDATE stale SET v = ARRAY(SELECT sin(id * j + j) FROM generate_series(1, 16) j)::vector(16)"
+                  " WHERE id <= 5000")
+        assert c.execute("SELECT null_frac FROM pg_stats WHERE tablename = 'stale' AND attname = 'v'").fetchone() == (1,)
+        q = "(SELECT v FROM stale WHERE id = 7)"
+        got = c.execute(f"SELECT id::int, distance FROM pgtraj.similar('stale', 'v', {q}, k => 10000)").fetchall()
+        assert len(got) == 5000 and all(d is not None for _, d in got) and max(i for i, _ in got) == 5000
+        rows = c.execute(f"SELECT id FROM pgtraj.similar_rows(NULL::stale, 'v', {q}, 10000)").fetchall()
+        assert len(rows) == 5000 and max(i for (i,) in rows) == 5000
+
+        c.execute("SELECT pgtraj.create_hnsw_index('stale', 'v')")
+        plans: list[str] = []
+        c.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+        c.execute("LOAD 'auto_explain'")
+        for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
+            c.execute(f"SET auto_explain.{setting}")
+        by_id = c.execute("SELECT id::int FROM pgtraj.similar('stale', 'v', row_id => 7, k => 5)").fetchall()
+        rows = c.execute(f"SELECT id FROM pgtraj.similar_rows(NULL::stale, 'v', {q}, 5)").fetchall()
+        c.execute("RESET auto_explain.log_min_duration")
+        ordered = [p for p in plans if "Order By: (" in p or "Sort Key: (" in p]
+        assert len(ordered) >= 2 and all("stale_v_hnsw" in p for p in ordered), plans
+        assert len(by_id) == 5 and 7 not in {i for (i,) in by_id} and len(rows) == 5
+
+
 def test_similar_rows_are_the_tables_own_typed_rows(embedded):
     """similar() names rows by a text id; similar_rows returns the rows themselves, every column typed as the
     table has it, so a caller filters and joins without casts."""
