@@ -98,6 +98,32 @@ def test_contrastive_views_hide_cells_of_a_pair_together():
     assert a["tokens"].shape[1] <= 32
 
 
+def test_hard_negatives_are_stretches_from_one_area_that_end_near_each_other():
+    from pgtraj.core.tokenizer import cell_latlng, cell_parents
+    from pgtraj.core.trajectory import haversine_m
+    from pgtraj.learn.batches import AREA_RESOLUTION, HARD_GROUP
+
+    data = Batches(TRIPS, TOK, batch_size=16, max_len=32, seed=0, hard_negatives=1.0)
+    a, b = data.views()
+    assert a["tokens"].shape[0] == b["tokens"].shape[0] == 16
+    groups = [data._neighbours(data._pick(int(i))) for i in range(len(TRIPS))]
+    assert max(map(len, groups)) == HARD_GROUP  # grid_trips cross each other: most areas hold several
+    end_gap, random_gap = [], []
+    for group in groups:
+        (i, s, n), rest = group[0], group[1:]
+        assert len({j for j, _, _ in group}) == len(group)  # never a stretch of the anchor's own trip
+        start = cell_parents(data._cells[i][s:s + 1], AREA_RESOLUTION)[0]
+        here = cell_latlng(data._cells[i][s + n - 1:s + n])[0]
+        for j, p, m in rest:
+            assert cell_parents(data._cells[j][p:p + 1], AREA_RESOLUTION)[0] == start and 2 <= m <= n
+            there = cell_latlng(data._cells[j][p + m - 1:p + m])[0]
+            end_gap.append(haversine_m(*here, *there))
+        for j, p, m in (data._pick(int(k)) for k in data.rng.integers(0, len(TRIPS), len(rest))):
+            there = cell_latlng(data._cells[j][p + m - 1:p + m])[0]
+            random_gap.append(haversine_m(*here, *there))
+    assert np.median(end_gap) < 0.5 * np.median(random_gap)
+
+
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_objective_learns(name):
     torch.manual_seed(0)

@@ -192,6 +192,7 @@ def test_lora_fine_tuning_run_resumes_and_returns_a_merged_model(tmp_path):
     ({"preset": "huge"}, "unknown preset"),
     ({"vocabulary": "borrowed"}, "vocabulary must be"),
     ({"hide_cells": 1.5}, "hide_cells"),
+    ({"hard_negatives": -0.5}, "hard_negatives"),
 ])
 def test_a_bad_config_is_refused_before_any_data_is_read(bad, words):
     from pgtraj.core.errors import PgtrajError

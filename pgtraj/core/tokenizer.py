@@ -143,7 +143,7 @@ def move_frames(cells: np.ndarray) -> np.ndarray:
         rings[j, :len(ring)] = ring
     ring = rings[inv]                                                     # (n, 6)
     known = np.unique(np.concatenate([uniq, rings.reshape(-1)]))          # each centre computed once
-    at = _centres(known)
+    at = cell_latlng(known)
     centre = at[np.searchsorted(known, cells)]
     ring_centre = at[np.searchsorted(known, ring.reshape(-1))].reshape(len(cells), N_SLOTS, 2)
     heading_in = np.zeros(len(cells))
@@ -166,7 +166,7 @@ def moves(cells: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def _centres(cells: np.ndarray) -> np.ndarray:
+def cell_latlng(cells: np.ndarray) -> np.ndarray:
     """(n, 2) lat/lon of cell centres (0, 0 for the null cell 0)."""
     out = np.zeros((len(cells), 2))
     for i, c in enumerate(cells.tolist()):

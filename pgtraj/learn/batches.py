@@ -8,8 +8,12 @@ import torch
 
 from pgtraj.core.contract import INPUT_NAMES
 from pgtraj.core.features import Inputs, collate, to_inputs
-from pgtraj.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
-from pgtraj.core.trajectory import M_PER_DEG, Trajectory
+from pgtraj.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, cell_latlng, cell_parents
+from pgtraj.core.trajectory import M_PER_DEG, Trajectory, haversine_m
+
+HARD_GROUP = 4        # a stretch and up to three others from the same area that end nearest where it ends
+HARD_CANDIDATES = 16  # stretches through the area weighed for each group
+AREA_RESOLUTION = 8   # "the same area": the H3 cell (~0.7 km²) where a stretch starts
 
 
 def jitter(tr: Trajectory, rng: np.random.Generator, noise_m: float) -> Trajectory:
@@ -69,7 +73,8 @@ class Batches:
 
     def __init__(self, trajectories: list[Trajectory], tokenizer: Tokenizer, *, batch_size: int, max_len: int,
                  seed: int = 0, device: str = "cpu", pool: int = 16, labels: list[int] | None = None,
-                 tail: bool = False, hide_cells: float = 0.0, pairs: int | None = None):
+                 tail: bool = False, hide_cells: float = 0.0, pairs: int | None = None,
+                 hard_negatives: float = 0.0):
         if not trajectories:
             raise ValueError("no trajectories to train on")
         if labels is not None and len(labels) != len(trajectories):
@@ -77,15 +82,17 @@ class Batches:
         self.trajs, self.tok, self.batch_size, self.max_len = trajectories, tokenizer, batch_size, max_len
         self.rng = np.random.default_rng(seed)
         self.device, self.pool, self.labels, self.tail, self.hide_cells = device, pool, labels, tail, hide_cells
-        self.pairs = pairs or batch_size
+        self.pairs, self.hard_negatives = pairs or batch_size, hard_negatives
         self._encoded: dict[int, Inputs] = {}   # tokenizing is deterministic: once per trajectory
         self._entered: dict[int, np.ndarray] = {}  # when each of its tokens' cells was entered (epoch s)
+        self._cells: dict[int, np.ndarray] = {}    # its tokens' cells
+        self._areas: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (area, trajectory, token), sorted
         self._pending: list[list[tuple[int, int]]] = []  # (trajectory index, window start) per queued batch
 
     def _inputs(self, i: int) -> Inputs:
         if i not in self._encoded:
             enc = self.tok.encode(self.trajs[i])
-            self._encoded[i], self._entered[i] = to_inputs(enc), enc.t
+            self._encoded[i], self._entered[i], self._cells[i] = to_inputs(enc), enc.t, enc.cells
         return self._encoded[i]
 
     def _start(self, inp: Inputs) -> int:
@@ -134,24 +141,83 @@ class Batches:
         tokens long, so that both views see the same stretch whole, whatever the trip's length. A pair's
         cells are hidden in both views or in neither (hide_cells): at search time a query and its twin come
         from the same place."""
+        hard = int(self.pairs * self.hard_negatives)
+        stretches: list[tuple[int, int, int]] = []
+        while len(stretches) < hard:
+            stretches += self._neighbours(self._pick(int(self.rng.integers(0, len(self.trajs)))))
+        # a random pair's stretch is drawn right before its views: the order 0.3.0's base was trained in
+        picks = stretches[:hard] + self.rng.integers(0, len(self.trajs), self.pairs - hard).tolist()
         a, b = [], []
-        for i in self.rng.integers(0, len(self.trajs), self.pairs).tolist():
-            a_view, b_view = twin_views(self._stretch(i), self.rng)
+        for pick in picks:
+            a_view, b_view = twin_views(self._stretch(*(self._pick(pick) if isinstance(pick, int) else pick)),
+                                        self.rng)
             a.append(a_view)
             b.append(b_view)
         hidden = self._hidden(len(a))
         return self.encode(a, hidden), self.encode(b, hidden)
 
-    def _stretch(self, i: int) -> Trajectory:
+    def _pick(self, i: int) -> tuple[int, int, int]:
+        """(trajectory, first token, tokens) of a random stretch of trajectory i."""
         self._inputs(i)
-        tr, entered = self.trajs[i], self._entered[i]
-        n = len(entered)
+        n = len(self._entered[i])
         length = int(self.rng.integers(min(16, n), min(n, self.max_len) + 1))
         if length >= n:
+            return i, 0, n
+        return i, int(self.rng.integers(0, n - length + 1)), length
+
+    def _stretch(self, i: int, start: int, length: int) -> Trajectory:
+        """The fixes of trajectory i in its tokens start .. start + length - 1."""
+        tr, entered = self.trajs[i], self._entered[i]
+        if start == 0 and length >= len(entered):
             return tr
-        start = int(self.rng.integers(0, n - length + 1))
-        keep = (tr.t >= entered[start]) & ((tr.t < entered[start + length]) if start + length < n else True)
+        keep = (tr.t >= entered[start]) & ((tr.t < entered[start + length]) if start + length < len(entered)
+                                           else True)
         return tr.take(keep) if keep.sum() >= 2 else tr
+
+    def _area_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where every trajectory enters each area: (area, trajectory, token) sorted by area. Built once, on
+        the first hard-negative batch (it tokenizes every trajectory)."""
+        if self._areas is None:
+            areas, trajs, tokens = [], [], []
+            for i in range(len(self.trajs)):
+                self._inputs(i)
+                area = cell_parents(self._cells[i], AREA_RESOLUTION)
+                enter = np.flatnonzero(np.r_[True, area[1:] != area[:-1]])
+                areas.append(area[enter])
+                trajs.append(np.full(len(enter), i, np.int32))
+                tokens.append(enter.astype(np.int32))
+            area, traj, token = np.concatenate(areas), np.concatenate(trajs), np.concatenate(tokens)
+            order = np.argsort(area, kind="stable")
+            self._areas = area[order], traj[order], token[order]
+        return self._areas
+
+    def _neighbours(self, anchor: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+        """The anchor stretch and up to HARD_GROUP - 1 stretches of other trajectories that start in its area
+        with its length in tokens, those ending nearest its end first."""
+        i, start, length = anchor
+        areas, trajs, tokens = self._area_index()
+        area = cell_parents(self._cells[i][start:start + 1], AREA_RESOLUTION)[0]
+        lo, hi = np.searchsorted(areas, area), np.searchsorted(areas, area, side="right")
+        others = np.flatnonzero(trajs[lo:hi] != i) + lo
+        if not len(others):
+            return [anchor]
+        others = self.rng.choice(others, min(len(others), HARD_CANDIDATES), replace=False)
+        cands = []
+        for j, p in zip(trajs[others].tolist(), tokens[others].tolist()):
+            n = min(length, len(self._cells[j]) - p)
+            if n >= 2:
+                cands.append((j, p, n))
+        if not cands:
+            return [anchor]
+        ends = cell_latlng(np.array([self._cells[j][p + n - 1] for j, p, n in cands], np.uint64))
+        here = cell_latlng(self._cells[i][start + length - 1:start + length])
+        gap = haversine_m(ends[:, 0], ends[:, 1], here[0, 0], here[0, 1])
+        group, seen = [anchor], {i}
+        for k in np.argsort(gap, kind="stable").tolist():
+            if cands[k][0] not in seen and len(group) < HARD_GROUP:
+                group.append(cands[k])
+                seen.add(cands[k][0])
+        return group
 
     def resize(self, batch_size: int) -> None:
         """A new batch size from the next batch on (queued batches of the old size are dropped); the

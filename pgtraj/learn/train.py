@@ -70,6 +70,7 @@ class TrainConfig:
     vocabulary: str = "auto"                         # with init_from: auto | inherit | own (learn.pretrained)
     hide_cells: float = 0.0                          # share of sequences shown without their cells (batches)
     pairs: int | None = None                         # contrastive pairs per step (None: batch_size): negatives
+    hard_negatives: float = 0.0                      # share of those pairs drawn from one area (batches)
     lora: dict | None = None                         # {"r": 8, "alpha": 16}: train low-rank adapters only
 
     @classmethod
@@ -90,6 +91,8 @@ class TrainConfig:
             raise ConfigError(f"pairs must be an integer >= 2, not {cfg.pairs!r}")
         if not 0.0 <= cfg.hide_cells < 1.0:
             raise ConfigError(f"hide_cells must be a share in [0, 1), not {cfg.hide_cells!r}")
+        if not 0.0 <= cfg.hard_negatives <= 1.0:
+            raise ConfigError(f"hard_negatives must be a share in [0, 1], not {cfg.hard_negatives!r}")
         return cfg
 
     @classmethod
@@ -232,7 +235,8 @@ def train(train_set: list[Trajectory], val_set: list[Trajectory], cfg: TrainConf
                             weight_decay=cfg.weight_decay)
     batch_size, step, history = cfg.batch_size, 0, []
     data = Batches(train_set, tok, batch_size=batch_size, max_len=cfg.max_len, seed=cfg.seed + rank, device=device,
-                   labels=train_labels, tail=objective.tail_windows, hide_cells=cfg.hide_cells, pairs=cfg.pairs)
+                   labels=train_labels, tail=objective.tail_windows, hide_cells=cfg.hide_cells, pairs=cfg.pairs,
+                   hard_negatives=cfg.hard_negatives)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
