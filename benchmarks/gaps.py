@@ -4,11 +4,14 @@
 
 GeoLife users 120-139 (never read by any training), a fixed sample of --trajs cleaned pieces; in each, up to
 three gaps of 3-20 consecutive cells between two seen cells, on contiguous stretches (learn.evaluation.
-gap_recovery). Methods on the same gaps: the base model's most likely contiguous path between the gap's ends
-(core.gaps.best_path: how far it may stray from the straight line is core.gaps.SIGMA_M, or with --tune the
-best of a grid on the validation split of the base model's own users 10-119), its per-position argmax over
-all cells, and linear interpolation in time between the seen cells (which uses the true time of every
-hidden cell). Writes benchmarks/results/gaps.json.
+gap_recovery). Methods on the same gaps: the base model's expected place at each position over the
+contiguous grid paths between the gap's ends (core.gaps.expected_positions, what pgtraj.fill_gaps serves),
+the single likeliest such path (core.gaps.best_path), both weighing paths with a pull towards the straight
+line of core.gaps.SIGMA_M metres (or with --tune the best of a grid for the served method's median on the
+validation split of the base model's own users 10-119), its per-position argmax over all cells, and linear
+interpolation in time between the seen cells (which uses the true time of every hidden cell). Errors in
+metres to the true cell's centre and to the mean of the true fixes in it. Writes
+benchmarks/results/gaps.json.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def main() -> None:
     sigma, tuning = SIGMA_M, None
     if args.tune:
         val = [tok.encode(p) for p in pieces(GEOLIFE_PRETRAIN_USERS, "val", args.trajs)]
-        tuning = {str(s): gap_recovery(model, tok, val, max_len=MAX_LEN, sigma_m=s or None)["path"]["median_m"]
+        tuning = {str(s): gap_recovery(model, tok, val, max_len=MAX_LEN, sigma_m=s or None)["expected"]["median_m"]
                   for s in (0, 50, 100, 200, 400)}
         sigma = float(min(tuning, key=tuning.get))
         print(f"median metres by sigma on validation: {tuning}; chosen {sigma}")

@@ -249,7 +249,7 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS
       FROM pgtraj._fill_gaps(pgtraj._wkb(traj), pgtraj._resolve(model, 'masked_logp')) p
 $$;
 COMMENT ON FUNCTION pgtraj.fill_gaps(geometry, text) IS
-    'The trajectory (WGS84 LINESTRING M) with the H3 cells it skipped between sparse fixes recovered by a masked-span model (its likeliest contiguous grid path between the fixes around each gap), instead of a straight line';
+    'The trajectory (WGS84 LINESTRING M) with the H3 cells it skipped between sparse fixes recovered by a masked-span model (each one''s expected place over the contiguous grid paths between the fixes around its gap), instead of a straight line';
 
 CREATE OR REPLACE FUNCTION pgtraj.fill_gaps_detail(traj geometry, model text)
 RETURNS TABLE (geom geometry(PointM, 4326), filled boolean, probability double precision)
@@ -260,7 +260,7 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pgtraj AS
      ORDER BY p.t, p.filled
 $$;
 COMMENT ON FUNCTION pgtraj.fill_gaps_detail(geometry, text) IS
-    'The points of pgtraj.fill_gaps: observed fixes (filled = false) and recovered cells with the model''s probability';
+    'The points of pgtraj.fill_gaps: observed fixes (filled = false) and recovered places, each with the model''s probability of the H3 cell it lies in';
 
 -- surprise -----------------------------------------------------------------------------------------------
 

@@ -136,7 +136,9 @@ def test_perplexity_and_gap_recovery_run_and_are_sane():
     # stays a contiguous path there, near the line
     assert rec["linear"]["median_m"] < 2000
     assert rec["linear"]["median_m"] < rec["argmax"]["mean_m"] < 10_000
-    assert rec["path"]["mean_m"] < rec["argmax"]["mean_m"]
+    assert rec["path"]["mean_m"] < rec["argmax"]["mean_m"] and rec["expected"]["mean_m"] < rec["argmax"]["mean_m"]
+    for m in ("expected", "path", "argmax", "linear"):  # the fixes are within a cell of their cell's centre
+        assert abs(rec[m]["fixes_mean_m"] - rec[m]["mean_m"]) < 200 and 0 <= rec[m]["exact_cell"] <= 1
 
 
 def test_best_path_is_contiguous_and_follows_the_model():
@@ -162,6 +164,58 @@ def test_best_path_is_contiguous_and_follows_the_model():
     kept = best_path(a, b, 5, tok.lookup, flat, sigma_m=50.0)  # held to the straight line
     assert int(kept[0]) == int(h3i.grid_path_cells(a, b)[1])
     assert best_path(a, b, 2, tok.lookup, flat[:1]) is None  # too far for 2 moves
+
+
+def test_path_posterior_is_every_path_weighed_as_best_path_weighs_it():
+    """Forward-backward against brute force: each position's probabilities are the share of the weight
+    (exp of the summed scores: the model's log-probability and the pull to the line) of every contiguous
+    path a -> b through that cell; the expected place is their weighted centre, and its probability that of
+    the cell it lies in."""
+    import itertools
+
+    import h3.api.numpy_int as h3i
+
+    from pgtraj.core.gaps import best_path, expected_positions, path_posterior
+    from pgtraj.core.trajectory import haversine_m
+
+    a = h3i.latlng_to_cell(39.9, 116.4, 9)
+    b = int([c for c in h3i.grid_ring(a, 2)][3])
+    steps, sigma = 4, 200.0
+    tok = Tokenizer(vocab=np.sort(h3i.grid_disk(a, 6).astype(np.uint64)))
+    logp = np.log(np.random.default_rng(0).dirichlet(np.full(tok.vocab_size, 0.3), steps - 1))
+    ends = np.array([h3i.cell_to_latlng(a), h3i.cell_to_latlng(b)])
+
+    def score(j: int, c: int) -> float:
+        here, line = h3i.cell_to_latlng(c), ends[0] + (j + 1) / steps * (ends[1] - ends[0])
+        return logp[j, tok.lookup(np.array([c], np.uint64))[0]] - 0.5 * (haversine_m(*here, *line) / sigma) ** 2
+
+    disk = [int(c) for c in h3i.grid_disk(a, steps)]
+    weight: dict[tuple, float] = {}
+    for path in itertools.product(disk, repeat=steps - 1):
+        chain = [a, *path, b]
+        if all(h3i.are_neighbor_cells(u, v) for u, v in zip(chain, chain[1:])):
+            weight[path] = np.exp(sum(score(j, c) for j, c in enumerate(path)))
+    total = sum(weight.values())
+    post = path_posterior(a, b, steps, tok.lookup, logp, sigma_m=sigma)
+    assert len(post) == steps - 1 and len(weight) > 5
+    for j, (cells, probs) in enumerate(post):
+        want = {int(c): sum(w for p, w in weight.items() if p[j] == int(c)) / total for c in cells}
+        assert np.allclose(probs, [want[int(c)] for c in cells], atol=1e-9) and abs(probs.sum() - 1) < 1e-9
+    best = max(weight, key=weight.get)
+    assert [int(c) for c in best_path(a, b, steps, tok.lookup, logp, sigma_m=sigma)] == list(best)
+    points, probs = expected_positions(a, b, steps, tok.lookup, logp, sigma_m=sigma)
+    for (cells, w), point, prob in zip(post, points, probs):
+        centres = np.array([h3i.cell_to_latlng(int(c)) for c in cells])
+        assert np.allclose(point, w @ centres, atol=1e-12)
+        assert abs(prob - w[cells == np.uint64(h3i.latlng_to_cell(*point, 9))].sum()) < 1e-12
+    # a model sure of one path: its cells' centres, with probability ~1
+    sure = np.full_like(logp, -30.0)
+    for j, c in enumerate(best):
+        sure[j, tok.lookup(np.array([c], np.uint64))[0]] = 0.0
+    points, probs = expected_positions(a, b, steps, tok.lookup, sure, sigma_m=sigma)
+    assert np.allclose(points, [h3i.cell_to_latlng(c) for c in best], atol=1e-9) and np.all(probs > 0.999)
+    far = int(h3i.grid_ring(a, 3)[0])
+    assert expected_positions(a, far, 2, tok.lookup, logp[:1]) is None  # too far for 2 moves
 
 
 def test_step_cases_judge_real_next_cells_in_the_users_terms():

@@ -403,27 +403,34 @@ def sparse_fill(conn, model, name: str, key: int):
     return rows, x, gaps, logits[0]
 
 
-def test_fill_gaps_decodes_each_gap_as_a_contiguous_path_like_the_client(conn, models):
-    """A masked_logp graph: every run of skipped cells becomes the likeliest contiguous grid path between the
-    fixes around it (core.gaps.best_path on the model's log-probabilities, as the client computes them)."""
+def test_fill_gaps_gives_each_gaps_expected_places_like_the_client(conn, models):
+    """A masked_logp graph: each position of a run of skipped cells becomes its expected place over the
+    contiguous grid paths between the fixes around it, with the probability of the cell it lies in
+    (core.gaps.expected_positions on the model's log-probabilities, as the client computes them); every
+    place is within its position's reach of both ends."""
     import h3.api.numpy_int as h3i
 
-    from pgtraj.core.gaps import best_path
+    from pgtraj.core.gaps import expected_positions
 
     register(conn, models[0], name="gapper", graphs=("encoder", "masked_logp"))
     rows, x, gaps, logits = sparse_fill(conn, models[0], "gapper", 502)
     logp = torch.log_softmax(logits, -1).numpy()
-    want = {}
+    want_at, want_p, reach = {}, {}, {}
     for run in np.split(gaps, np.flatnonzero(np.diff(gaps) > 1) + 1):
         i, j = int(run[0]), int(run[-1]) + 1
-        path = best_path(int(x.cells[i - 1]), int(x.cells[j]), len(run) + 1, TOK.lookup, logp[run + 1])
-        want.update(zip(run.tolist(), path.tolist()))
-        chain = [int(x.cells[i - 1]), *map(int, path), int(x.cells[j])]
-        assert all(h3i.are_neighbor_cells(u, v) for u, v in zip(chain, chain[1:]))  # no jump, ends where seen
+        points, probs = expected_positions(int(x.cells[i - 1]), int(x.cells[j]), len(run) + 1, TOK.lookup,
+                                           logp[run + 1])
+        for n, k in enumerate(run.tolist()):
+            want_at[k], want_p[k], reach[k] = points[n], probs[n], (int(x.cells[i - 1]), n + 1, int(x.cells[j]),
+                                                                   len(run) - n)
     filled = [r for r in rows if r[3]]
-    got = [h3i.latlng_to_cell(r[0], r[1], 9) for r in filled]
-    assert got == [want[g] for g in gaps.tolist()]
-    assert all(0 < r[4] <= 1 for r in filled)
+    assert np.allclose([r[:2] for r in filled], [want_at[g] for g in gaps.tolist()], atol=1e-6)
+    assert np.allclose([r[4] for r in filled], [want_p[g] for g in gaps.tolist()], atol=1e-4)
+    assert all(0 <= r[4] <= 1 for r in filled) and any(r[4] > 0.5 for r in filled)
+    for r, g in zip(filled, gaps.tolist()):
+        a, to_a, b, to_b = reach[g]
+        cell = h3i.latlng_to_cell(r[0], r[1], 9)
+        assert h3i.grid_distance(a, cell) <= to_a + 1 and h3i.grid_distance(cell, b) <= to_b + 1
 
 
 def test_fill_gaps_serves_a_masked_graph_of_0_2_0_like_the_client(conn, models):

@@ -427,20 +427,24 @@ def gap_recovery(model: TrajectoryModel, tok, encoded: list[Tokens], *, spans: t
                  per_trip: int = 3, seed: int = 0, max_len: int = 512, sigma_m: float | None = 250.0) -> dict:
     """Hide gaps of ``spans`` consecutive cells (up to ``per_trip`` a trip, each between two seen cells, on a
     contiguous stretch: no jump, no cell the tokenizer itself interpolated), recover them, and measure the
-    metres from each recovered cell centre to the true cell's. Methods on the same gaps: the model's most
-    likely contiguous path between the gap's ends (core.gaps.best_path), its
-    per-position argmax over all cells, and linear interpolation in time between the cells around the gap."""
+    metres from each recovered position to the true cell's centre, and to the mean of the true fixes in
+    that cell. Methods on the same gaps: the model's expected place at each position over the contiguous
+    paths between the gap's ends (core.gaps.expected_positions: what fill_gaps serves), the likeliest such
+    path (core.gaps.best_path), its per-position argmax over all cells, and linear interpolation in time
+    between the cells around the gap."""
     import h3.api.numpy_int as h3i
 
-    from pgtraj.core.gaps import best_path
+    from pgtraj.core.gaps import best_path, expected_positions
     from pgtraj.core.tokenizer import JUMP
-    from pgtraj.core.trajectory import haversine_m
+    from pgtraj.core.trajectory import M_PER_DEG, haversine_m
     from pgtraj.learn.tasks.masked_spans import MaskedSpans
 
     model.eval()
     masker, rng = MaskedSpans(model), np.random.default_rng(seed)
-    err = {"path": [], "argmax": [], "linear": []}
-    exact = {"path": [], "argmax": []}
+    edge = h3i.average_hexagon_edge_length(tok.config.resolution, unit="m")
+    methods = ("expected", "path", "argmax", "linear")
+    err = {m: {"cell": [], "fixes": []} for m in methods}
+    exact = {m: [] for m in methods}
     gaps = 0
     for x in encoded:
         n = min(len(x), max_len - 2)
@@ -471,26 +475,39 @@ def gap_recovery(model: TrajectoryModel, tok, encoded: list[Tokens], *, spans: t
         for start, length in chosen:
             gaps += 1
             idx = np.arange(start, start + length)
-            true = np.array([h3i.cell_to_latlng(int(c)) for c in x.cells[idx]])
+            centre = np.array([h3i.cell_to_latlng(int(c)) for c in x.cells[idx]])
+            # the fixes' mean position: the cell centre plus the tokenizer's offset (east, north in edge lengths)
+            fixes = centre + np.stack([x.offset[idx, 1], x.offset[idx, 0] / np.cos(np.radians(centre[:, 0]))],
+                                      axis=1) * edge / M_PER_DEG
             lp = logp[[rows[i] for i in idx]]
+            a, z = int(x.cells[start - 1]), int(x.cells[start + length])
             lin = np.stack([np.interp(x.t[idx], x.t[seen], seen_ll[:, 0]),
                             np.interp(x.t[idx], x.t[seen], seen_ll[:, 1])], axis=1)
-            path = best_path(int(x.cells[start - 1]), int(x.cells[start + length]), length + 1, tok.lookup, lp,
-                             sigma_m=sigma_m)
+            path = best_path(a, z, length + 1, tok.lookup, lp, sigma_m=sigma_m)
+            found = expected_positions(a, z, length + 1, tok.lookup, lp, sigma_m=sigma_m)
             arg_tokens = logits[[rows[i] for i in idx]].argmax(-1).numpy()
-            arg = cell_centres(tok, arg_tokens)
-            found = lin if path is None else np.array([h3i.cell_to_latlng(int(c)) for c in path])
-            for name, pred in (("path", found), ("argmax", arg), ("linear", lin)):
-                err[name].extend(haversine_m(true[:, 0], true[:, 1], pred[:, 0], pred[:, 1]).tolist())
-            exact["path"].extend((path == x.cells[idx]).tolist() if path is not None else [False] * length)
-            exact["argmax"].extend((tok.names_exactly(arg_tokens, x.cells[idx])).tolist())
-    out = {"gaps": gaps, "hidden_cells": len(err["path"]), "spans": list(spans)}
-    for name, e in err.items():
-        e = np.array(e)
-        out[name] = {"median_m": float(np.median(e)), "mean_m": float(e.mean()), "p90_m": float(np.quantile(e, 0.9))}
-        if name in exact:
-            out[name]["exact_cell"] = float(np.mean(exact[name]))
-    out["path_vs_linear_median"] = out["path"]["median_m"] / max(out["linear"]["median_m"], 1e-9) - 1
+            pred = {"expected": lin if found is None else found[0],
+                    "path": lin if path is None else np.array([h3i.cell_to_latlng(int(c)) for c in path]),
+                    "argmax": cell_centres(tok, arg_tokens), "linear": lin}
+            for name, at in pred.items():
+                for truth, where in (("cell", centre), ("fixes", fixes)):
+                    err[name][truth].extend(haversine_m(where[:, 0], where[:, 1], at[:, 0], at[:, 1]).tolist())
+                if name == "argmax":
+                    exact[name].extend(tok.names_exactly(arg_tokens, x.cells[idx]).tolist())
+                else:
+                    exact[name].extend([h3i.latlng_to_cell(la, lo, tok.config.resolution) == c
+                                        for (la, lo), c in zip(at, x.cells[idx].tolist())])
+    out = {"gaps": gaps, "hidden_cells": len(err["linear"]["cell"]), "spans": list(spans)}
+    for name in methods:
+        out[name] = {}
+        for truth, e in err[name].items():
+            e = np.array(e)
+            key = "" if truth == "cell" else "fixes_"
+            out[name].update({f"{key}median_m": float(np.median(e)), f"{key}mean_m": float(e.mean()),
+                              f"{key}p90_m": float(np.quantile(e, 0.9))})
+        out[name]["exact_cell"] = float(np.mean(exact[name]))
+    for name in ("expected", "path"):
+        out[f"{name}_vs_linear_median"] = out[name]["median_m"] / max(out["linear"]["median_m"], 1e-9) - 1
     return out
 
 

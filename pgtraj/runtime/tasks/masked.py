@@ -1,5 +1,5 @@
 """The masked_logp graph (and masked, what models before it were registered with): pgtraj.fill_gaps and
-fill_gaps_detail, the cells a sparse trajectory skipped, recovered by a masked-span model."""
+fill_gaps_detail, the places a sparse trajectory skipped, recovered by a masked-span model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 
 from pgtraj.core.contract import INPUT_NAMES
 from pgtraj.core.features import NO_MOVE, SPATIAL, Inputs, to_inputs
-from pgtraj.core.gaps import best_path
+from pgtraj.core.gaps import expected_positions
 from pgtraj.core.tokenizer import MASK
 from pgtraj.runtime import models
 from pgtraj.runtime.encoding import read, run
@@ -20,25 +20,25 @@ KINDS = ("masked_logp", "masked")  # what pgtraj._resolve(model, 'masked_logp') 
 
 def fill_gaps(plpy, wkb, ref: Ref) -> list[tuple]:
     """The trip's fixes plus, for every cell it skipped (the tokenizer's grid-path interpolation, where
-    fixes are too sparse to see each cell), the model's recovery of that cell: rows (lat, lon, epoch
+    fixes are too sparse to see each cell), the model's recovery of where it was: rows (lat, lon, epoch
     seconds, filled, probability). The skipped cells are masked and read bidirectionally, as in masked
-    span pretraining, instead of being drawn on the straight line between fixes: each run of them becomes
-    the model's most likely contiguous grid path between the cells seen on either side (core.gaps), which
-    can bend with a road but never jump. Where no such path is searched (a run longer than
-    core.gaps.MAX_STEPS), the straight path's cells stay (probability NULL). A masked graph (one cell per
-    position) is served as before: a cell further off the straight path than the gap is long is replaced
-    by the path's."""
+    span pretraining, instead of being drawn on the straight line between fixes: each position of a run of
+    them becomes its expected place over the contiguous grid paths between the cells seen on either side
+    (core.gaps.expected_positions), with the probability of the cell it lies in. Where no path is searched
+    (a run longer than core.gaps.MAX_STEPS), the straight path's cells stay (probability NULL). A masked
+    graph (one cell per position) is served as before: a cell further off the straight path than the gap
+    is long is replaced by the path's."""
     model, sess = models.session(plpy, ref)
     traj, x = read(model.tokenizer, wkb, None, plpy)
     rows = [(float(a), float(o), float(t), False, None) for a, o, t in zip(traj.lat, traj.lon, traj.t)]
     outputs = _masked_outputs(plpy, sess, to_inputs(x), np.flatnonzero(x.interpolated) + 1, model.max_len)
     if ref.kind == "masked":
-        filled = _argmax_cells(model.tokenizer, x, outputs)
+        cells = _argmax_cells(model.tokenizer, x, outputs)
+        filled = {i: (*h3i.cell_to_latlng(cell), p) for i, (cell, p) in cells.items()}
     else:
-        filled = _path_cells(model.tokenizer, x, outputs)
-    for i, (cell, p) in sorted(filled.items()):
-        lat, lon = h3i.cell_to_latlng(cell)
-        rows.append((lat, lon, float(x.t[i]), True, p))
+        filled = _expected_places(model.tokenizer, x, outputs)
+    for i, (lat, lon, p) in sorted(filled.items()):
+        rows.append((float(lat), float(lon), float(x.t[i]), True, p))
     rows.sort(key=lambda r: (r[2], r[3]))
     return rows
 
@@ -63,8 +63,9 @@ def _masked_outputs(plpy, sess, inp: Inputs, gaps: np.ndarray, max_len: int) -> 
     return out
 
 
-def _path_cells(tok, x, logp: dict[int, tuple]) -> dict[int, tuple[int, float | None]]:
-    """Each run of skipped cells as the model's most likely path between the seen cells around it."""
+def _expected_places(tok, x, logp: dict[int, tuple]) -> dict[int, tuple[float, float, float | None]]:
+    """(lat, lon, probability) of each skipped cell's position: its run's expected places between the seen
+    cells around it."""
     out = {}
     skipped = x.interpolated
     i = 0
@@ -77,13 +78,11 @@ def _path_cells(tok, x, logp: dict[int, tuple]) -> dict[int, tuple[int, float | 
             j += 1
         run_idx = np.arange(i, j)  # tokens i .. j-1 skipped, i-1 and j seen
         lp = np.stack([logp[k][0] for k in run_idx])
-        path = best_path(int(x.cells[i - 1]), int(x.cells[j]), len(run_idx) + 1, tok.lookup, lp)
-        if path is None:
-            out.update({int(k): (int(x.cells[k]), None) for k in run_idx})
+        found = expected_positions(int(x.cells[i - 1]), int(x.cells[j]), len(run_idx) + 1, tok.lookup, lp)
+        if found is None:
+            out.update({int(k): (*h3i.cell_to_latlng(int(x.cells[k])), None) for k in run_idx})
         else:
-            tokens = tok.lookup(path)
-            out.update({int(k): (int(c), float(np.exp(lp[n, t])))
-                        for n, (k, c, t) in enumerate(zip(run_idx, path, tokens))})
+            out.update({int(k): (lat, lon, float(p)) for k, (lat, lon), p in zip(run_idx, *found)})
         i = j
     return out
 
